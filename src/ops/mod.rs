@@ -14,6 +14,93 @@ use crate::gpu::Kernel;
 #[cfg(test)]
 pub mod testing;
 
+/// Elementwise activation, used standalone (`ops::activation`) and fused into
+/// matmul epilogues. WGSL: `shaders/_act.wgsl` (`act_fwd`, `act_grad`), where
+/// the kind is `Act::code()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Act {
+    #[default]
+    None,
+    Relu,
+    /// Exact GELU (erf), as BERT uses.
+    Gelu,
+    /// GELU with the tanh approximation ("gelu_new").
+    GeluTanh,
+    /// x * sigmoid(x), as LLaMA's SwiGLU uses.
+    Silu,
+    Sigmoid,
+    Tanh,
+}
+
+impl Act {
+    /// The kind number understood by `shaders/_act.wgsl`.
+    pub fn code(self) -> u32 {
+        match self {
+            Act::None => 0,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+            Act::GeluTanh => 3,
+            Act::Silu => 4,
+            Act::Sigmoid => 5,
+            Act::Tanh => 6,
+        }
+    }
+
+    /// CPU reference, f64.
+    pub fn apply_f64(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => x,
+            Act::Relu => x.max(0.0),
+            Act::Gelu => 0.5 * x * (1.0 + erf_f64(x / std::f64::consts::SQRT_2)),
+            Act::GeluTanh => {
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + u.tanh())
+            }
+            Act::Silu => x * sig(x),
+            Act::Sigmoid => sig(x),
+            Act::Tanh => x.tanh(),
+        }
+    }
+}
+
+/// erf in f64 (Abramowitz & Stegun 7.1.26 is only 1.5e-7; use a series /
+/// continued fraction accurate to ~1e-15 for the CPU references).
+pub fn erf_f64(x: f64) -> f64 {
+    if x.abs() < 3.0 {
+        // Maclaurin series.
+        let mut sum = x;
+        let mut term = x;
+        let x2 = x * x;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc continued fraction (Lentz), accurate for |x| >= 3.
+        let a = x.abs();
+        let mut f = a;
+        let mut c = a;
+        let mut d = 0.0;
+        for k in 1..200 {
+            let an = k as f64 / 2.0;
+            d = a + an * d;
+            d = 1.0 / d;
+            c = a + an / c;
+            f *= c * d;
+        }
+        let erfc = (-a * a).exp() / (f * std::f64::consts::PI.sqrt());
+        x.signum() * (1.0 - erfc)
+    }
+}
+
 /// Every kernel variant genrec compiles, for naga validation without a device.
 /// Each op module lists its variants in a `kernels()` function.
 pub fn all_kernels() -> Vec<Kernel> {
