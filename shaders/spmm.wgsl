@@ -1,0 +1,45 @@
+// Sparse (CSR) x dense: y[r, :] = sum over e in row r of val[e] * x[col[e], :].
+// row_ptr: [rows + 1] u32, col: [nnz] u32, val: [nnz] f32, x: [n_cols, D], y: [rows, D].
+// One invocation per (row, 4 consecutive columns); rows are folded into grid y
+// and z so huge graphs fit the 65535-per-dimension limit. Deterministic: each
+// output element is summed by one invocation in CSR order.
+
+struct Params {
+    rows: u32,
+    d: u32,
+    // Rows per grid z-slice (grid y extent).
+    rows_per_slice: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> row_ptr: array<u32>;
+@group(0) @binding(2) var<storage, read> col: array<u32>;
+@group(0) @binding(3) var<storage, read> val: array<f32>;
+@group(0) @binding(4) var<storage, read> x: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn spmm(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.z * p.rows_per_slice + gid.y;
+    let c0 = gid.x * 4u;
+    if (r >= p.rows || c0 >= p.d) {
+        return;
+    }
+    var acc = vec4<f32>(0.0);
+    let lanes = min(4u, p.d - c0);
+    for (var e = row_ptr[r]; e < row_ptr[r + 1u]; e = e + 1u) {
+        let w = val[e];
+        let base = col[e] * p.d + c0;
+        if (lanes == 4u) {
+            acc += w * vec4<f32>(x[base], x[base + 1u], x[base + 2u], x[base + 3u]);
+        } else {
+            for (var l = 0u; l < lanes; l = l + 1u) {
+                acc[l] += w * x[base + l];
+            }
+        }
+    }
+    let out = r * p.d + c0;
+    for (var l = 0u; l < lanes; l = l + 1u) {
+        y[out + l] = acc[l];
+    }
+}
