@@ -108,6 +108,8 @@ pub fn erf_f64(x: f64) -> f64 {
 pub fn all_kernels() -> Vec<Kernel> {
     let mut v: Vec<Kernel> = Vec::new();
     v.extend(matmul::kernels());
+    // The benchmark harness's peak probes (shaders/bench_*.wgsl).
+    v.extend(crate::bench::kernels());
     v
 }
 
