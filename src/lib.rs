@@ -4,5 +4,6 @@
 //! CPU references) -> `autograd` -> `nn` -> models/quant/cf -> systems ->
 //! decode/eval. Lower layers never import higher ones.
 
+pub mod bench;
 pub mod gpu;
 pub mod ops;

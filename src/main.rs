@@ -20,6 +20,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark kernels: device peaks, then every registered kernel bench
+    /// (GFLOP/s or GB/s and % of the measured peak).
+    Bench {
+        /// What to benchmark: "kernels" (all), or a kernel name such as "matmul".
+        #[arg(default_value = "kernels")]
+        what: String,
+        /// Print a JSON array of results instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Fewer shapes and shorter timing (a smoke run).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +59,19 @@ fn main() -> Result<()> {
                         a.max_storage_buffers_per_shader_stage
                     );
                 }
+            }
+        }
+        Cmd::Bench { what, json, quick } => {
+            let gpu = genrec::gpu::Gpu::shared()?;
+            let filter = if what == "kernels" { "" } else { what.as_str() };
+            let (peaks, results) = genrec::bench::run(&gpu, filter, quick)?;
+            if results.is_empty() {
+                anyhow::bail!("bench: no kernel benchmark matches {what:?} (try \"kernels\")");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", genrec::bench::table(&peaks, &results));
             }
         }
     }

@@ -124,6 +124,8 @@ pub fn validate_wgsl(kernel: &Kernel) -> Result<()> {
     let mut caps = naga::valid::Capabilities::default();
     caps |= naga::valid::Capabilities::SHADER_FLOAT16;
     caps |= naga::valid::Capabilities::SUBGROUP;
+    // unpack2x16float & co. are core WGSL; wgpu grants this on Vulkan/Metal/DX12.
+    caps |= naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
         .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
         .subgroup_operations(naga::valid::SubgroupOperationSet::all())

@@ -13,6 +13,8 @@ use crate::gpu::Kernel;
 
 pub mod permute;
 pub mod spmm;
+pub mod matmul;
+
 #[cfg(test)]
 pub mod testing;
 
@@ -109,6 +111,9 @@ pub fn all_kernels() -> Vec<Kernel> {
     let mut v: Vec<Kernel> = Vec::new();
     v.extend(permute::kernels());
     v.extend(spmm::kernels());
+    v.extend(matmul::kernels());
+    // The benchmark harness's peak probes (shaders/bench_*.wgsl).
+    v.extend(crate::bench::kernels());
     v
 }
 

@@ -1,0 +1,927 @@
+//! Matrix multiply with fused bias + activation, its backward, and the kernel
+//! choice per adapter. WGSL: `shaders/matmul.wgsl` (forward variants) and
+//! `shaders/matmul_rowsum.wgsl` (bias gradients and batch reductions).
+//!
+//! `C = act(op(A) @ op(B) + bias)` where `op` optionally transposes:
+//! A is `[M, K]` (`[K, M]` with `trans_a`) or batched `[Bt, M, K]`; B is
+//! `[K, N]` (`[N, K]` with `trans_b`) or batched `[Bt, K, N]`. A 2-D operand
+//! next to a 3-D one is shared by every batch entry (the usual "weight" case).
+//! B may be stored as f16 (frozen base weights): it is widened to f32 on load
+//! with `unpack2x16float`, which is core WGSL, so no adapter feature is needed;
+//! accumulation is always f32.
+//!
+//! Two kernel paths, chosen in one place (`Plan::for_gpu`):
+//! - `Path::Register` (CPU adapters such as lavapipe): barrier-free register
+//!   blocking; A rows depend only on the workgroup id so every SIMD lane reads
+//!   the same A values, B is read as vec4 column groups.
+//! - `Path::Tiled` (real GPUs): 16x16 workgroups staging tiles of A and B in
+//!   workgroup memory.
+//!
+//! Both take an `EDGE` constant: the aligned variant (M, N multiples of the
+//! tile) skips clamping and store guards.
+
+use anyhow::{bail, Result};
+
+use crate::gpu::{check, div_ceil, shape_str, DType, Gpu, Kernel, Params, Tensor};
+use crate::ops::Act;
+
+/// Options for [`matmul`]. `Default` is a plain `A @ B`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MatmulOpts<'a> {
+    /// A is stored `[K, M]` (per batch entry) and used transposed.
+    pub trans_a: bool,
+    /// B is stored `[N, K]` (per batch entry) and used transposed.
+    pub trans_b: bool,
+    /// Optional `[N]` f32 bias added before the activation.
+    pub bias: Option<&'a Tensor>,
+    /// Activation applied to the output.
+    pub act: Act,
+}
+
+/// Which kernel implementation runs a matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Barrier-free register blocking (CPU adapters).
+    Register,
+    /// Shared-memory tiling (GPUs).
+    Tiled,
+}
+
+/// Tile shapes of both paths; `Plan::for_gpu` is the single place where an
+/// adapter's choice is made.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub path: Path,
+    /// Register path: rows per workgroup (and per invocation).
+    pub rm: u32,
+    /// Register path: vec4 column groups per invocation.
+    pub cn: u32,
+    /// Register path: invocations per workgroup (along N).
+    pub wg: u32,
+    /// Tiled path: output tile rows / columns (multiples of 16) and depth.
+    pub tm: u32,
+    pub tn: u32,
+    pub tk: u32,
+}
+
+impl Plan {
+    /// The plan for an adapter: register blocking on CPU adapters, tiling otherwise.
+    pub fn for_gpu(gpu: &Gpu) -> Plan {
+        Self::with_path(if gpu.is_cpu() {
+            Path::Register
+        } else {
+            Path::Tiled
+        })
+    }
+    /// The tile shapes used for a given path.
+    pub fn with_path(path: Path) -> Plan {
+        Plan {
+            path,
+            rm: 8,
+            cn: 2,
+            wg: 8,
+            tm: 64,
+            tn: 64,
+            tk: 16,
+        }
+    }
+    /// Output rows x columns covered by one workgroup.
+    pub fn tile(&self) -> (usize, usize) {
+        match self.path {
+            Path::Register => (self.rm as usize, (self.wg * self.cn * 4) as usize),
+            Path::Tiled => (self.tm as usize, self.tn as usize),
+        }
+    }
+
+    fn kernel(&self, trans_a: bool, trans_b: bool, b_f16: bool, edge: bool) -> Kernel {
+        let entry = match self.path {
+            Path::Register => "mm_reg",
+            Path::Tiled => "mm_tiled",
+        };
+        // The tiled kernel always bounds-checks its loads; EDGE only matters to mm_reg.
+        let edge = edge || self.path == Path::Tiled;
+        Kernel::new("matmul", "matmul", entry)
+            .define("TRANS_A", trans_a)
+            .define("TRANS_B", trans_b)
+            .define("B_F16", b_f16)
+            .define("EDGE", edge)
+            .define("RM", format!("{}u", self.rm))
+            .define("CN", format!("{}u", self.cn))
+            .define("WG", format!("{}u", self.wg))
+            .define("TM", format!("{}u", self.tm))
+            .define("TN", format!("{}u", self.tn))
+            .define("TK", format!("{}u", self.tk))
+            // Every load index is clamped or bounds-checked; the tests cover
+            // awkward shapes, transposes, batches and f16 on both paths.
+            .trusted(true)
+    }
+}
+
+fn rowsum_kernel() -> Kernel {
+    Kernel::new("matmul_rowsum", "matmul_rowsum", "rowsum").trusted(true)
+}
+
+/// Every kernel variant of this family (for naga validation).
+pub fn kernels() -> Vec<Kernel> {
+    let mut v = Vec::new();
+    for path in [Path::Register, Path::Tiled] {
+        let plan = Plan::with_path(path);
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for f16 in [false, true] {
+                    for edge in [false, true] {
+                        v.push(plan.kernel(ta, tb, f16, edge));
+                    }
+                }
+            }
+        }
+    }
+    v.push(rowsum_kernel());
+    v
+}
+
+/// Problem dimensions derived from operand shapes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Batch strides in elements (0: operand shared by all batch entries).
+    pub sa: usize,
+    pub sb: usize,
+    pub out_shape: Vec<usize>,
+}
+
+/// Validate operand shapes and derive the problem dimensions.
+pub fn dims(op: &str, a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> Result<Dims> {
+    let what = || {
+        format!(
+            "A {}{} and B {}{}",
+            shape_str(a),
+            if trans_a { " (transposed)" } else { "" },
+            shape_str(b),
+            if trans_b { " (transposed)" } else { "" }
+        )
+    };
+    let split = |s: &[usize], name: &str| -> Result<(Option<usize>, usize, usize)> {
+        match s.len() {
+            2 => Ok((None, s[0], s[1])),
+            3 => Ok((Some(s[0]), s[1], s[2])),
+            _ => bail!("{op}: {name} must be 2-D or 3-D (batched); got {}", what()),
+        }
+    };
+    let (ba, ar, ac) = split(a, "A")?;
+    let (bb, br, bc) = split(b, "B")?;
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
+    if k != kb {
+        bail!(
+            "{op}: inner dimensions differ (K = {k} for A, {kb} for B): {}",
+            what()
+        );
+    }
+    let batch = match (ba, bb) {
+        (Some(x), Some(y)) if x != y => bail!("{op}: batch sizes differ ({x} vs {y}): {}", what()),
+        (Some(x), _) | (None, Some(x)) => x,
+        (None, None) => 1,
+    };
+    if m == 0 || n == 0 || k == 0 || batch == 0 {
+        bail!("{op}: empty operand: {}", what());
+    }
+    let out_shape = if ba.is_some() || bb.is_some() {
+        vec![batch, m, n]
+    } else {
+        vec![m, n]
+    };
+    Ok(Dims {
+        batch,
+        m,
+        k,
+        n,
+        sa: if ba.is_some() { m * k } else { 0 },
+        sb: if bb.is_some() { k * n } else { 0 },
+        out_shape,
+    })
+}
+
+/// `C = act(op(A) @ op(B) + bias)` on the kernel path chosen for the adapter.
+///
+/// A: f32 `[M, K]` / `[K, M]` (trans_a) / `[Bt, ...]`; B: f32 or f16 `[K, N]` /
+/// `[N, K]` (trans_b) / `[Bt, ...]`; a 2-D operand next to a 3-D one is shared
+/// across the batch. bias: f32 `[N]`. Output f32 `[M, N]` or `[Bt, M, N]`.
+pub fn matmul(a: &Tensor, b: &Tensor, opts: &MatmulOpts) -> Result<Tensor> {
+    matmul_with_plan(a, b, opts, &Plan::for_gpu(a.gpu()))
+}
+
+/// [`matmul`] with an explicit plan (kernel path and tile shapes), for tests
+/// and benchmarks of a path the adapter would not choose.
+pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    check::same_device(OP, &[a, b])?;
+    check::dtype(OP, "A", a, DType::F32)?;
+    if b.dtype() != DType::F32 && b.dtype() != DType::F16 {
+        bail!(
+            "{OP}: B has dtype {:?}, expected F32 or F16 (shape {})",
+            b.dtype(),
+            shape_str(b.shape())
+        );
+    }
+    let d = dims(OP, a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
+    if let Some(bias) = opts.bias {
+        check::same_device(OP, &[a, bias])?;
+        check::dtype(OP, "bias", bias, DType::F32)?;
+        if bias.shape() != [d.n] {
+            bail!(
+                "{OP}: bias has shape {}, expected [{}] (A {}, B {})",
+                shape_str(bias.shape()),
+                d.n,
+                shape_str(a.shape()),
+                shape_str(b.shape())
+            );
+        }
+    }
+    let gpu = a.gpu();
+    let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
+    let (tile_m, tile_n) = plan.tile();
+    let edge = d.m % tile_m != 0 || d.n % tile_n != 0;
+    let kernel = plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge);
+    let nx = div_ceil(d.n, tile_n);
+    let ny = div_ceil(d.m, tile_m);
+    let fold = ny.div_ceil(65535);
+    let wy = ny.min(65535);
+    let wz = d.batch * fold as usize;
+    if wz > 65535 {
+        bail!(
+            "{OP}: batch {} x {} row-tile chunks exceeds 65535 workgroups (A {}, B {})",
+            d.batch,
+            fold,
+            shape_str(a.shape()),
+            shape_str(b.shape())
+        );
+    }
+    let params = Params::new()
+        .u(d.m)
+        .u(d.n)
+        .u(d.k)
+        .u(d.batch)
+        .u(d.sa)
+        .u(d.sb)
+        .u(opts.act.code() as usize)
+        .u(opts.bias.is_some() as usize)
+        .u(ny as usize)
+        .u(fold as usize);
+    let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
+    gpu.dispatch(
+        &kernel,
+        params.bytes(),
+        &[a.buffer(), b.buffer(), bias_buf, out.buffer()],
+        [nx, wy, wz as u32],
+    )?;
+    Ok(out)
+}
+
+/// Sum over rows: `x` viewed as `[rows, cols]` -> `[cols]`.
+fn rowsum(op: &str, x: &Tensor, rows: usize, cols: usize, out_shape: &[usize]) -> Result<Tensor> {
+    if rows * cols != x.numel() {
+        bail!(
+            "{op}: cannot sum {} as [{rows}, {cols}]",
+            shape_str(x.shape())
+        );
+    }
+    let gpu = x.gpu();
+    let out = Tensor::empty(gpu, out_shape, DType::F32)?;
+    let groups = cols.div_ceil(64);
+    let gx = groups.min(65535);
+    let gy = groups.div_ceil(gx);
+    let params = Params::new().u(rows).u(cols).u(gx);
+    gpu.dispatch(
+        &rowsum_kernel(),
+        params.bytes(),
+        &[x.buffer(), out.buffer()],
+        [gx as u32, gy as u32, 1],
+    )?;
+    Ok(out)
+}
+
+/// Gradients of `C_pre = op(A) @ op(B) + bias` given `dy = dL/dC_pre` (the
+/// gradient wrt the pre-activation output; the activation's derivative is
+/// applied elsewhere).
+///
+/// Returns `(dA, dB, dbias)`, each `Some` only when asked for. dA has A's shape
+/// (and layout: `[K, M]` when `trans_a`), dB has B's shape in f32 (summed over
+/// the batch when a 2-D B was shared by a 3-D A; likewise dA for a shared A),
+/// dbias is `[N]` (summed over all rows). An f16 B is supported except for dA
+/// with `trans_a` (B would have to be the first operand, which is f32 only).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    need_da: bool,
+    need_db: bool,
+    need_dbias: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "matmul_backward";
+    check::same_device(OP, &[a, b, dy])?;
+    check::dtype(OP, "A", a, DType::F32)?;
+    check::dtype(OP, "dy", dy, DType::F32)?;
+    if b.dtype() != DType::F32 && b.dtype() != DType::F16 {
+        bail!(
+            "{OP}: B has dtype {:?}, expected F32 or F16 (shape {})",
+            b.dtype(),
+            shape_str(b.shape())
+        );
+    }
+    let d = dims(OP, a.shape(), b.shape(), trans_a, trans_b)?;
+    if dy.shape() != d.out_shape.as_slice() {
+        bail!(
+            "{OP}: dy has shape {}, expected {} for A {} and B {}",
+            shape_str(dy.shape()),
+            shape_str(&d.out_shape),
+            shape_str(a.shape()),
+            shape_str(b.shape())
+        );
+    }
+    let plain = |ta: bool, tb: bool| MatmulOpts {
+        trans_a: ta,
+        trans_b: tb,
+        bias: None,
+        act: Act::None,
+    };
+    let a_shared = a.rank() == 2 && d.batch > 1 && dy.rank() == 3;
+    let b_shared = b.rank() == 2 && d.batch > 1 && dy.rank() == 3;
+    let batched = d.out_shape.len() == 3;
+
+    let da = if need_da {
+        if trans_a && b.dtype() == DType::F16 {
+            bail!(
+                "{OP}: dA with trans_a needs an f32 B (B {} is f16)",
+                shape_str(b.shape())
+            );
+        }
+        let g = if a_shared && !trans_a && b.rank() == 3 {
+            // dA = sum_b dY_b @ op(B_b)^T: a shared A means B is batched; reduce below.
+            matmul(dy, b, &plain(false, !trans_b))?
+        } else if !trans_a {
+            matmul(dy, b, &plain(false, !trans_b))?
+        } else {
+            // A stored [K, M]: dA = op(B) @ dY^T.
+            matmul(b, dy, &plain(trans_b, true))?
+        };
+        Some(if a_shared {
+            rowsum(OP, &g, d.batch, d.m * d.k, a.shape())?
+        } else {
+            g.reshape(a.shape())?
+        })
+    } else {
+        None
+    };
+
+    let db = if need_db {
+        let g = if b_shared && !trans_a {
+            // Shared weight: fold the batch into the reduction dimension.
+            let a2 = a.reshape(&[d.batch * d.m, d.k])?;
+            let dy2 = dy.reshape(&[d.batch * d.m, d.n])?;
+            if trans_b {
+                matmul(&dy2, &a2, &plain(true, false))?
+            } else {
+                matmul(&a2, &dy2, &plain(true, false))?
+            }
+        } else {
+            let g = if trans_b {
+                matmul(dy, a, &plain(true, trans_a))?
+            } else {
+                matmul(a, dy, &plain(!trans_a, false))?
+            };
+            if b_shared {
+                rowsum(OP, &g, d.batch, d.k * d.n, b.shape())?
+            } else {
+                g
+            }
+        };
+        Some(g.reshape(b.shape())?)
+    } else {
+        None
+    };
+
+    let dbias = if need_dbias {
+        let rows = if batched { d.batch * d.m } else { d.m };
+        Some(rowsum(OP, dy, rows, d.n, &[d.n])?)
+    } else {
+        None
+    };
+    Ok((da, db, dbias))
+}
+
+/// CPU reference in f64: `act(op(A) @ op(B) + bias)` with the shapes and
+/// broadcasting rules of [`matmul`]. Returns the output in row-major order.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ref(
+    a: &[f64],
+    a_shape: &[usize],
+    b: &[f64],
+    b_shape: &[usize],
+    trans_a: bool,
+    trans_b: bool,
+    bias: Option<&[f64]>,
+    act: Act,
+) -> Result<Vec<f64>> {
+    let d = dims("matmul_ref", a_shape, b_shape, trans_a, trans_b)?;
+    let mut out = vec![0f64; d.batch * d.m * d.n];
+    for bt in 0..d.batch {
+        let (ab, bb) = (bt * d.sa, bt * d.sb);
+        for i in 0..d.m {
+            for j in 0..d.n {
+                let mut s = 0f64;
+                for k in 0..d.k {
+                    let av = if trans_a {
+                        a[ab + k * d.m + i]
+                    } else {
+                        a[ab + i * d.k + k]
+                    };
+                    let bv = if trans_b {
+                        b[bb + j * d.k + k]
+                    } else {
+                        b[bb + k * d.n + j]
+                    };
+                    s += av * bv;
+                }
+                if let Some(bias) = bias {
+                    s += bias[j];
+                }
+                out[(bt * d.m + i) * d.n + j] = act.apply_f64(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_close, finite_diff, rand_vec};
+
+    fn f64s(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+    fn f32s(x: &[f64]) -> Vec<f32> {
+        x.iter().map(|&v| v as f32).collect()
+    }
+    fn round_f16(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+    }
+
+    /// Run one case on `path` and compare with the CPU reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check_case(
+        path: Path,
+        a_shape: &[usize],
+        b_shape: &[usize],
+        ta: bool,
+        tb: bool,
+        with_bias: bool,
+        act: Act,
+        b_f16: bool,
+        seed: u64,
+    ) {
+        let gpu = Gpu::shared().unwrap();
+        let na: usize = a_shape.iter().product();
+        let nb: usize = b_shape.iter().product();
+        let av = rand_vec(seed, na, 1.0);
+        let mut bv = rand_vec(seed + 1, nb, 1.0);
+        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
+        let b = if b_f16 {
+            bv = round_f16(&bv);
+            Tensor::from_f32_as_f16(&gpu, &bv, b_shape).unwrap()
+        } else {
+            Tensor::from_f32(&gpu, &bv, b_shape).unwrap()
+        };
+        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
+        let biasv = rand_vec(seed + 2, d.n, 1.0);
+        let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
+        let opts = MatmulOpts {
+            trans_a: ta,
+            trans_b: tb,
+            bias: with_bias.then_some(&bias),
+            act,
+        };
+        let got = matmul_with_plan(&a, &b, &opts, &Plan::with_path(path)).unwrap();
+        assert_eq!(got.shape(), d.out_shape.as_slice());
+        let want = matmul_ref(
+            &f64s(&av),
+            a_shape,
+            &f64s(&bv),
+            b_shape,
+            ta,
+            tb,
+            with_bias.then_some(&f64s(&biasv)[..]),
+            act,
+        )
+        .unwrap();
+        let what = format!("{path:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
+        // Sums of K products of values in [-1, 1]: absolute error grows ~ sqrt(K) eps.
+        let atol = 2e-6 * (d.k as f32).sqrt().max(1.0);
+        assert_close(&what, &got.to_vec_f32().unwrap(), &f32s(&want), 1e-5, atol);
+    }
+
+    fn shape2(rows: usize, cols: usize, trans: bool) -> Vec<usize> {
+        if trans {
+            vec![cols, rows]
+        } else {
+            vec![rows, cols]
+        }
+    }
+
+    #[test]
+    fn all_transposes_awkward_sizes_both_paths() {
+        let sizes = [
+            (1, 1, 1),
+            (7, 33, 5),
+            (33, 7, 257),
+            (1, 257, 7),
+            (65, 20, 129),
+            (9, 4, 70),
+        ];
+        for path in [Path::Register, Path::Tiled] {
+            for (i, &(m, k, n)) in sizes.iter().enumerate() {
+                for ta in [false, true] {
+                    for tb in [false, true] {
+                        check_case(
+                            path,
+                            &shape2(m, k, ta),
+                            &shape2(k, n, tb),
+                            ta,
+                            tb,
+                            false,
+                            Act::None,
+                            false,
+                            i as u64,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_fast_path_both_paths() {
+        // Multiples of both tiles (8 x 64 and 64 x 64) take the EDGE = false variant.
+        for path in [Path::Register, Path::Tiled] {
+            let (tm, tn) = Plan::with_path(path).tile();
+            assert_eq!((64 % tm, 128 % tn), (0, 0));
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    check_case(
+                        path,
+                        &shape2(64, 36, ta),
+                        &shape2(36, 128, tb),
+                        ta,
+                        tb,
+                        false,
+                        Act::None,
+                        false,
+                        11,
+                    );
+                }
+            }
+            check_case(
+                path,
+                &[128, 256],
+                &[256, 64],
+                false,
+                false,
+                true,
+                Act::Relu,
+                false,
+                12,
+            );
+        }
+    }
+
+    #[test]
+    fn batched_and_broadcast() {
+        for path in [Path::Register, Path::Tiled] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let a3 = [vec![3], shape2(7, 10, ta)].concat();
+                    let b3 = [vec![3], shape2(10, 33, tb)].concat();
+                    check_case(path, &a3, &b3, ta, tb, true, Act::None, false, 20);
+                    check_case(
+                        path,
+                        &a3,
+                        &shape2(10, 33, tb),
+                        ta,
+                        tb,
+                        true,
+                        Act::None,
+                        false,
+                        21,
+                    );
+                    check_case(
+                        path,
+                        &shape2(7, 10, ta),
+                        &b3,
+                        ta,
+                        tb,
+                        false,
+                        Act::None,
+                        false,
+                        22,
+                    );
+                }
+            }
+            // Aligned batched shapes.
+            check_case(
+                path,
+                &[2, 64, 16],
+                &[16, 128],
+                false,
+                false,
+                false,
+                Act::None,
+                false,
+                23,
+            );
+        }
+    }
+
+    #[test]
+    fn bias_and_every_activation() {
+        for path in [Path::Register, Path::Tiled] {
+            for act in [
+                Act::None,
+                Act::Relu,
+                Act::Gelu,
+                Act::GeluTanh,
+                Act::Silu,
+                Act::Sigmoid,
+                Act::Tanh,
+            ] {
+                check_case(
+                    path,
+                    &[17, 12],
+                    &[12, 9],
+                    false,
+                    false,
+                    true,
+                    act,
+                    false,
+                    30,
+                );
+                check_case(
+                    path,
+                    &[2, 8, 12],
+                    &[12, 64],
+                    false,
+                    false,
+                    true,
+                    act,
+                    false,
+                    31,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_weights() {
+        for path in [Path::Register, Path::Tiled] {
+            for tb in [false, true] {
+                for ta in [false, true] {
+                    check_case(
+                        path,
+                        &shape2(33, 7, ta),
+                        &shape2(7, 5, tb),
+                        ta,
+                        tb,
+                        true,
+                        Act::Silu,
+                        true,
+                        40,
+                    );
+                    check_case(
+                        path,
+                        &shape2(16, 24, ta),
+                        &shape2(24, 128, tb),
+                        ta,
+                        tb,
+                        false,
+                        Act::None,
+                        true,
+                        41,
+                    );
+                }
+                check_case(
+                    path,
+                    &[2, 5, 257],
+                    &shape2(257, 33, tb),
+                    false,
+                    tb,
+                    true,
+                    Act::None,
+                    true,
+                    42,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn row_tiles_fold_past_65535_workgroups() {
+        // 8 rows per workgroup on the register path: 524,289 rows need 65,537 row tiles.
+        let gpu = Gpu::shared().unwrap();
+        let m = 65536 * 8 + 1;
+        let av = rand_vec(50, m, 1.0);
+        let bv = rand_vec(51, 3, 1.0);
+        let a = Tensor::from_f32(&gpu, &av, &[m, 1]).unwrap();
+        let b = Tensor::from_f32(&gpu, &bv, &[1, 3]).unwrap();
+        for path in [Path::Register, Path::Tiled] {
+            let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &Plan::with_path(path))
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+            let want: Vec<f32> = av
+                .iter()
+                .flat_map(|&x| bv.iter().map(move |&y| x * y))
+                .collect();
+            assert_close(&format!("{path:?} fold"), &got, &want, 1e-6, 0.0);
+        }
+    }
+
+    #[test]
+    fn auto_path_matches_reference() {
+        check_case(
+            Plan::for_gpu(&Gpu::shared().unwrap()).path,
+            &[5, 6],
+            &[7, 6],
+            false,
+            true,
+            true,
+            Act::Gelu,
+            false,
+            60,
+        );
+    }
+
+    /// FD check of matmul_backward for one configuration.
+    fn check_backward(a_shape: &[usize], b_shape: &[usize], ta: bool, tb: bool, seed: u64) {
+        let gpu = Gpu::shared().unwrap();
+        let na: usize = a_shape.iter().product();
+        let nb: usize = b_shape.iter().product();
+        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
+        let nout = d.batch * d.m * d.n;
+        let av = rand_vec(seed, na, 1.0);
+        let bv = rand_vec(seed + 1, nb, 1.0);
+        let biasv = rand_vec(seed + 2, d.n, 1.0);
+        let r = rand_vec(seed + 3, nout, 1.0);
+        let loss = |a: &[f64], b: &[f64], bias: &[f64]| -> f64 {
+            let out = matmul_ref(a, a_shape, b, b_shape, ta, tb, Some(bias), Act::None).unwrap();
+            out.iter().zip(&r).map(|(o, &w)| o * w as f64).sum()
+        };
+        let (a64, b64, bias64) = (f64s(&av), f64s(&bv), f64s(&biasv));
+        let want_da = finite_diff(&av, 1e-3, |x| loss(x, &b64, &bias64));
+        let want_db = finite_diff(&bv, 1e-3, |x| loss(&a64, x, &bias64));
+        let want_dbias = finite_diff(&biasv, 1e-3, |x| loss(&a64, &b64, x));
+
+        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
+        let b = Tensor::from_f32(&gpu, &bv, b_shape).unwrap();
+        let dy = Tensor::from_f32(&gpu, &r, &d.out_shape).unwrap();
+        let (da, db, dbias) = matmul_backward(&a, &b, &dy, ta, tb, true, true, true).unwrap();
+        let (da, db, dbias) = (da.unwrap(), db.unwrap(), dbias.unwrap());
+        let what = format!("A{a_shape:?} B{b_shape:?} ta={ta} tb={tb}");
+        assert_eq!(da.shape(), a_shape);
+        assert_eq!(db.shape(), b_shape);
+        assert_close(
+            &format!("dA {what}"),
+            &da.to_vec_f32().unwrap(),
+            &want_da,
+            1e-3,
+            1e-4,
+        );
+        assert_close(
+            &format!("dB {what}"),
+            &db.to_vec_f32().unwrap(),
+            &want_db,
+            1e-3,
+            1e-4,
+        );
+        assert_close(
+            &format!("dbias {what}"),
+            &dbias.to_vec_f32().unwrap(),
+            &want_dbias,
+            1e-3,
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                check_backward(&shape2(5, 7, ta), &shape2(7, 6, tb), ta, tb, 70);
+                let a3 = [vec![2], shape2(3, 7, ta)].concat();
+                let b3 = [vec![2], shape2(7, 5, tb)].concat();
+                check_backward(&a3, &b3, ta, tb, 71);
+                // Shared weight B (summed over the batch) and shared A.
+                check_backward(&a3, &shape2(7, 5, tb), ta, tb, 72);
+                check_backward(&shape2(3, 7, ta), &b3, ta, tb, 73);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_with_f16_weight_and_partial_requests() {
+        let gpu = Gpu::shared().unwrap();
+        let av = rand_vec(80, 2 * 4 * 9, 1.0);
+        let bv = round_f16(&rand_vec(81, 9 * 6, 1.0));
+        let r = rand_vec(82, 2 * 4 * 6, 1.0);
+        let a = Tensor::from_f32(&gpu, &av, &[2, 4, 9]).unwrap();
+        let b16 = Tensor::from_f32_as_f16(&gpu, &bv, &[6, 9]).unwrap();
+        let b32 = Tensor::from_f32(&gpu, &bv, &[6, 9]).unwrap();
+        let dy = Tensor::from_f32(&gpu, &r, &[2, 4, 6]).unwrap();
+        let (da16, db16, dbias) =
+            matmul_backward(&a, &b16, &dy, false, true, true, false, false).unwrap();
+        assert!(db16.is_none() && dbias.is_none());
+        let (da32, _, _) = matmul_backward(&a, &b32, &dy, false, true, true, false, false).unwrap();
+        assert_close(
+            "dA f16 B",
+            &da16.unwrap().to_vec_f32().unwrap(),
+            &da32.unwrap().to_vec_f32().unwrap(),
+            1e-6,
+            1e-6,
+        );
+        let at = Tensor::from_f32(&gpu, &av[..36], &[9, 4]).unwrap();
+        let e = matmul_backward(
+            &at,
+            &b16,
+            &dy.reshape(&[2, 4, 6]).unwrap(),
+            true,
+            true,
+            true,
+            false,
+            false,
+        );
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_naming_the_op() {
+        let gpu = Gpu::shared().unwrap();
+        let a = Tensor::from_f32(&gpu, &[0.0; 12], &[3, 4]).unwrap();
+        let b = Tensor::from_f32(&gpu, &[0.0; 10], &[5, 2]).unwrap();
+        let e = matmul(&a, &b, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("matmul") && e.contains("[3, 4]") && e.contains("[5, 2]"),
+            "{e}"
+        );
+
+        let b = Tensor::from_f32(&gpu, &[0.0; 8], &[4, 2]).unwrap();
+        let bad_bias = Tensor::from_f32(&gpu, &[0.0; 3], &[3]).unwrap();
+        let opts = MatmulOpts {
+            bias: Some(&bad_bias),
+            ..Default::default()
+        };
+        let e = matmul(&a, &b, &opts).unwrap_err().to_string();
+        assert!(e.contains("matmul") && e.contains("bias"), "{e}");
+
+        let bu = Tensor::from_u32(&gpu, &[0; 8], &[4, 2]).unwrap();
+        let e = matmul(&a, &bu, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul") && e.contains("U32"), "{e}");
+        let a16 = Tensor::from_f32_as_f16(&gpu, &[0.0; 12], &[3, 4]).unwrap();
+        let e = matmul(&a16, &b, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul") && e.contains("F16"), "{e}");
+
+        let empty = Tensor::empty(&gpu, &[0, 4], DType::F32).unwrap();
+        let e = matmul(&empty, &b, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul") && e.contains("empty"), "{e}");
+
+        let a3 = Tensor::from_f32(&gpu, &[0.0; 24], &[2, 3, 4]).unwrap();
+        let b3 = Tensor::from_f32(&gpu, &[0.0; 24], &[3, 4, 2]).unwrap();
+        let e = matmul(&a3, &b3, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul") && e.contains("batch"), "{e}");
+        let v = Tensor::from_f32(&gpu, &[0.0; 4], &[4]).unwrap();
+        assert!(matmul(&v, &b, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string()
+            .contains("matmul"));
+
+        let dy = Tensor::from_f32(&gpu, &[0.0; 6], &[2, 3]).unwrap();
+        let e = matmul_backward(&a, &b, &dy, false, false, true, true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul_backward") && e.contains("dy"), "{e}");
+    }
+}
