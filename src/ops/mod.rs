@@ -11,6 +11,7 @@
 
 use crate::gpu::Kernel;
 
+pub mod activation;
 pub mod elementwise;
 pub mod reduce;
 
@@ -108,6 +109,7 @@ pub fn erf_f64(x: f64) -> f64 {
 /// Each op module lists its variants in a `kernels()` function.
 pub fn all_kernels() -> Vec<Kernel> {
     let mut v: Vec<Kernel> = Vec::new();
+    v.extend(activation::kernels());
     v.extend(elementwise::kernels());
     v.extend(reduce::kernels());
     v
