@@ -14,6 +14,7 @@ use crate::gpu::Kernel;
 pub mod activation;
 pub mod elementwise;
 pub mod reduce;
+pub mod softmax;
 
 #[cfg(test)]
 pub mod testing;
@@ -112,6 +113,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(activation::kernels());
     v.extend(elementwise::kernels());
     v.extend(reduce::kernels());
+    v.extend(softmax::kernels());
     v
 }
 
