@@ -13,6 +13,7 @@ use crate::gpu::Kernel;
 
 pub mod activation;
 pub mod elementwise;
+pub mod norm;
 pub mod reduce;
 pub mod softmax;
 
@@ -112,6 +113,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     let mut v: Vec<Kernel> = Vec::new();
     v.extend(activation::kernels());
     v.extend(elementwise::kernels());
+    v.extend(norm::kernels());
     v.extend(reduce::kernels());
     v.extend(softmax::kernels());
     v
