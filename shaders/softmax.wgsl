@@ -162,6 +162,64 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
 }
 
+// Row held in registers: each thread keeps its PER vec4s (j = lid + k * WG), so
+// x is read once and y written once. Used when ceil(cols / 4) <= WG * PER.
+@compute @workgroup_size(WG)
+fn forward_cached(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return; // uniform over the workgroup
+    }
+    let base = row * p.cols;
+    let c4 = (p.cols + 3u) / 4u;
+    var xs: array<vec4<f32>, PER>;
+    var m = NEG_BIG;
+    for (var k = 0u; k < PER; k++) {
+        let j = lid + k * WG;
+        var v = vec4<f32>(p.neg_inf);
+        if (j < c4) {
+            v = ld_a(base, j, p.neg_inf);
+        }
+        xs[k] = v;
+        m = max(m, hmax(v));
+    }
+    var s = 0.0;
+    for (var k = 0u; k < PER; k++) {
+        s += hsum(exp(xs[k] - m));
+    }
+    red_a[lid] = m;
+    red_b[lid] = s;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            let m1 = red_a[lid];
+            let m2 = red_a[lid + w];
+            let mm = max(m1, m2);
+            red_b[lid] = red_b[lid] * exp(m1 - mm) + red_b[lid + w] * exp(m2 - mm);
+            red_a[lid] = mm;
+        }
+        workgroupBarrier();
+    }
+    let row_max = red_a[0];
+    let row_sum = red_b[0];
+    let masked = !(row_sum > 0.0);
+    let inv = select(1.0 / row_sum, 0.0, masked);
+    let log_sum = log(select(row_sum, 1.0, masked));
+    for (var k = 0u; k < PER; k++) {
+        let j = lid + k * WG;
+        if (j < c4) {
+            var y: vec4<f32>;
+            if (p.op == 0u) {
+                y = exp(xs[k] - row_max) * inv;
+            } else {
+                y = select((xs[k] - row_max) - log_sum, vec4<f32>(0.0), masked);
+            }
+            st_fwd(base, j, y);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {

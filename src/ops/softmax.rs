@@ -14,21 +14,40 @@ use anyhow::Result;
 use super::elementwise::grid;
 use crate::gpu::{check, DType, Kernel, Params, Tensor};
 
-/// Threads per workgroup (one workgroup per row).
+/// Threads per workgroup of the streaming kernels (one workgroup per row).
 pub const WG: usize = 64;
+/// Largest number of vec4s per thread the register-cached forward keeps.
+const MAX_PER: usize = 16;
 
-fn kernel(entry: &'static str, aligned: bool) -> Kernel {
+fn kernel(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
     Kernel::new("softmax", "softmax", entry)
-        .define("WG", format!("{WG}u"))
+        .define("WG", format!("{wg}u"))
         .define("ALIGNED", aligned)
+        .define("PER", format!("{per}u"))
+}
+
+/// Workgroup size and vec4s per thread of the register-cached forward for rows
+/// of `cols` elements, or `None` when the row is too long to keep in registers.
+pub(crate) fn cached_shape(cols: usize) -> Option<(usize, usize)> {
+    let c4 = cols.div_ceil(4);
+    let wg = c4.next_power_of_two().clamp(32, 128);
+    let per = c4.div_ceil(wg).next_power_of_two();
+    (per <= MAX_PER).then_some((wg, per))
 }
 
 /// Every kernel variant in this family.
 pub fn kernels() -> Vec<Kernel> {
     let mut v = Vec::new();
     for aligned in [true, false] {
-        v.push(kernel("forward", aligned));
-        v.push(kernel("backward", aligned));
+        v.push(kernel("forward", WG, 1, aligned));
+        v.push(kernel("backward", WG, 1, aligned));
+        for wg in [32, 64, 128] {
+            let mut per = 1;
+            while per <= MAX_PER {
+                v.push(kernel("forward_cached", wg, per, aligned));
+                per *= 2;
+            }
+        }
     }
     v
 }
@@ -55,7 +74,11 @@ fn params(t: &Tensor, op: usize) -> Params {
 fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("x", x)])?;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
-    let k = kernel("forward", x.last_dim() % 4 == 0);
+    let aligned = x.last_dim() % 4 == 0;
+    let k = match cached_shape(x.last_dim()) {
+        Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
+        None => kernel("forward", WG, 1, aligned),
+    };
     x.gpu().dispatch(
         &k,
         params(x, op).bytes(),
@@ -68,7 +91,7 @@ fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
 fn backward(name: &str, y: &Tensor, dy: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("y", y), ("dy", dy)])?;
     let dx = Tensor::empty(y.gpu(), y.shape(), DType::F32)?;
-    let k = kernel("backward", y.last_dim() % 4 == 0);
+    let k = kernel("backward", WG, 1, y.last_dim() % 4 == 0);
     y.gpu().dispatch(
         &k,
         params(y, op).bytes(),
@@ -172,10 +195,18 @@ mod tests {
     }
 
     #[test]
+    fn kernel_choice_covers_cached_and_streaming() {
+        assert_eq!(cached_shape(1), Some((32, 1)));
+        assert_eq!(cached_shape(4096), Some((128, 8)));
+        assert_eq!(cached_shape(8192), Some((128, 16)));
+        assert_eq!(cached_shape(9000), None); // tested above through the streaming kernel
+    }
+
+    #[test]
     fn large_and_masked_values() {
         let g = gpu();
         let ninf = f32::NEG_INFINITY;
-        for cols in [7usize, 8, 33] {
+        for cols in [7usize, 8, 33, 9001] {
             let mut x = rand_vec(cols as u64, 4 * cols, 3.0);
             // row 0: huge offsets (overflow without max subtraction)
             for v in &mut x[..cols] {
