@@ -145,6 +145,30 @@ fn wg_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
     return vec2<f32>(red_a[0], red_b[0]);
 }
 
+// Combine per-thread (count, mean, M2) over the workgroup (Chan et al.);
+// every thread gets (mean, M2) of the whole row.
+fn chan_combine(lid: u32, n: f32, m: f32, m2: f32) -> vec2<f32> {
+    red_a[lid] = n;
+    red_b[lid] = m;
+    red_c[lid] = m2;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            let na = red_a[lid];
+            let nb = red_a[lid + w];
+            let nt = na + nb;
+            if (nb > 0.0) {
+                let delta = red_b[lid + w] - red_b[lid];
+                red_b[lid] = red_b[lid] + delta * nb / nt;
+                red_c[lid] = red_c[lid] + red_c[lid + w] + delta * delta * na * nb / nt;
+                red_a[lid] = nt;
+            }
+        }
+        workgroupBarrier();
+    }
+    return vec2<f32>(red_b[0], red_c[0]);
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
@@ -175,26 +199,9 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             m2 += m2b + delta * delta * n * nb / nt;
             n = nt;
         }
-        red_a[lid] = n;
-        red_b[lid] = m;
-        red_c[lid] = m2;
-        workgroupBarrier();
-        for (var w = WG / 2u; w > 0u; w = w / 2u) {
-            if (lid < w) {
-                let na = red_a[lid];
-                let nb = red_a[lid + w];
-                let nt = na + nb;
-                if (nb > 0.0) {
-                    let delta = red_b[lid + w] - red_b[lid];
-                    red_b[lid] = red_b[lid] + delta * nb / nt;
-                    red_c[lid] = red_c[lid] + red_c[lid + w] + delta * delta * na * nb / nt;
-                    red_a[lid] = nt;
-                }
-            }
-            workgroupBarrier();
-        }
-        mean = red_b[0];
-        rstd = inverseSqrt(max(red_c[0], 0.0) / f32(p.cols) + p.eps);
+        let st = chan_combine(lid, n, m, m2);
+        mean = st.x;
+        rstd = inverseSqrt(max(st.y, 0.0) / f32(p.cols) + p.eps);
     } else {
         var ss = 0.0;
         for (var j = lid; j < c4; j += WG) {
@@ -210,6 +217,70 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             y += ld_b(j);
         }
         st_y(base, j, y);
+    }
+    if (lid == 0u) {
+        frstd[row] = rstd;
+        if (layer) {
+            fmean[row] = mean;
+        }
+    }
+}
+
+// Row held in registers: each thread keeps its PER vec4s (j = lid + k * WG), so
+// x is read once and y written once. Used when ceil(cols / 4) <= WG * PER.
+@compute @workgroup_size(WG)
+fn forward_cached(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return; // uniform over the workgroup
+    }
+    let base = row * p.cols;
+    let c4 = (p.cols + 3u) / 4u;
+    let layer = p.mode == 1u;
+    var xs: array<vec4<f32>, PER>;
+    var sum = 0.0;
+    var ss = 0.0;
+    var n = 0.0;
+    for (var k = 0u; k < PER; k++) {
+        let j = lid + k * WG;
+        var v = vec4<f32>(0.0);
+        if (j < c4) {
+            v = ld_x(base, j);
+            n += f32(min(4u, p.cols - 4u * j));
+        }
+        xs[k] = v;
+        sum += hsum(v);
+        ss += dot(v, v);
+    }
+    var mean = 0.0;
+    var rstd = 0.0;
+    if (layer) {
+        // Per-thread mean and M2 from registers, then Chan's combine.
+        let m = select(0.0, sum / n, n > 0.0);
+        var m2 = 0.0;
+        for (var k = 0u; k < PER; k++) {
+            let j = lid + k * WG;
+            if (j < c4) {
+                let d = select(vec4<f32>(0.0), xs[k] - m, lanes(j));
+                m2 += dot(d, d);
+            }
+        }
+        let st = chan_combine(lid, n, m, m2);
+        mean = st.x;
+        rstd = inverseSqrt(max(st.y, 0.0) / f32(p.cols) + p.eps);
+    } else {
+        rstd = inverseSqrt(wg_sum2(lid, ss, 0.0).x / f32(p.cols) + p.eps);
+    }
+    for (var k = 0u; k < PER; k++) {
+        let j = lid + k * WG;
+        if (j < c4) {
+            var y = (xs[k] - mean) * rstd * ld_w(j);
+            if (layer) {
+                y += ld_b(j);
+            }
+            st_y(base, j, y);
+        }
     }
     if (lid == 0u) {
         frstd[row] = rstd;

@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 
 use super::elementwise::grid;
 use super::reduce;
+use super::softmax::cached_shape;
 use crate::gpu::{check, div_ceil, shape_str, DType, Kernel, Params, Tensor};
 
 /// Threads per workgroup (row kernels: one workgroup per row).
@@ -24,9 +25,24 @@ const RMS: usize = 0;
 const LAYER: usize = 1;
 
 fn kernel(entry: &'static str, aligned: bool) -> Kernel {
+    kernel_sized(entry, WG, 1, aligned)
+}
+
+fn kernel_sized(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
     Kernel::new("norm", "norm", entry)
-        .define("WG", format!("{WG}u"))
+        .define("WG", format!("{wg}u"))
         .define("ALIGNED", aligned)
+        .define("PER", format!("{per}u"))
+}
+
+/// The forward for rows of `cols`: register-cached (x read once) when the row
+/// fits (same shapes as softmax's), else streaming (x read twice).
+fn forward_kernel(cols: usize) -> Kernel {
+    let aligned = cols % 4 == 0;
+    match cached_shape(cols) {
+        Some((wg, per)) => kernel_sized("forward_cached", wg, per, aligned),
+        None => kernel("forward", aligned),
+    }
 }
 
 /// Every kernel variant in this family.
@@ -35,6 +51,11 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", aligned));
         v.push(kernel("backward", aligned));
+        for wg in [32, 64, 128] {
+            for per in [1, 2, 4, 8, 16] {
+                v.push(kernel_sized("forward_cached", wg, per, aligned));
+            }
+        }
     }
     v.push(kernel("dweight", false));
     v
@@ -119,7 +140,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let unused_mean = Tensor::empty(gpu, &[1], DType::F32)?;
-    let k = kernel("forward", x.last_dim() % 4 == 0);
+    let k = forward_kernel(x.last_dim());
     let bufs = [
         x.buffer(),
         weight.buffer(),
@@ -140,7 +161,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let mean = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
-    let k = kernel("forward", x.last_dim() % 4 == 0);
+    let k = forward_kernel(x.last_dim());
     let bufs = [
         x.buffer(),
         weight.buffer(),
