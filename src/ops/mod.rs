@@ -14,6 +14,11 @@ use crate::gpu::Kernel;
 pub mod permute;
 pub mod spmm;
 pub mod matmul;
+pub mod activation;
+pub mod elementwise;
+pub mod norm;
+pub mod reduce;
+pub mod softmax;
 
 #[cfg(test)]
 pub mod testing;
@@ -114,6 +119,11 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(matmul::kernels());
     // The benchmark harness's peak probes (shaders/bench_*.wgsl).
     v.extend(crate::bench::kernels());
+    v.extend(activation::kernels());
+    v.extend(elementwise::kernels());
+    v.extend(norm::kernels());
+    v.extend(reduce::kernels());
+    v.extend(softmax::kernels());
     v
 }
 
