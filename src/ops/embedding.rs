@@ -12,16 +12,24 @@
 //! every table row v, the list of positions i with ids[i] == v in increasing i
 //! (integer atomics only count), then one invocation per (v, column) sums dy over
 //! its list in that order. Same bits every run, correct with repeated ids.
-//! Dispatches: clear + count + scan (1 workgroup) + stable fill (1 workgroup,
-//! N/256 rounds) + clear dtable + sum over occupied rows (N*D/4 invocations
-//! when D % 4 == 0, else N*D; only the first slot of each row's list works).
+//! `IdCsr` holds that CSR: `IdCsr::build` makes it on the GPU (clear + count +
+//! scan (1 workgroup) + stable fill (1 workgroup, N/256 rounds)),
+//! `IdCsr::from_host` sorts host ids on the CPU (O(N + V)) and uploads it, and
+//! one CSR serves every backward that uses the same ids (`scatter_add_csr`).
+//! The sum clears dtable, then runs N*D/4 invocations (vec4, when D % 4 == 0;
+//! else N*D) of which only the first slot of each occupied row's list works.
 //!
-//! Measured (V=50k, N=16k Zipf-like ids, D=576) on a 2-core lavapipe shared
-//! with other jobs, `cargo test --lib ops::embedding::stage_timing -- --ignored
-//! --nocapture`: count+scan ~2-7 ms, stable fill ~160-180 ms (one workgroup),
-//! sum ~340 ms; a first version that ran one invocation per (row, vec4)
-//! of dtable (V*D/4, most rows empty) took ~1.1 s for the sum step, which is why
-//! the sum runs over occupied slots after a buffer clear.
+//! Measured at V=50k, N=16k (Zipf-like ids), D=576 on the 2-core lavapipe CI
+//! machine shared with other jobs (load average 6-14, so +-3x noise),
+//! `cargo test --lib ops::embedding::stage_timing -- --ignored --nocapture`:
+//! `IdCsr::build` 50-180 ms (the one-workgroup fill dominates),
+//! `IdCsr::from_host` 0.8 ms, `scatter_add_csr` 110-300 ms (clear of the
+//! 115 MB dtable + sum), whole `scatter_add` 160-650 ms, `gather` 60-260 ms.
+//! A first version that ran one invocation per (row, vec4) of dtable (V*D/4,
+//! most rows empty) took ~1.1 s for the sum where the slot version took
+//! ~0.3 s under the same load. On real GPUs every stage is memory-bound except
+//! the single-workgroup fill (N/256 = 64 short rounds); prefer
+//! `IdCsr::from_host` when ids come from host data anyway.
 
 use anyhow::{bail, Result};
 
@@ -141,55 +149,136 @@ pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Positions grouped by id (CSR): for row v, `sorted[offsets[v]..offsets[v+1]]`
+/// are the positions i with `ids[i] == v`, increasing. Positions with an id
+/// >= vocab are left out (`offsets[vocab]` counts only valid ids). Build it once
+/// per batch and reuse it for every table the same ids index.
+#[derive(Clone, Debug)]
+pub struct IdCsr {
+    /// U32 `[vocab + 1]`.
+    pub offsets: Tensor,
+    /// U32 `[N]` (entries at or past `offsets[vocab]` are unused).
+    pub sorted: Tensor,
+    /// The ids it was built from: U32 `[N]`.
+    pub ids: Tensor,
+    pub vocab: usize,
+}
+
+impl IdCsr {
+    /// Build on the GPU from ids already there (stable counting sort: integer
+    /// atomics count, one workgroup scans, one workgroup places positions in order).
+    pub fn build(ids: &Tensor, vocab: usize) -> Result<IdCsr> {
+        const OP: &str = "embedding IdCsr::build";
+        check::nonempty(OP, &[("ids", ids)])?;
+        check::dtype(OP, "ids", ids, DType::U32)?;
+        if vocab == 0 {
+            bail!("{OP}: vocab must be > 0 (ids {})", shape_str(ids.shape()));
+        }
+        let n = ids.numel();
+        fits_u32(OP, "ids", n)?;
+        fits_u32(OP, "vocab", vocab + 1)?;
+        let gpu = ids.gpu();
+        let counts = Tensor::zeros(gpu, &[vocab], DType::U32)?;
+        let offsets = Tensor::empty(gpu, &[vocab + 1], DType::U32)?;
+        let cursor = Tensor::empty(gpu, &[vocab], DType::U32)?;
+        let sorted = Tensor::empty(gpu, &[n], DType::U32)?;
+        let params = Params::new().u(n).u(vocab).u(0);
+        let pb = params.bytes();
+        gpu.dispatch(
+            &k_count(),
+            pb,
+            &[ids.buffer(), counts.buffer()],
+            grid(div_ceil(n, WG)),
+        )?;
+        gpu.dispatch(
+            &k_scan(),
+            pb,
+            &[counts.buffer(), offsets.buffer(), cursor.buffer()],
+            [1, 1, 1],
+        )?;
+        gpu.dispatch(
+            &k_fill(),
+            pb,
+            &[ids.buffer(), cursor.buffer(), sorted.buffer()],
+            [1, 1, 1],
+        )?;
+        Ok(IdCsr {
+            offsets,
+            sorted,
+            ids: ids.clone(),
+            vocab,
+        })
+    }
+
+    /// Build on the host from host ids (O(N + vocab)) and upload ids and CSR;
+    /// rejects ids >= vocab like `ids_from_host`. `shape` is the ids' shape.
+    pub fn from_host(gpu: &Gpu, ids: &[u32], shape: &[usize], vocab: usize) -> Result<IdCsr> {
+        const OP: &str = "embedding IdCsr::from_host";
+        if vocab == 0 || ids.is_empty() {
+            bail!(
+                "{OP}: need vocab > 0 and at least one id (vocab {vocab}, ids {})",
+                shape_str(shape)
+            );
+        }
+        let ids_t = ids_from_host(gpu, OP, ids, shape, vocab)?;
+        let mut offsets = vec![0u32; vocab + 1];
+        for &id in ids {
+            offsets[id as usize + 1] += 1;
+        }
+        for v in 0..vocab {
+            offsets[v + 1] += offsets[v];
+        }
+        let mut cursor = offsets.clone();
+        let mut sorted = vec![0u32; ids.len()];
+        for (i, &id) in ids.iter().enumerate() {
+            sorted[cursor[id as usize] as usize] = i as u32;
+            cursor[id as usize] += 1;
+        }
+        Ok(IdCsr {
+            offsets: Tensor::from_u32(gpu, &offsets, &[vocab + 1])?,
+            sorted: Tensor::from_u32(gpu, &sorted, &[ids.len()])?,
+            ids: ids_t,
+            vocab,
+        })
+    }
+}
+
 /// Backward of `gather`: `dtable[v, :] = sum_{i: ids[i] == v} dy[i, :]`
 /// (dy: f32 with N rows of width D, e.g. `ids.shape() + [D]`; ids: U32 [N];
 /// returns f32 [vocab, D]). Deterministic; positions with an id >= vocab are
-/// dropped.
+/// dropped. Builds the CSR on the GPU; see `scatter_add_csr` to reuse one.
 pub fn scatter_add(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
     const OP: &str = "embedding scatter_add";
     check::nonempty(OP, &[("dy", dy), ("ids", ids)])?;
-    check::same_device(OP, &[dy, ids])?;
-    check::dtype(OP, "dy", dy, DType::F32)?;
     check::dtype(OP, "ids", ids, DType::U32)?;
-    let (n, d) = (ids.numel(), dy.last_dim());
-    if dy.rows() != n {
+    if vocab == 0 || dy.rows() != ids.numel() {
         bail!(
-            "{OP}: dy {} must have one row per id, ids {} has {n}",
+            "{OP}: need vocab > 0 (got {vocab}) and one dy row per id (dy {}, ids {})",
             shape_str(dy.shape()),
             shape_str(ids.shape())
         );
     }
-    if vocab == 0 {
-        bail!("{OP}: vocab must be > 0 (dy {})", shape_str(dy.shape()));
+    scatter_add_csr(dy, &IdCsr::build(ids, vocab)?)
+}
+
+/// `scatter_add` with a prebuilt CSR of the ids (dy: f32, one row per id).
+pub fn scatter_add_csr(dy: &Tensor, csr: &IdCsr) -> Result<Tensor> {
+    const OP: &str = "embedding scatter_add";
+    check::nonempty(OP, &[("dy", dy)])?;
+    check::same_device(OP, &[dy, &csr.ids])?;
+    check::dtype(OP, "dy", dy, DType::F32)?;
+    let (n, d, vocab) = (csr.ids.numel(), dy.last_dim(), csr.vocab);
+    if dy.rows() != n {
+        bail!(
+            "{OP}: dy {} must have one row per id, ids {} has {n}",
+            shape_str(dy.shape()),
+            shape_str(csr.ids.shape())
+        );
     }
     fits_u32(OP, "dtable", (vocab + 1) * d)?;
     fits_u32(OP, "dy", n * d)?;
     let gpu = dy.gpu();
-    let counts = Tensor::zeros(gpu, &[vocab], DType::U32)?;
-    let offsets = Tensor::empty(gpu, &[vocab + 1], DType::U32)?;
-    let cursor = Tensor::empty(gpu, &[vocab], DType::U32)?;
-    let sorted = Tensor::empty(gpu, &[n], DType::U32)?;
     let dtable = Tensor::empty(gpu, &[vocab, d], DType::F32)?;
-    let params = Params::new().u(n).u(vocab).u(d);
-    let pb = params.bytes();
-    gpu.dispatch(
-        &k_count(),
-        pb,
-        &[ids.buffer(), counts.buffer()],
-        grid(div_ceil(n, WG)),
-    )?;
-    gpu.dispatch(
-        &k_scan(),
-        pb,
-        &[counts.buffer(), offsets.buffer(), cursor.buffer()],
-        [1, 1, 1],
-    )?;
-    gpu.dispatch(
-        &k_fill(),
-        pb,
-        &[ids.buffer(), cursor.buffer(), sorted.buffer()],
-        [1, 1, 1],
-    )?;
     // Rows no id maps to stay zero; rows of 4k floats move as vec4s.
     gpu.with_encoder(|e| e.clear_buffer(dtable.buffer(), 0, None));
     let (sum, w) = if d % 4 == 0 {
@@ -202,10 +291,10 @@ pub fn scatter_add(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
         Params::new().u(n).u(vocab).u(d / w).bytes(),
         &[
             dy.buffer(),
-            offsets.buffer(),
-            sorted.buffer(),
+            csr.offsets.buffer(),
+            csr.sorted.buffer(),
             dtable.buffer(),
-            ids.buffer(),
+            csr.ids.buffer(),
         ],
         grid(div_ceil(n * d / w, WG)),
     )?;
@@ -406,6 +495,36 @@ mod tests {
     }
 
     #[test]
+    fn host_and_gpu_csr_agree() {
+        let gpu = Gpu::shared().unwrap();
+        for &(v, d, n, seed) in &[
+            (7usize, 12usize, 257usize, 60u64),
+            (300, 5, 600, 61),
+            (1, 3, 1, 62),
+        ] {
+            let ids = rand_ids(seed, n, v);
+            let host = IdCsr::from_host(&gpu, &ids, &[n], v).unwrap();
+            let dev = IdCsr::build(&Tensor::from_u32(&gpu, &ids, &[n]).unwrap(), v).unwrap();
+            assert_eq!(
+                host.offsets.to_vec_u32().unwrap(),
+                dev.offsets.to_vec_u32().unwrap()
+            );
+            assert_eq!(
+                host.sorted.to_vec_u32().unwrap(),
+                dev.sorted.to_vec_u32().unwrap()
+            );
+            let dy = Tensor::from_f32(&gpu, &rand_vec(seed + 1, n * d, 1.0), &[n, d]).unwrap();
+            let a = scatter_add_csr(&dy, &host).unwrap().to_vec_f32().unwrap();
+            let b = scatter_add(&dy, &dev.ids, v).unwrap().to_vec_f32().unwrap();
+            assert_eq!(a, b);
+        }
+        let e = IdCsr::from_host(&gpu, &[0, 9], &[2], 5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IdCsr::from_host") && e.contains("id 9"), "{e}");
+    }
+
+    #[test]
     fn scatter_add_matches_finite_differences_of_gather() {
         let gpu = Gpu::shared().unwrap();
         let (v, d, n) = (6, 5, 40);
@@ -510,15 +629,6 @@ mod stage_timing {
             .collect();
         let it = Tensor::from_u32(&gpu, &ids, &[n]).unwrap();
         let dy = Tensor::from_f32(&gpu, &rand_vec(2, n * d, 1.0), &[n, d]).unwrap();
-        let counts = Tensor::zeros(&gpu, &[v], DType::U32).unwrap();
-        let offsets = Tensor::empty(&gpu, &[v + 1], DType::U32).unwrap();
-        let cursor = Tensor::empty(&gpu, &[v], DType::U32).unwrap();
-        let sorted = Tensor::empty(&gpu, &[n], DType::U32).unwrap();
-        let dtable = Tensor::empty(&gpu, &[v, d], DType::F32).unwrap();
-        let pb = Params::new().u(n).u(v).u(d);
-        let pb = pb.bytes();
-        let pb4 = Params::new().u(n).u(v).u(d / 4);
-        let pb4 = pb4.bytes();
         let t = |label: &str, f: &dyn Fn()| {
             f();
             gpu.sync().unwrap();
@@ -529,45 +639,16 @@ mod stage_timing {
             gpu.sync().unwrap();
             println!("{label}: {:.2} ms", t0.elapsed().as_secs_f64() * 1e3 / 3.0);
         };
-        t("clear + count_ids", &|| {
-            gpu.with_encoder(|e| e.clear_buffer(counts.buffer(), 0, None));
-            gpu.dispatch(
-                &k_count(),
-                pb,
-                &[it.buffer(), counts.buffer()],
-                grid(div_ceil(n, WG)),
-            )
-            .unwrap();
+        t(
+            "IdCsr::build (clear + count_ids + scan_offsets + fill_sorted)",
+            &|| drop(IdCsr::build(&it, v).unwrap()),
+        );
+        let csr = IdCsr::build(&it, v).unwrap();
+        t("scatter_add_csr (clear dtable + sum_slots4)", &|| {
+            drop(scatter_add_csr(&dy, &csr).unwrap())
         });
-        t("scan_offsets", &|| {
-            gpu.dispatch(
-                &k_scan(),
-                pb,
-                &[counts.buffer(), offsets.buffer(), cursor.buffer()],
-                [1, 1, 1],
-            )
-            .unwrap()
-        });
-        t("fill_sorted", &|| {
-            gpu.dispatch(
-                &k_fill(),
-                pb,
-                &[it.buffer(), cursor.buffer(), sorted.buffer()],
-                [1, 1, 1],
-            )
-            .unwrap()
-        });
-        t("clear dtable + sum_slots4", &|| {
-            gpu.with_encoder(|e| e.clear_buffer(dtable.buffer(), 0, None));
-            let bufs = [
-                dy.buffer(),
-                offsets.buffer(),
-                sorted.buffer(),
-                dtable.buffer(),
-                it.buffer(),
-            ];
-            gpu.dispatch(&k_sum4(), pb4, &bufs, grid(div_ceil(n * d / 4, WG)))
-                .unwrap()
+        t("IdCsr::from_host (host sort + uploads)", &|| {
+            drop(IdCsr::from_host(&gpu, &ids, &[n], v).unwrap())
         });
         t("scatter_add (all of it)", &|| {
             drop(scatter_add(&dy, &it, v).unwrap())
