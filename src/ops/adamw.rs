@@ -36,7 +36,10 @@ fn grid(workgroups: u32) -> [u32; 3] {
 }
 
 /// AdamW hyperparameters. `Default` is PyTorch's (lr 1e-3, betas 0.9/0.999,
-/// eps 1e-8, weight decay 0.01).
+/// eps 1e-8, weight decay 0.01). Weight decay applies to whichever tensors
+/// `step` is called on: use a copy with `weight_decay: 0.0` for biases and norm
+/// gains if they should not decay. `lr` is read per call, so schedules are the
+/// caller's (no GPU state besides m and v).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
     pub lr: f32,

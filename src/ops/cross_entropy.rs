@@ -430,6 +430,12 @@ mod tests {
     }
 
     #[test]
+    fn more_rows_than_one_grid_dimension() {
+        // 70,000 rows > 65,535 workgroups: the row grid folds into y.
+        check_case(70_000, 2, 1.0, None, 25);
+    }
+
+    #[test]
     fn temperature_and_masks() {
         let v = 257;
         // [V] mask with -inf and -1e9 entries.

@@ -10,8 +10,12 @@
 //!
 //! Backward without float atomics: a stable counting sort on the GPU builds, for
 //! every table row v, the list of positions i with ids[i] == v in increasing i
-//! (integer atomics only count), then one invocation per (v, column) sums dy over
-//! its list in that order. Same bits every run, correct with repeated ids.
+//! (integer atomics only count), then one invocation per (occupied row, column)
+//! sums dy over its list in that order. Same bits every run, correct with
+//! repeated ids. Cost caveat: a row's list is walked serially, so a very hot id
+//! (e.g. a padding token filling half the batch) makes one chain of that many
+//! dependent loads; give padding positions an id >= V instead (zero row, no
+//! gradient) when building ids on the GPU.
 //! `IdCsr` holds that CSR: `IdCsr::build` makes it on the GPU (clear + count +
 //! scan (1 workgroup) + stable fill (1 workgroup, N/256 rounds)),
 //! `IdCsr::from_host` sorts host ids on the CPU (O(N + V)) and uploads it, and
