@@ -19,6 +19,11 @@ pub mod elementwise;
 pub mod norm;
 pub mod reduce;
 pub mod softmax;
+pub mod adamw;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod embedding;
+pub mod infonce;
 
 #[cfg(test)]
 pub mod testing;
@@ -124,6 +129,11 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(norm::kernels());
     v.extend(reduce::kernels());
     v.extend(softmax::kernels());
+    v.extend(adamw::kernels());
+    v.extend(cross_entropy::kernels());
+    v.extend(dropout::kernels());
+    v.extend(embedding::kernels());
+    v.extend(infonce::kernels());
     v
 }
 
