@@ -11,6 +11,8 @@
 
 use crate::gpu::Kernel;
 
+pub mod attention;
+
 #[cfg(test)]
 pub mod testing;
 
@@ -104,7 +106,8 @@ pub fn erf_f64(x: f64) -> f64 {
 /// Every kernel variant genrec compiles, for naga validation without a device.
 /// Each op module lists its variants in a `kernels()` function.
 pub fn all_kernels() -> Vec<Kernel> {
-    let v: Vec<Kernel> = Vec::new();
+    let mut v: Vec<Kernel> = Vec::new();
+    v.extend(attention::kernels());
     v
 }
 
@@ -126,9 +129,15 @@ mod tests {
 
     #[test]
     fn every_shader_file_is_covered_by_a_kernel() {
-        let used: std::collections::HashSet<&str> = all_kernels().iter().map(|k| k.shader).collect();
+        let used: std::collections::HashSet<&str> =
+            all_kernels().iter().map(|k| k.shader).collect();
         // Snippet files (only included by others) start with an underscore.
-        let missing: Vec<&str> = shader_files().filter(|s| !s.starts_with('_') && !used.contains(s)).collect();
-        assert!(missing.is_empty(), "shaders not listed in ops::all_kernels(): {missing:?}");
+        let missing: Vec<&str> = shader_files()
+            .filter(|s| !s.starts_with('_') && !used.contains(s))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "shaders not listed in ops::all_kernels(): {missing:?}"
+        );
     }
 }
