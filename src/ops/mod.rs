@@ -24,6 +24,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod infonce;
+pub mod attention;
 
 #[cfg(test)]
 pub mod testing;
@@ -134,6 +135,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(dropout::kernels());
     v.extend(embedding::kernels());
     v.extend(infonce::kernels());
+    v.extend(attention::kernels());
     v
 }
 
