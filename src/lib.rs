@@ -4,5 +4,7 @@
 //! CPU references) -> `autograd` -> `nn` -> models/quant/cf -> systems ->
 //! decode/eval. Lower layers never import higher ones.
 
+pub mod data;
+pub mod eval;
 pub mod gpu;
 pub mod ops;
