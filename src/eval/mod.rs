@@ -51,7 +51,12 @@ pub struct Protocol {
 
 impl Default for Protocol {
     fn default() -> Self {
-        Protocol { ks: vec![5, 10, 20], exclude_history: false, bootstrap: 1000, seed: 2024 }
+        Protocol {
+            ks: vec![5, 10, 20],
+            exclude_history: false,
+            bootstrap: 1000,
+            seed: 2024,
+        }
     }
 }
 
@@ -91,7 +96,9 @@ pub fn user_metrics(ranked: &[u32], targets: &[u32], ks: &[usize]) -> (Vec<f64>,
                 dcg += 1.0 / ((p + 2) as f64).log2();
             }
         }
-        let idcg: f64 = (0..targets.len().min(k)).map(|p| 1.0 / ((p + 2) as f64).log2()).sum();
+        let idcg: f64 = (0..targets.len().min(k))
+            .map(|p| 1.0 / ((p + 2) as f64).log2())
+            .sum();
         recall.push(hits as f64 / targets.len() as f64);
         ndcg.push(if idcg > 0.0 { dcg / idcg } else { 0.0 });
     }
@@ -100,7 +107,9 @@ pub fn user_metrics(ranked: &[u32], targets: &[u32], ks: &[usize]) -> (Vec<f64>,
 
 /// Score order: higher score first, then lower item id.
 fn better(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(Ordering::Equal)
+        .then(a.1.cmp(&b.1))
 }
 
 /// The `k` best items of `scores` (one per item id) among those where
@@ -212,11 +221,17 @@ impl Evaluator {
     /// `warm[i]` (length `n_items`) enables the warm and cold subsets.
     pub fn new(protocol: &Protocol, n_items: usize, warm: Option<Vec<bool>>) -> Result<Evaluator> {
         if protocol.ks.is_empty() || protocol.ks.contains(&0) {
-            bail!("eval: ks must be non-empty and positive, got {:?}", protocol.ks);
+            bail!(
+                "eval: ks must be non-empty and positive, got {:?}",
+                protocol.ks
+            );
         }
         if let Some(w) = &warm {
             if w.len() != n_items {
-                bail!("eval: warm mask has {} entries for {n_items} items", w.len());
+                bail!(
+                    "eval: warm mask has {} entries for {n_items} items",
+                    w.len()
+                );
             }
         }
         Ok(Evaluator {
@@ -248,8 +263,17 @@ impl Evaluator {
         if case.targets.is_empty() {
             bail!("eval: user {} has no targets", case.user);
         }
-        if let Some(&bad) = case.targets.iter().chain(&case.seen).find(|&&i| i as usize >= self.n_items) {
-            bail!("eval: user {} refers to item {bad} but there are {} items", case.user, self.n_items);
+        if let Some(&bad) = case
+            .targets
+            .iter()
+            .chain(&case.seen)
+            .find(|&&i| i as usize >= self.n_items)
+        {
+            bail!(
+                "eval: user {} refers to item {bad} but there are {} items",
+                case.user,
+                self.n_items
+            );
         }
         Ok(())
     }
@@ -263,11 +287,21 @@ impl Evaluator {
     pub fn add_scores(&mut self, case: &EvalCase, scores: &[f32]) -> Result<()> {
         self.check_case(case)?;
         if scores.len() != self.n_items {
-            bail!("eval: user {} has {} scores for {} items", case.user, scores.len(), self.n_items);
+            bail!(
+                "eval: user {} has {} scores for {} items",
+                case.user,
+                scores.len(),
+                self.n_items
+            );
         }
         let excl = self.protocol.exclude_history;
         for &s in self.subsets() {
-            let gt: Vec<u32> = case.targets.iter().copied().filter(|&i| self.in_subset(s, i)).collect();
+            let gt: Vec<u32> = case
+                .targets
+                .iter()
+                .copied()
+                .filter(|&i| self.in_subset(s, i))
+                .collect();
             if gt.is_empty() {
                 continue;
             }
@@ -285,11 +319,20 @@ impl Evaluator {
     pub fn add_ranking(&mut self, case: &EvalCase, ranked: &[u32]) -> Result<()> {
         self.check_case(case)?;
         if let Some(&bad) = ranked.iter().find(|&&i| i as usize >= self.n_items) {
-            bail!("eval: user {} ranking holds item {bad} but there are {} items", case.user, self.n_items);
+            bail!(
+                "eval: user {} ranking holds item {bad} but there are {} items",
+                case.user,
+                self.n_items
+            );
         }
         let excl = self.protocol.exclude_history;
         for &s in self.subsets() {
-            let gt: Vec<u32> = case.targets.iter().copied().filter(|&i| self.in_subset(s, i)).collect();
+            let gt: Vec<u32> = case
+                .targets
+                .iter()
+                .copied()
+                .filter(|&i| self.in_subset(s, i))
+                .collect();
             if gt.is_empty() {
                 continue;
             }
@@ -298,7 +341,10 @@ impl Evaluator {
                 if list.len() == self.max_k {
                     break;
                 }
-                if self.in_subset(s, i) && !(excl && case.seen.binary_search(&i).is_ok()) && !list.contains(&i) {
+                if self.in_subset(s, i)
+                    && !(excl && case.seen.binary_search(&i).is_ok())
+                    && !list.contains(&i)
+                {
                     list.push(i);
                 }
             }
@@ -344,9 +390,16 @@ impl Evaluator {
                     ci_high: hi[j],
                 })
                 .collect();
-            subsets.push(SubsetReport { subset: s, users: rows.len(), metrics });
+            subsets.push(SubsetReport {
+                subset: s,
+                users: rows.len(),
+                metrics,
+            });
         }
-        EvalReport { protocol: self.protocol.clone(), subsets }
+        EvalReport {
+            protocol: self.protocol.clone(),
+            subsets,
+        }
     }
 }
 
@@ -356,7 +409,9 @@ impl Evaluator {
 pub fn bootstrap_ci(rows: &[Vec<f64>], b: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let n = rows.len();
     let m = rows.first().map_or(0, |r| r.len());
-    let mean: Vec<f64> = (0..m).map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n.max(1) as f64).collect();
+    let mean: Vec<f64> = (0..m)
+        .map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n.max(1) as f64)
+        .collect();
     if b == 0 || n == 0 {
         return (mean.clone(), mean);
     }
@@ -400,7 +455,11 @@ pub fn evaluate_scores(
     warm: Option<Vec<bool>>,
 ) -> Result<EvalReport> {
     if scores.len() != cases.len() * n_items {
-        bail!("eval: score matrix has {} values, expected {} cases x {n_items} items", scores.len(), cases.len());
+        bail!(
+            "eval: score matrix has {} values, expected {} cases x {n_items} items",
+            scores.len(),
+            cases.len()
+        );
     }
     let mut ev = Evaluator::new(protocol, n_items, warm)?;
     for (r, c) in cases.iter().enumerate() {
@@ -418,7 +477,11 @@ pub fn evaluate_rankings(
     warm: Option<Vec<bool>>,
 ) -> Result<EvalReport> {
     if rankings.len() != cases.len() {
-        bail!("eval: {} rankings for {} cases", rankings.len(), cases.len());
+        bail!(
+            "eval: {} rankings for {} cases",
+            rankings.len(),
+            cases.len()
+        );
     }
     let mut ev = Evaluator::new(protocol, n_items, warm)?;
     for (l, c) in rankings.iter().zip(cases) {
