@@ -5,5 +5,7 @@
 //! decode/eval. Lower layers never import higher ones.
 
 pub mod bench;
+pub mod data;
+pub mod eval;
 pub mod gpu;
 pub mod ops;
