@@ -104,7 +104,8 @@ pub fn erf_f64(x: f64) -> f64 {
 /// Every kernel variant genrec compiles, for naga validation without a device.
 /// Each op module lists its variants in a `kernels()` function.
 pub fn all_kernels() -> Vec<Kernel> {
-    let v: Vec<Kernel> = Vec::new();
+    let mut v: Vec<Kernel> = Vec::new();
+    v.extend(crate::quant::kernels());
     v
 }
 
