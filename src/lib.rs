@@ -9,3 +9,4 @@ pub mod data;
 pub mod eval;
 pub mod gpu;
 pub mod ops;
+pub mod quant;

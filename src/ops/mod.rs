@@ -136,6 +136,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(embedding::kernels());
     v.extend(infonce::kernels());
     v.extend(attention::kernels());
+    v.extend(crate::quant::kernels());
     v
 }
 

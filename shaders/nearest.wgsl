@@ -1,0 +1,192 @@
+// Nearest codeword: fused distance + argmin / top-k over a codebook.
+//
+// x: [n, d] row-major, e: [kc, d] row-major (the codebook), enorm: [kc] = ||e_c||^2.
+// out_idx / out_dist: [n, kout], each row sorted by (distance, index) ascending.
+//
+// The scan ranks codewords by the expanded score ||e||^2 - 2 x.e (||x||^2 is
+// constant per row) with register blocking: each invocation owns RB = 4 rows
+// and walks the codebook 4 codewords at a time (16 accumulators, no barriers,
+// so it is fast on lavapipe and needs no shared memory for any kc or d).
+// Each row keeps its TOPR best candidates by that score. The expanded form
+// loses precision when ||x||^2 + ||e||^2 >> ||x - e||^2, so the candidates are
+// re-ranked by the direct sum of squares sum_t (x_t - e_t)^2 before the kout
+// best are written. Ties go to the lowest index (candidates are visited in
+// index order and only a strictly smaller score displaces an earlier one).
+//
+// Compile-time constants: WG (invocations per workgroup), TOPR (candidates
+// kept per row, >= kout).
+
+struct Params {
+    n: u32,
+    kc: u32,
+    d: u32,
+    kout: u32,
+    groups_x: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> e: array<f32>;
+@group(0) @binding(3) var<storage, read> enorm: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out_idx: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out_dist: array<f32>;
+
+const RB = 4u;
+const NONE = 0xffffffffu;
+const BIG = 3.4e38;
+
+// Candidate lists of the RB rows, each sorted ascending by (score, index):
+// row r occupies [r * TOPR, (r + 1) * TOPR).
+var<private> cs: array<f32, 4u * TOPR>;
+var<private> ci: array<u32, 4u * TOPR>;
+
+fn insert(r: u32, s: f32, idx: u32) {
+    let base = r * TOPR;
+    // NaN scores fail this test and are never kept.
+    if (!(s < cs[base + TOPR - 1u])) {
+        return;
+    }
+    var j = TOPR - 1u;
+    loop {
+        if (j == 0u) { break; }
+        let prev = cs[base + j - 1u];
+        if (!(s < prev)) { break; }
+        cs[base + j] = prev;
+        ci[base + j] = ci[base + j - 1u];
+        j = j - 1u;
+    }
+    cs[base + j] = s;
+    ci[base + j] = idx;
+}
+
+fn direct_dist(row: u32, code: u32) -> f32 {
+    var acc = 0.0;
+    let xo = row * p.d;
+    let eo = code * p.d;
+    for (var t = 0u; t < p.d; t = t + 1u) {
+        let diff = x[xo + t] - e[eo + t];
+        acc = acc + diff * diff;
+    }
+    return acc;
+}
+
+@compute @workgroup_size(WG)
+fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.y * p.groups_x + wid.x;
+    let row0 = (group * WG + lid) * RB;
+    if (row0 >= p.n) {
+        return;
+    }
+    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
+        cs[i] = BIG;
+        ci[i] = NONE;
+    }
+    // Rows past n are clamped for loads and never written.
+    let last = p.n - 1u;
+    let x0 = min(row0, last) * p.d;
+    let x1 = min(row0 + 1u, last) * p.d;
+    let x2 = min(row0 + 2u, last) * p.d;
+    let x3 = min(row0 + 3u, last) * p.d;
+    let klast = p.kc - 1u;
+    for (var c0 = 0u; c0 < p.kc; c0 = c0 + 4u) {
+        let e0 = min(c0, klast) * p.d;
+        let e1 = min(c0 + 1u, klast) * p.d;
+        let e2 = min(c0 + 2u, klast) * p.d;
+        let e3 = min(c0 + 3u, klast) * p.d;
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        for (var t = 0u; t < p.d; t = t + 1u) {
+            let ev = vec4<f32>(e[e0 + t], e[e1 + t], e[e2 + t], e[e3 + t]);
+            a0 = fma(vec4<f32>(x[x0 + t]), ev, a0);
+            a1 = fma(vec4<f32>(x[x1 + t]), ev, a1);
+            a2 = fma(vec4<f32>(x[x2 + t]), ev, a2);
+            a3 = fma(vec4<f32>(x[x3 + t]), ev, a3);
+        }
+        let en = vec4<f32>(enorm[min(c0, klast)], enorm[min(c0 + 1u, klast)],
+                           enorm[min(c0 + 2u, klast)], enorm[min(c0 + 3u, klast)]);
+        let s0 = en - 2.0 * a0;
+        let s1 = en - 2.0 * a1;
+        let s2 = en - 2.0 * a2;
+        let s3 = en - 2.0 * a3;
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let c = c0 + j;
+            if (c < p.kc) {
+                insert(0u, s0[j], c);
+                insert(1u, s1[j], c);
+                insert(2u, s2[j], c);
+                insert(3u, s3[j], c);
+            }
+        }
+    }
+    // Re-rank each row's candidates by the direct distance, write the kout best.
+    for (var r = 0u; r < RB; r = r + 1u) {
+        let row = row0 + r;
+        if (row >= p.n) {
+            break;
+        }
+        let base = r * TOPR;
+        for (var m = 0u; m < TOPR; m = m + 1u) {
+            if (ci[base + m] == NONE) {
+                cs[base + m] = BIG;
+            } else {
+                cs[base + m] = direct_dist(row, ci[base + m]);
+            }
+        }
+        // Insertion sort by (distance, index).
+        for (var m = 1u; m < TOPR; m = m + 1u) {
+            let sv = cs[base + m];
+            let si = ci[base + m];
+            var j = m;
+            loop {
+                if (j == 0u) { break; }
+                let pv = cs[base + j - 1u];
+                let pi = ci[base + j - 1u];
+                if (!(sv < pv || (sv == pv && si < pi))) { break; }
+                cs[base + j] = pv;
+                ci[base + j] = pi;
+                j = j - 1u;
+            }
+            cs[base + j] = sv;
+            ci[base + j] = si;
+        }
+        for (var m = 0u; m < p.kout; m = m + 1u) {
+            out_idx[row * p.kout + m] = ci[base + m];
+            out_dist[row * p.kout + m] = cs[base + m];
+        }
+    }
+}
+
+// Codeword squared norms: sq_out[c] = ||sq_in[c, :]||^2 for c < p.kc, rows of p.d.
+@group(0) @binding(1) var<storage, read> sq_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sq_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn sqnorm(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.kc) {
+        return;
+    }
+    var acc = 0.0;
+    for (var t = 0u; t < p.d; t = t + 1u) {
+        let v = sq_in[c * p.d + t];
+        acc = fma(v, v, acc);
+    }
+    sq_out[c] = acc;
+}
+
+// Full squared-distance matrix by the direct form (exact to f32 rounding):
+// pw_out[i, c] = sum_t (x[i, t] - e[c, t])^2, out: [n, kc]. One invocation per
+// (row, codeword), 8x8 workgroups over (codeword, row).
+@group(0) @binding(3) var<storage, read_write> pw_out: array<f32>;
+
+@compute @workgroup_size(8, 8)
+fn pairwise(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let row = gid.y;
+    if (c >= p.kc || row >= p.n) {
+        return;
+    }
+    pw_out[row * p.kc + c] = direct_dist(row, c);
+}

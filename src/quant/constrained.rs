@@ -1,0 +1,432 @@
+//! Size-constrained k-means, as LETTER's diversity regularisation uses (the
+//! LETTER code calls the `k-means-constrained` package: every cluster holds
+//! between `size_min` and `size_max` points; the assignment step is a
+//! min-cost flow; `max_iter = 10`, `n_init = 10`).
+//!
+//! Here: distances `[n, k]` are computed on the GPU (`pairwise_sqdist`); the
+//! assignment step is solved **exactly** on the host by [`constrained_assign`],
+//! successive shortest paths on the transportation network
+//! points -> clusters -> sink, where each cluster's sink arc has a lower tier of
+//! `size_min` units at cost `-B` (B larger than any assignment's total cost
+//! spread, so lower bounds are met first) and an upper tier up to `size_max` at
+//! cost 0. Points are inserted one at a time (as in the Hungarian method); a
+//! shortest augmenting path may move already-assigned points between clusters,
+//! so it runs Bellman-Ford on the k-node "move" graph whose edge a -> b costs
+//! `min over p in a of (D[p][b] - D[p][a])`. Cost: O(n * (n*k + k^3)) per
+//! assignment step, fine for LETTER's per-epoch 256 codes x 10 clusters; the
+//! init-time call (all items into 256 clusters) is O(n^2 k) and takes seconds
+//! for ~10k items. When the unconstrained argmin already satisfies the bounds it
+//! is returned directly (it is then optimal).
+//! The centroid (mean) step runs on the host in f64.
+
+use anyhow::{bail, Result};
+
+use super::kmeans::kmeans_pp_indices;
+use super::nearest::pairwise_sqdist;
+use super::{check_finite, matrix};
+use crate::gpu::{shape_str, Tensor};
+
+/// Options of [`constrained_kmeans`]; defaults are LETTER's.
+#[derive(Clone, Copy, Debug)]
+pub struct ConstrainedOpts {
+    pub size_min: usize,
+    pub size_max: usize,
+    /// Lloyd rounds per initialisation.
+    pub max_iter: usize,
+    /// Independent k-means++ initialisations; the lowest objective wins.
+    pub n_init: usize,
+    pub seed: u64,
+}
+
+impl ConstrainedOpts {
+    /// LETTER's solver settings with the given size bounds.
+    pub fn letter(size_min: usize, size_max: usize) -> ConstrainedOpts {
+        ConstrainedOpts {
+            size_min,
+            size_max,
+            max_iter: 10,
+            n_init: 10,
+            seed: 42,
+        }
+    }
+}
+
+/// Result: `centroids: [k, d]` (means of the final clusters), `assign: [n]`,
+/// `objective` = sum of squared distances to the final means, and the
+/// per-round objectives of the winning initialisation.
+#[derive(Debug, Clone)]
+pub struct ConstrainedResult {
+    pub centroids: Vec<f32>,
+    pub assign: Vec<u32>,
+    pub objective: f64,
+    pub history: Vec<f64>,
+}
+
+fn check_bounds(op: &str, n: usize, k: usize, lo: usize, hi: usize) -> Result<()> {
+    if k == 0 || n < k {
+        bail!("{op}: cannot make {k} clusters from {n} points; need 1 <= k <= points");
+    }
+    if lo > hi || k * lo > n || k * hi < n {
+        bail!("{op}: size bounds [{lo}, {hi}] for {k} clusters cannot hold exactly {n} points");
+    }
+    Ok(())
+}
+
+/// Exact min-cost assignment of `n` points to `k` clusters with every cluster
+/// size in `[size_min, size_max]`. `cost: [n, k]` row-major. Ties resolve
+/// deterministically (lowest indices first).
+pub fn constrained_assign(
+    cost: &[f64],
+    n: usize,
+    k: usize,
+    size_min: usize,
+    size_max: usize,
+) -> Result<Vec<u32>> {
+    let op = "constrained_assign";
+    if cost.len() != n * k {
+        bail!("{op}: cost has {} values, expected [{n}, {k}]", cost.len());
+    }
+    check_bounds(op, n, k, size_min, size_max)?;
+    if cost.iter().any(|v| !v.is_finite()) {
+        bail!("{op}: cost [{n}, {k}] holds non-finite values");
+    }
+    // Fast path: the unconstrained optimum, when it is feasible.
+    let argmin: Vec<u32> = (0..n)
+        .map(|i| {
+            let row = &cost[i * k..(i + 1) * k];
+            (0..k).fold(0, |b, c| if row[c] < row[b] { c } else { b }) as u32
+        })
+        .collect();
+    let mut size = vec![0usize; k];
+    argmin.iter().for_each(|&c| size[c as usize] += 1);
+    if size.iter().all(|&s| s >= size_min && s <= size_max) {
+        return Ok(argmin);
+    }
+
+    let lo = cost.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = cost.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let big = (n as f64 + 1.0) * (hi - lo + 1.0);
+    let tol = 1e-12 * (1.0 + hi.abs().max(lo.abs()));
+    const NONE: u32 = u32::MAX;
+    let mut assign = vec![NONE; n];
+    let mut size = vec![0usize; k];
+    let mut w = vec![f64::INFINITY; k * k];
+    let mut wp = vec![0usize; k * k];
+    let mut dist = vec![0f64; k];
+    let mut pred: Vec<Option<(usize, usize)>> = vec![None; k];
+    for s in 0..n {
+        // Move graph among clusters.
+        w.iter_mut().for_each(|v| *v = f64::INFINITY);
+        for p in 0..s {
+            let a = assign[p] as usize;
+            let row = &cost[p * k..(p + 1) * k];
+            for b in 0..k {
+                let c = row[b] - row[a];
+                if b != a && c < w[a * k + b] {
+                    w[a * k + b] = c;
+                    wp[a * k + b] = p;
+                }
+            }
+        }
+        dist.copy_from_slice(&cost[s * k..(s + 1) * k]);
+        pred.iter_mut().for_each(|v| *v = None);
+        for _round in 0..k {
+            let mut changed = false;
+            for a in 0..k {
+                for b in 0..k {
+                    let e = w[a * k + b];
+                    if e.is_finite() && dist[a] + e < dist[b] - tol {
+                        dist[b] = dist[a] + e;
+                        pred[b] = Some((a, wp[a * k + b]));
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let term = |c: usize| {
+            if size[c] < size_min {
+                -big
+            } else if size[c] < size_max {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        };
+        let mut best = (f64::INFINITY, usize::MAX);
+        for c in 0..k {
+            let t = dist[c] + term(c);
+            if t < best.0 - tol {
+                best = (t, c);
+            }
+        }
+        if best.1 == usize::MAX {
+            bail!("{op}: no feasible augmenting path for point {s} (bounds [{size_min}, {size_max}], [{n}, {k}])");
+        }
+        // Walk the path back: each predecessor edge moves one point into `cur`.
+        let mut cur = best.1;
+        size[cur] += 1;
+        let mut guard = 0;
+        while let Some((a, p)) = pred[cur] {
+            assign[p] = cur as u32;
+            cur = a;
+            guard += 1;
+            if guard > k {
+                bail!("{op}: internal error: cyclic augmenting path");
+            }
+        }
+        assign[s] = cur as u32;
+    }
+    Ok(assign)
+}
+
+fn sq(a: &[f32], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum()
+}
+
+/// Size-constrained k-means of `x: [n, d]` into `k` clusters with sizes in
+/// `[opts.size_min, opts.size_max]`: k-means++ init (seed + run), then rounds
+/// of GPU distances + exact constrained assignment + mean update until the
+/// assignment stops changing or `max_iter`; best of `n_init` runs.
+pub fn constrained_kmeans(
+    x: &Tensor,
+    k: usize,
+    opts: ConstrainedOpts,
+) -> Result<ConstrainedResult> {
+    let op = "constrained_kmeans";
+    let (n, d) = matrix(op, "x", x)?;
+    check_bounds(op, n, k, opts.size_min, opts.size_max)
+        .map_err(|e| anyhow::anyhow!("{e} (x {})", shape_str(x.shape())))?;
+    if opts.max_iter == 0 || opts.n_init == 0 {
+        bail!("{op}: max_iter and n_init must be at least 1");
+    }
+    check_finite(op, "x", x)?;
+    let gpu = x.gpu();
+    let xh = x.to_vec_f32()?;
+    let mut best: Option<ConstrainedResult> = None;
+    for run in 0..opts.n_init {
+        let idx = kmeans_pp_indices(x, k, opts.seed.wrapping_add(run as u64))?;
+        let mut cent: Vec<f64> = idx
+            .iter()
+            .flat_map(|&i| xh[i * d..(i + 1) * d].iter().map(|&v| v as f64))
+            .collect();
+        let mut assign: Vec<u32> = Vec::new();
+        let mut history = Vec::new();
+        for _ in 0..opts.max_iter {
+            let ct = Tensor::from_f32(
+                gpu,
+                &cent.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                &[k, d],
+            )?;
+            let dm: Vec<f64> = pairwise_sqdist(x, &ct)?
+                .to_vec_f32()?
+                .into_iter()
+                .map(|v| v as f64)
+                .collect();
+            let a = constrained_assign(&dm, n, k, opts.size_min, opts.size_max)?;
+            history.push((0..n).map(|i| dm[i * k + a[i] as usize]).sum::<f64>());
+            let done = a == assign;
+            assign = a;
+            // Mean step (empty clusters, possible only with size_min = 0, keep their centroid).
+            let mut sum = vec![0f64; k * d];
+            let mut cnt = vec![0usize; k];
+            for i in 0..n {
+                let c = assign[i] as usize;
+                cnt[c] += 1;
+                for t in 0..d {
+                    sum[c * d + t] += xh[i * d + t] as f64;
+                }
+            }
+            for c in 0..k {
+                if cnt[c] > 0 {
+                    for t in 0..d {
+                        cent[c * d + t] = sum[c * d + t] / cnt[c] as f64;
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let objective: f64 = (0..n)
+            .map(|i| {
+                sq(
+                    &xh[i * d..(i + 1) * d],
+                    &cent[assign[i] as usize * d..(assign[i] as usize + 1) * d],
+                )
+            })
+            .sum();
+        if best.as_ref().map_or(true, |b| objective < b.objective) {
+            best = Some(ConstrainedResult {
+                centroids: cent.iter().map(|&v| v as f32).collect(),
+                assign,
+                objective,
+                history,
+            });
+        }
+    }
+    Ok(best.unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::Gpu;
+    use crate::ops::testing::rand_vec;
+
+    /// Every labelling of n points into k clusters (k^n of them).
+    fn labellings(n: usize, k: usize) -> impl Iterator<Item = Vec<usize>> {
+        (0..k.pow(n as u32)).map(move |mut code| {
+            (0..n)
+                .map(|_| {
+                    let c = code % k;
+                    code /= k;
+                    c
+                })
+                .collect()
+        })
+    }
+
+    fn sizes_ok(a: &[usize], k: usize, lo: usize, hi: usize) -> bool {
+        let mut s = vec![0; k];
+        a.iter().for_each(|&c| s[c] += 1);
+        s.iter().all(|&v| v >= lo && v <= hi)
+    }
+
+    #[test]
+    fn assignment_is_the_brute_force_optimum() {
+        for (seed, n, k, lo, hi) in [
+            (1u64, 7, 3, 1, 3),
+            (2, 7, 3, 2, 3),
+            (3, 8, 2, 4, 4),
+            (4, 7, 3, 0, 7),
+            (5, 8, 3, 0, 3),
+            (6, 6, 3, 2, 2),
+        ] {
+            for rep in 0..4u64 {
+                // Skewed costs so the unconstrained argmin violates the bounds.
+                let cost: Vec<f64> = rand_vec(seed * 10 + rep, n * k, 1.0)
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &v)| v as f64 + if t % k == 0 { -0.8 } else { 0.0 })
+                    .collect();
+                let a = constrained_assign(&cost, n, k, lo, hi).unwrap();
+                let a: Vec<usize> = a.iter().map(|&c| c as usize).collect();
+                assert!(sizes_ok(&a, k, lo, hi), "bounds violated: {a:?}");
+                let got: f64 = (0..n).map(|i| cost[i * k + a[i]]).sum();
+                let want = labellings(n, k)
+                    .filter(|l| sizes_ok(l, k, lo, hi))
+                    .map(|l| (0..n).map(|i| cost[i * k + l[i]]).sum::<f64>())
+                    .fold(f64::INFINITY, f64::min);
+                assert!(
+                    (got - want).abs() < 1e-9,
+                    "seed {seed} rep {rep}: got {got}, optimum {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kmeans_is_close_to_brute_force_partition_optimum() {
+        let gpu = Gpu::shared().unwrap();
+        let (n, d, k, lo, hi) = (8, 2, 3, 2, 3);
+        // One tight blob of 5 and three loose points: the bounds force a split.
+        let mut x = rand_vec(21, n * d, 0.2);
+        for i in 5..8 {
+            x[i * d] += 3.0 * (i as f32 - 4.0);
+        }
+        let xt = Tensor::from_f32(&gpu, &x, &[n, d]).unwrap();
+        let r = constrained_kmeans(
+            &xt,
+            k,
+            ConstrainedOpts {
+                size_min: lo,
+                size_max: hi,
+                max_iter: 10,
+                n_init: 10,
+                seed: 1,
+            },
+        )
+        .unwrap();
+        let a: Vec<usize> = r.assign.iter().map(|&c| c as usize).collect();
+        assert!(sizes_ok(&a, k, lo, hi));
+        let inertia = |l: &[usize]| {
+            (0..k)
+                .map(|c| {
+                    let m: Vec<usize> = (0..n).filter(|&i| l[i] == c).collect();
+                    let mean: Vec<f64> = (0..d)
+                        .map(|t| {
+                            m.iter().map(|&i| x[i * d + t] as f64).sum::<f64>()
+                                / m.len().max(1) as f64
+                        })
+                        .collect();
+                    m.iter()
+                        .map(|&i| sq(&x[i * d..(i + 1) * d], &mean))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+        };
+        let best = labellings(n, k)
+            .filter(|l| sizes_ok(l, k, lo, hi))
+            .map(|l| inertia(&l))
+            .fold(f64::INFINITY, f64::min);
+        assert!((r.objective - inertia(&a)).abs() < 1e-6);
+        assert!(
+            r.objective <= best * 1.02 + 1e-9,
+            "objective {} vs brute-force optimum {best}",
+            r.objective
+        );
+        for w in r.history.windows(2) {
+            assert!(w[1] <= w[0] + 1e-6, "objective increased: {:?}", r.history);
+        }
+    }
+
+    #[test]
+    fn letter_sized_problem_respects_bounds() {
+        // LETTER's per-epoch case: 256 codes into 10 clusters of 10..60, data
+        // skewed so that unconstrained clusters would be too large/small.
+        let gpu = Gpu::shared().unwrap();
+        let (n, d, k) = (256, 32, 10);
+        let mut x = rand_vec(8, n * d, 1.0);
+        for i in 0..200 {
+            for t in 0..d {
+                x[i * d + t] *= 0.1;
+            }
+        }
+        let xt = Tensor::from_f32(&gpu, &x, &[n, d]).unwrap();
+        let r = constrained_kmeans(&xt, k, ConstrainedOpts::letter(10, 60)).unwrap();
+        let a: Vec<usize> = r.assign.iter().map(|&c| c as usize).collect();
+        assert!(sizes_ok(&a, k, 10, 60));
+        assert_eq!(r.centroids.len(), k * d);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let gpu = Gpu::shared().unwrap();
+        let x = Tensor::from_f32(&gpu, &rand_vec(1, 10 * 2, 1.0), &[10, 2]).unwrap();
+        let e = constrained_kmeans(&x, 3, ConstrainedOpts::letter(4, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("constrained_kmeans") && e.contains("[4, 5]") && e.contains("[10, 2]"),
+            "{e}"
+        );
+        let e = constrained_kmeans(&x, 11, ConstrainedOpts::letter(0, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("11 clusters from 10 points"), "{e}");
+        let e = constrained_assign(&[0.0; 6], 3, 2, 2, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("constrained_assign"), "{e}");
+        let mut v = rand_vec(2, 20, 1.0);
+        v[3] = f32::NAN;
+        let xb = Tensor::from_f32(&gpu, &v, &[10, 2]).unwrap();
+        let e = constrained_kmeans(&xb, 2, ConstrainedOpts::letter(1, 9))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-finite"), "{e}");
+    }
+}
