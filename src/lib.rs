@@ -4,9 +4,11 @@
 //! CPU references) -> `autograd` -> `nn` -> models/quant/cf -> systems ->
 //! decode/eval. Lower layers never import higher ones.
 
+pub mod autograd;
 pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod gpu;
+pub mod nn;
 pub mod ops;
 pub mod quant;

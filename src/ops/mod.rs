@@ -11,20 +11,20 @@
 
 use crate::gpu::Kernel;
 
-pub mod permute;
-pub mod spmm;
-pub mod matmul;
 pub mod activation;
-pub mod elementwise;
-pub mod norm;
-pub mod reduce;
-pub mod softmax;
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod elementwise;
 pub mod embedding;
 pub mod infonce;
-pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod permute;
+pub mod reduce;
+pub mod softmax;
+pub mod spmm;
 
 #[cfg(test)]
 pub mod testing;

@@ -1,0 +1,404 @@
+//! Differentiable ops on `Var`s: each calls the forward kernel and records a
+//! backward closure built from the backward kernels in `ops`.
+
+use anyhow::{bail, Result};
+
+use super::tape::Var;
+use crate::gpu::{shape_str, Tensor};
+use crate::ops::{self, Act};
+
+/// Sum a broadcast gradient back to the shape of the operand it came from.
+fn unbroadcast(g: Tensor, shape: &[usize]) -> Result<Tensor> {
+    if g.shape() == shape {
+        Ok(g)
+    } else {
+        ops::reduce::sum_to_shape(&g, shape)
+    }
+}
+
+impl Var {
+    fn binary(&self, other: &Var, op: ops::elementwise::BinOp) -> Result<Var> {
+        use ops::elementwise::{binary, BinOp};
+        let y = binary(&self.value, &other.value, op)?;
+        let (a, b) = (self.value.clone(), other.value.clone());
+        let (wa, wb) = (self.requires_grad(), other.requires_grad());
+        Ok(self.tape.record(y, &[self, other], move |g| {
+            let (ga, gb) = match op {
+                BinOp::Add => (wa.then(|| g.clone()), wb.then(|| g.clone())),
+                BinOp::Sub => (
+                    wa.then(|| g.clone()),
+                    if wb {
+                        Some(ops::elementwise::scale(g, -1.0)?)
+                    } else {
+                        None
+                    },
+                ),
+                BinOp::Mul => (
+                    if wa {
+                        Some(binary(g, &b, BinOp::Mul)?)
+                    } else {
+                        None
+                    },
+                    if wb {
+                        Some(binary(g, &a, BinOp::Mul)?)
+                    } else {
+                        None
+                    },
+                ),
+                BinOp::Div => {
+                    // d(a/b)/da = 1/b ; d(a/b)/db = -a/b^2
+                    let ga = if wa {
+                        Some(binary(g, &b, BinOp::Div)?)
+                    } else {
+                        None
+                    };
+                    let gb = if wb {
+                        let t = binary(
+                            &binary(g, &a, BinOp::Mul)?,
+                            &binary(&b, &b, BinOp::Mul)?,
+                            BinOp::Div,
+                        )?;
+                        Some(ops::elementwise::scale(&t, -1.0)?)
+                    } else {
+                        None
+                    };
+                    (ga, gb)
+                }
+            };
+            Ok(vec![
+                ga.map(|t| unbroadcast(t, a.shape())).transpose()?,
+                gb.map(|t| unbroadcast(t, b.shape())).transpose()?,
+            ])
+        }))
+    }
+
+    /// Elementwise sum with broadcasting.
+    pub fn add(&self, other: &Var) -> Result<Var> {
+        self.binary(other, ops::elementwise::BinOp::Add)
+    }
+    /// Elementwise difference with broadcasting.
+    pub fn sub(&self, other: &Var) -> Result<Var> {
+        self.binary(other, ops::elementwise::BinOp::Sub)
+    }
+    /// Elementwise product with broadcasting.
+    pub fn mul(&self, other: &Var) -> Result<Var> {
+        self.binary(other, ops::elementwise::BinOp::Mul)
+    }
+    /// Elementwise quotient with broadcasting.
+    pub fn div(&self, other: &Var) -> Result<Var> {
+        self.binary(other, ops::elementwise::BinOp::Div)
+    }
+
+    /// x * s for a scalar s.
+    pub fn scale(&self, s: f32) -> Result<Var> {
+        let y = ops::elementwise::scale(&self.value, s)?;
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::elementwise::scale(g, s)?)])
+        }))
+    }
+
+    /// Zero-copy reshape.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Var> {
+        let y = self.value.reshape(shape)?;
+        let orig = self.value.shape().to_vec();
+        Ok(self
+            .tape
+            .record(y, &[self], move |g| Ok(vec![Some(g.reshape(&orig)?)])))
+    }
+
+    /// Elementwise activation.
+    pub fn act(&self, act: Act) -> Result<Var> {
+        let y = ops::activation::forward(&self.value, act)?;
+        let x = self.value.clone();
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::activation::backward(&x, g, act)?)])
+        }))
+    }
+
+    /// silu(gate) * up (LLaMA's SwiGLU), `self` is the gate.
+    pub fn swiglu(&self, up: &Var) -> Result<Var> {
+        let y = ops::activation::swiglu(&self.value, &up.value)?;
+        let (gate, upv) = (self.value.clone(), up.value.clone());
+        Ok(self.tape.record(y, &[self, up], move |g| {
+            let (dg, du) = ops::activation::swiglu_backward(&gate, &upv, g)?;
+            Ok(vec![Some(dg), Some(du)])
+        }))
+    }
+
+    /// act(self @ w + bias) with `w` [K, N] (or [N, K] when `trans_w`), fused
+    /// on the GPU. `self` may be [M, K] or [B, M, K].
+    pub fn linear(&self, w: &Var, bias: Option<&Var>, trans_w: bool, act: Act) -> Result<Var> {
+        use ops::matmul::{matmul, matmul_backward, MatmulOpts};
+        // Keep the pre-activation for the activation's backward.
+        let pre = matmul(
+            &self.value,
+            &w.value,
+            &MatmulOpts {
+                trans_a: false,
+                trans_b: trans_w,
+                bias: bias.map(|b| &b.value),
+                act: Act::None,
+            },
+        )?;
+        let y = if act == Act::None {
+            pre.clone()
+        } else {
+            ops::activation::forward(&pre, act)?
+        };
+        let (x, wv) = (self.value.clone(), w.value.clone());
+        let (need_x, need_w, need_b) = (
+            self.requires_grad(),
+            w.requires_grad(),
+            bias.map(|b| b.requires_grad()).unwrap_or(false),
+        );
+        let has_bias = bias.is_some();
+        let mut inputs: Vec<&Var> = vec![self, w];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        Ok(self.tape.record(y, &inputs, move |g| {
+            let dpre = if act == Act::None {
+                g.clone()
+            } else {
+                ops::activation::backward(&pre, g, act)?
+            };
+            let (dx, dw, db) =
+                matmul_backward(&x, &wv, &dpre, false, trans_w, need_x, need_w, need_b)?;
+            let mut out = vec![dx, dw];
+            if has_bias {
+                out.push(db);
+            }
+            Ok(out)
+        }))
+    }
+
+    /// Batched or plain matrix product with optional transposes (no bias).
+    pub fn matmul(&self, other: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
+        use ops::matmul::{matmul, matmul_backward, MatmulOpts};
+        let y = matmul(
+            &self.value,
+            &other.value,
+            &MatmulOpts {
+                trans_a,
+                trans_b,
+                ..Default::default()
+            },
+        )?;
+        let (a, b) = (self.value.clone(), other.value.clone());
+        let (na, nb) = (self.requires_grad(), other.requires_grad());
+        Ok(self.tape.record(y, &[self, other], move |g| {
+            let (da, db, _) = matmul_backward(&a, &b, g, trans_a, trans_b, na, nb, false)?;
+            Ok(vec![da, db])
+        }))
+    }
+
+    /// Softmax over the last axis.
+    pub fn softmax(&self) -> Result<Var> {
+        let y = ops::softmax::softmax(&self.value)?;
+        let yy = y.clone();
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::softmax::softmax_backward(&yy, g)?)])
+        }))
+    }
+
+    /// Log-softmax over the last axis.
+    pub fn log_softmax(&self) -> Result<Var> {
+        let y = ops::softmax::log_softmax(&self.value)?;
+        let yy = y.clone();
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::softmax::log_softmax_backward(&yy, g)?)])
+        }))
+    }
+
+    /// Sum of all elements, as a [1] value.
+    pub fn sum_all(&self) -> Result<Var> {
+        let y = ops::reduce::sum_all(&self.value)?;
+        let shape = self.value.shape().to_vec();
+        Ok(self.tape.record(y, &[self], move |g| {
+            // Broadcast the scalar gradient back: zeros + g.
+            let z = Tensor::zeros(g.gpu(), &shape, crate::gpu::DType::F32)?;
+            Ok(vec![Some(ops::elementwise::add(&z, &g.reshape(&[1])?)?)])
+        }))
+    }
+
+    /// Mean of all elements, as a [1] value.
+    pub fn mean_all(&self) -> Result<Var> {
+        let n = self.value.numel();
+        if n == 0 {
+            bail!(
+                "mean_all of an empty tensor {}",
+                shape_str(self.value.shape())
+            );
+        }
+        self.sum_all()?.scale(1.0 / n as f32)
+    }
+}
+
+/// Rows of `table` [V, D] picked by `ids` (U32, any shape) -> [..ids shape, D].
+pub fn embedding(table: &Var, ids: &Tensor) -> Result<Var> {
+    let flat = ids.reshape(&[ids.numel()])?;
+    let y = ops::embedding::gather(&table.value, &flat)?;
+    let mut shape = ids.shape().to_vec();
+    shape.push(table.value.last_dim());
+    let y = y.reshape(&shape)?;
+    let vocab = table.value.shape()[0];
+    let d = table.value.last_dim();
+    Ok(table.tape.record(y, &[table], move |g| {
+        let g2 = g.reshape(&[flat.numel(), d])?;
+        Ok(vec![Some(ops::embedding::scatter_add(&g2, &flat, vocab)?)])
+    }))
+}
+
+/// Options of `cross_entropy`, owned so the backward pass can keep them.
+#[derive(Clone, Debug)]
+pub struct CeOptions {
+    pub ignore_index: i32,
+    /// Temperature: the loss is computed on logits / tau.
+    pub tau: f32,
+    /// Optional additive logit mask, [V] or [N, V].
+    pub mask: Option<Tensor>,
+}
+
+impl Default for CeOptions {
+    fn default() -> Self {
+        CeOptions {
+            ignore_index: -100,
+            tau: 1.0,
+            mask: None,
+        }
+    }
+}
+
+/// Mean cross-entropy of `logits` [N, V] against I32 `targets` [N] (rows equal
+/// to `ignore_index` excluded), as a [1] value.
+pub fn cross_entropy(logits: &Var, targets: &Tensor, o: &CeOptions) -> Result<Var> {
+    use ops::cross_entropy::{cross_entropy as ce, cross_entropy_backward, CrossEntropyOpts};
+    let logits2 = logits
+        .value
+        .reshape(&[logits.value.rows(), logits.value.last_dim()])?;
+    let t = targets.reshape(&[targets.numel()])?;
+    let opts = CrossEntropyOpts {
+        ignore_index: o.ignore_index,
+        tau: o.tau,
+        mask: o.mask.as_ref(),
+    };
+    let fwd = ce(&logits2, &t, &opts)?;
+    let loss = fwd.loss.clone();
+    let o = o.clone();
+    let shape = logits.value.shape().to_vec();
+    Ok(logits.tape.record(loss, &[logits], move |g| {
+        let opts = CrossEntropyOpts {
+            ignore_index: o.ignore_index,
+            tau: o.tau,
+            mask: o.mask.as_ref(),
+        };
+        let d = cross_entropy_backward(&logits2, &t, &fwd, &opts, Some(g))?;
+        Ok(vec![Some(d.reshape(&shape)?)])
+    }))
+}
+
+impl Var {
+    /// Inverted dropout with a counter-based mask (`seed`, `offset` make it
+    /// reproducible; the backward pass recomputes the mask). Identity when `p == 0`.
+    pub fn dropout(&self, p: f32, seed: u32, offset: u32) -> Result<Var> {
+        if p == 0.0 || !self.tape.grad_enabled() {
+            return Ok(self.clone());
+        }
+        let y = ops::dropout::dropout(&self.value, p, seed, offset)?;
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::dropout::dropout_backward(
+                g, p, seed, offset,
+            )?)])
+        }))
+    }
+
+    /// RMSNorm over the last axis with a [C] weight.
+    pub fn rms_norm(&self, weight: &Var, eps: f32) -> Result<Var> {
+        let out = ops::norm::rms_norm(&self.value, &weight.value, eps)?;
+        let (x, w, rstd) = (self.value.clone(), weight.value.clone(), out.rstd);
+        Ok(self.tape.record(out.y, &[self, weight], move |g| {
+            let gr = ops::norm::rms_norm_backward(&x, &w, &rstd, g)?;
+            Ok(vec![Some(gr.dx), Some(gr.dweight)])
+        }))
+    }
+
+    /// LayerNorm over the last axis with [C] weight and bias.
+    pub fn layer_norm(&self, weight: &Var, bias: &Var, eps: f32) -> Result<Var> {
+        let out = ops::norm::layer_norm(&self.value, &weight.value, &bias.value, eps)?;
+        let (x, w, mean, rstd) = (self.value.clone(), weight.value.clone(), out.mean, out.rstd);
+        Ok(self.tape.record(out.y, &[self, weight, bias], move |g| {
+            let gr = ops::norm::layer_norm_backward(&x, &w, &mean, &rstd, g)?;
+            Ok(vec![Some(gr.dx), Some(gr.dweight), gr.dbias])
+        }))
+    }
+}
+
+impl Var {
+    /// Axis permutation (rank <= 4); output axis a is input axis perm[a].
+    pub fn permute(&self, perm: &[usize]) -> Result<Var> {
+        let y = ops::permute::permute(&self.value, perm)?;
+        let inv = ops::permute::inverse(perm);
+        Ok(self.tape.record(y, &[self], move |g| {
+            Ok(vec![Some(ops::permute::permute(g, &inv)?)])
+        }))
+    }
+}
+
+/// Fused masked attention. q [B, Hq, Tq, Dh], k/v [B, Hkv, Tk, Dh], optional
+/// additive bias [Hq, Tq, Tk]; see `ops::attention` for the mask encoding.
+pub fn attention(
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    bias: Option<&Var>,
+    mask: &ops::attention::Mask,
+    scale: f32,
+) -> Result<Var> {
+    let fwd = ops::attention::attention(
+        &q.value,
+        &k.value,
+        &v.value,
+        bias.map(|b| &b.value),
+        mask,
+        scale,
+    )?;
+    let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
+    let bv = bias.map(|b| b.value.clone());
+    let want_dbias = bias.map(|b| b.requires_grad()).unwrap_or(false);
+    let (out, lse) = (fwd.out.clone(), fwd.lse);
+    let mask = mask.clone();
+    let mut inputs = vec![q, k, v];
+    if let Some(b) = bias {
+        inputs.push(b);
+    }
+    Ok(q.tape.record(fwd.out, &inputs, move |g| {
+        let gr = ops::attention::attention_backward(
+            g,
+            &qv,
+            &kv,
+            &vv,
+            &out,
+            &lse,
+            bv.as_ref(),
+            &mask,
+            scale,
+            want_dbias,
+        )?;
+        let mut v = vec![Some(gr.dq), Some(gr.dk), Some(gr.dv)];
+        if bv.is_some() {
+            v.push(gr.dbias);
+        }
+        Ok(v)
+    }))
+}
+
+impl Var {
+    /// Sparse x dense: y = A x with `a` a device CSR (constant), x [cols, D].
+    pub fn spmm(&self, a: &ops::spmm::Csr) -> Result<Var> {
+        let y = a.a.matmul(&self.value)?;
+        let a = a.clone();
+        Ok(self
+            .tape
+            .record(y, &[self], move |g| Ok(vec![Some(a.at.matmul(g)?)])))
+    }
+}
