@@ -6,6 +6,7 @@
 
 pub mod autograd;
 pub mod bench;
+pub mod cf;
 pub mod data;
 pub mod eval;
 pub mod gpu;

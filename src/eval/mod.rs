@@ -175,6 +175,16 @@ impl EvalReport {
         self.subsets.iter().find(|r| r.subset == s)
     }
 
+    /// Mean of e.g. ("ndcg", 10) or ("recall", 5) on all items, if computed.
+    pub fn metric(&self, name: &str, k: usize) -> Option<f64> {
+        let want = format!("{name}@{k}").to_lowercase();
+        self.subset(Subset::All)?
+            .metrics
+            .iter()
+            .find(|m| m.name.to_lowercase() == want)
+            .map(|m| m.mean)
+    }
+
     /// Pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
