@@ -2,11 +2,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "genrec",
-    version,
-    about = "Generative recommenders on any GPU (WebGPU + WGSL)"
-)]
+#[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,10 +56,7 @@ fn main() -> Result<()> {
                 println!("no adapters found; on a machine without a GPU: apt-get install mesa-vulkan-drivers");
             } else {
                 for (i, a) in adapters.iter().enumerate() {
-                    println!(
-                        "[{i}] {} — {} {} ({})",
-                        a.name, a.backend, a.device_type, a.driver
-                    );
+                    println!("[{i}] {} — {} {} ({})", a.name, a.backend, a.device_type, a.driver);
                     println!("    features: {}", a.features.join(", "));
                     println!(
                         "    max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
@@ -75,16 +68,7 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Cmd::Prepare {
-            format,
-            input,
-            out,
-            kcore,
-            split,
-            max_history,
-            keep_duplicates,
-            json,
-        } => {
+        Cmd::Prepare { format, input, out, kcore, split, max_history, keep_duplicates, json } => {
             use genrec::data::{prepare_cached, Format, PrepareOptions, SplitKind};
             let format = Format::parse(&format)?;
             let opts = PrepareOptions {
@@ -99,12 +83,7 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&p.stats)?);
             } else {
                 let how = if reused { "reused cached" } else { "wrote" };
-                println!(
-                    "{} '{}' -> {} ({how})",
-                    format.name(),
-                    p.name,
-                    out.display()
-                );
+                println!("{} '{}' -> {} ({how})", format.name(), p.name, out.display());
                 println!("{}", p.stats);
                 for (reason, n) in &p.load_report.skipped {
                     println!("skipped while loading: {n} x {reason}");
