@@ -2,11 +2,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "genrec",
-    version,
-    about = "Generative recommenders on any GPU (WebGPU + WGSL)"
-)]
+#[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,6 +29,33 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Load a dataset, filter, split and write a prepared directory; print its statistics.
+    Prepare {
+        /// Input format: ml100k (RecBole atomic files), ml-latest-small, amazon, generic.
+        #[arg(long)]
+        format: String,
+        /// Directory holding the input files.
+        #[arg(long)]
+        input: std::path::PathBuf,
+        /// Output directory (reused when inputs and options are unchanged).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// k-core threshold for users and items (iterated to a fixed point; 0 = off).
+        #[arg(long, default_value_t = 5)]
+        kcore: usize,
+        /// Split: loo (leave-one-out) or temporal (global 8:1:1 by time).
+        #[arg(long, default_value = "loo")]
+        split: String,
+        /// Most recent history items kept as model input (0 = unlimited).
+        #[arg(long, default_value_t = 20)]
+        max_history: usize,
+        /// Keep repeated (user, item) interactions instead of only the earliest.
+        #[arg(long)]
+        keep_duplicates: bool,
+        /// Print the statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,10 +69,7 @@ fn main() -> Result<()> {
                 println!("no adapters found; on a machine without a GPU: apt-get install mesa-vulkan-drivers");
             } else {
                 for (i, a) in adapters.iter().enumerate() {
-                    println!(
-                        "[{i}] {} — {} {} ({})",
-                        a.name, a.backend, a.device_type, a.driver
-                    );
+                    println!("[{i}] {} — {} {} ({})", a.name, a.backend, a.device_type, a.driver);
                     println!("    features: {}", a.features.join(", "));
                     println!(
                         "    max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
@@ -72,6 +92,28 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
                 print!("{}", genrec::bench::table(&peaks, &results));
+            }
+        }
+        Cmd::Prepare { format, input, out, kcore, split, max_history, keep_duplicates, json } => {
+            use genrec::data::{prepare_cached, Format, PrepareOptions, SplitKind};
+            let format = Format::parse(&format)?;
+            let opts = PrepareOptions {
+                kcore,
+                split: SplitKind::parse(&split)?,
+                max_history,
+                dedup: !keep_duplicates,
+                ..Default::default()
+            };
+            let (p, reused) = prepare_cached(format, &input, &out, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p.stats)?);
+            } else {
+                let how = if reused { "reused cached" } else { "wrote" };
+                println!("{} '{}' -> {} ({how})", format.name(), p.name, out.display());
+                println!("{}", p.stats);
+                for (reason, n) in &p.load_report.skipped {
+                    println!("skipped while loading: {n} x {reason}");
+                }
             }
         }
     }

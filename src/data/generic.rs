@@ -100,10 +100,7 @@ pub fn load_dir(dir: &Path) -> Result<RawDataset> {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(String::from);
-            meta.year = v
-                .get("year")
-                .and_then(|y| json_id(y))
-                .filter(|s| !s.is_empty());
+            meta.year = v.get("year").and_then(json_id);
             if meta == ItemMeta::default() {
                 ds.report.skip("item line without any text field");
             }

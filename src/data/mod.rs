@@ -198,6 +198,9 @@ impl Format {
 /// The files of `dir` that [`load`] would read for `format`, in reading order
 /// (used for the content hash before any parsing).
 pub fn input_files(format: Format, dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
     match format {
         Format::Ml100k => {
             movielens::atomic_files(dir).map(|(i, it)| std::iter::once(i).chain(it).collect())

@@ -14,12 +14,13 @@
 //! 95% confidence interval over users (seeded, so reruns give equal numbers).
 //!
 //! Protocol choices (see [`Protocol`]):
-//! - **History masking is off by default.** LETTER/TIGER/TTDS generate over the
-//!   whole item trie and do not remove items the user already saw (the
-//!   released LETTER/LC-Rec evaluation ranks beams as they come); TokenRec's
-//!   code does mask history (`exclude_history = true`), as RecBole's full-sort
-//!   evaluation does. Masked items are removed from the candidate set, so they
-//!   never take a rank.
+//! - **History masking is off by default.** LETTER/TIGER/TTDS (specs §5-6)
+//!   rank the beams of a trie-constrained beam search over *all* items, with
+//!   only an invalid-identifier filter, so items the user already saw stay in
+//!   the ranking; SETRec's spec mentions no history filter either. TokenRec's
+//!   code does mask history (spec §5 step 5: `exclude_history = true`), as
+//!   RecBole's full-sort evaluation does. Masked items are removed from the
+//!   candidate set, so they never take a rank.
 //! - **Ties** in scores are broken by lower item id first, so results are
 //!   deterministic. NaN scores are an error.
 //! - **Warm / cold subsets** (SETRec): the candidate set is restricted to warm
