@@ -122,7 +122,7 @@ impl AdamW {
                         shape_str(c.norm_sq.shape())
                     );
                 }
-                if !(c.max_norm > 0.0) {
+                if c.max_norm.is_nan() || c.max_norm <= 0.0 {
                     bail!("adamw: clip max_norm must be > 0, got {}", c.max_norm);
                 }
                 (1, c.max_norm, c.norm_sq.buffer())

@@ -154,8 +154,8 @@ pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// Positions grouped by id (CSR): for row v, `sorted[offsets[v]..offsets[v+1]]`
-/// are the positions i with `ids[i] == v`, increasing. Positions with an id
-/// >= vocab are left out (`offsets[vocab]` counts only valid ids). Build it once
+/// are the positions i with `ids[i] == v`, increasing. Positions with an
+/// id >= vocab are left out (`offsets[vocab]` counts only valid ids). Build it once
 /// per batch and reuse it for every table the same ids index.
 #[derive(Clone, Debug)]
 pub struct IdCsr {
@@ -384,8 +384,8 @@ mod tests {
         let special = [
             0.0,
             -0.0,
-            5.960464477539063e-8,
-            -1.0013580322265625e-5,
+            2f32.powi(-24), // the smallest f16 subnormal
+            -168.0 * 2f32.powi(-24),
             65504.0,
             f32::INFINITY,
             -2.5,
