@@ -2,11 +2,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "genrec",
-    version,
-    about = "Generative recommenders on any GPU (WebGPU + WGSL)"
-)]
+#[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,10 +29,7 @@ fn main() -> Result<()> {
                 println!("no adapters found; on a machine without a GPU: apt-get install mesa-vulkan-drivers");
             } else {
                 for (i, a) in adapters.iter().enumerate() {
-                    println!(
-                        "[{i}] {} — {} {} ({})",
-                        a.name, a.backend, a.device_type, a.driver
-                    );
+                    println!("[{i}] {} — {} {} ({})", a.name, a.backend, a.device_type, a.driver);
                     println!("    features: {}", a.features.join(", "));
                     println!(
                         "    max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
