@@ -51,13 +51,7 @@ pub struct AdamW {
 
 impl Default for AdamW {
     fn default() -> Self {
-        AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 
@@ -95,34 +89,22 @@ impl AdamW {
             || m.same_buffer(v)
             || [param, m, v].iter().any(|x| x.same_buffer(grad))
         {
-            bail!(
-                "adamw: param, grad, m and v must be distinct tensors (shape {})",
-                shape_str(param.shape())
-            );
+            bail!("adamw: param, grad, m and v must be distinct tensors (shape {})", shape_str(param.shape()));
         }
         if t == 0 {
-            bail!(
-                "adamw: step number t is 1-based, got 0 (param {})",
-                shape_str(param.shape())
-            );
+            bail!("adamw: step number t is 1-based, got 0 (param {})", shape_str(param.shape()));
         }
         let hp = [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay];
-        if hp.iter().any(|x| !x.is_finite())
-            || !(0.0..1.0).contains(&self.beta1)
-            || !(0.0..1.0).contains(&self.beta2)
-        {
+        if hp.iter().any(|x| !x.is_finite()) || !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("adamw: invalid hyperparameters {self:?} (betas must be in [0, 1))");
         }
         let (clip_on, max_norm, norm_buf) = match clip {
             Some(c) => {
                 check::dtype(OP, "clip norm_sq", c.norm_sq, DType::F32)?;
                 if c.norm_sq.numel() != 1 {
-                    bail!(
-                        "adamw: clip norm_sq must have one element, got shape {}",
-                        shape_str(c.norm_sq.shape())
-                    );
+                    bail!("adamw: clip norm_sq must have one element, got shape {}", shape_str(c.norm_sq.shape()));
                 }
-                if !(c.max_norm > 0.0) {
+                if c.max_norm.is_nan() || c.max_norm <= 0.0 {
                     bail!("adamw: clip max_norm must be > 0, got {}", c.max_norm);
                 }
                 (1, c.max_norm, c.norm_sq.buffer())
@@ -146,13 +128,7 @@ impl AdamW {
         param.gpu().dispatch(
             &step_kernel(),
             params.bytes(),
-            &[
-                param.buffer(),
-                grad.buffer(),
-                m.buffer(),
-                v.buffer(),
-                norm_buf,
-            ],
+            &[param.buffer(), grad.buffer(), m.buffer(), v.buffer(), norm_buf],
             grid(div_ceil(n, WG)),
         )
     }
@@ -163,9 +139,7 @@ impl AdamW {
 /// the global L2 norm that `Clip` uses.
 pub fn grad_norm_sq(grads: &[&Tensor]) -> Result<Tensor> {
     const OP: &str = "grad_norm_sq";
-    let Some(first) = grads.first() else {
-        bail!("grad_norm_sq: no gradient tensors given")
-    };
+    let Some(first) = grads.first() else { bail!("grad_norm_sq: no gradient tensors given") };
     check::same_device(OP, grads)?;
     let mut parts = Vec::with_capacity(grads.len());
     let mut total = 0usize;
@@ -179,34 +153,16 @@ pub fn grad_norm_sq(grads: &[&Tensor]) -> Result<Tensor> {
     let partials = Tensor::empty(gpu, &[total], DType::F32)?;
     for (g, &(offset, wgs)) in grads.iter().zip(&parts) {
         let params = Params::new().u(g.numel()).u(offset);
-        gpu.dispatch(
-            &partial_kernel(),
-            params.bytes(),
-            &[g.buffer(), partials.buffer()],
-            [wgs as u32, 1, 1],
-        )?;
+        gpu.dispatch(&partial_kernel(), params.bytes(), &[g.buffer(), partials.buffer()], [wgs as u32, 1, 1])?;
     }
     let out = Tensor::empty(gpu, &[1], DType::F32)?;
-    gpu.dispatch(
-        &finish_kernel(),
-        Params::new().u(total).bytes(),
-        &[partials.buffer(), out.buffer()],
-        [1, 1, 1],
-    )?;
+    gpu.dispatch(&finish_kernel(), Params::new().u(total).bytes(), &[partials.buffer(), out.buffer()], [1, 1, 1])?;
     Ok(out)
 }
 
 /// CPU reference of one AdamW step on one tensor (f64), in place; `clip_scale`
 /// is the factor applied to the gradient (1 without clipping).
-pub fn adamw_ref(
-    opt: &AdamW,
-    param: &mut [f64],
-    grad: &[f64],
-    m: &mut [f64],
-    v: &mut [f64],
-    t: u32,
-    clip_scale: f64,
-) {
+pub fn adamw_ref(opt: &AdamW, param: &mut [f64], grad: &[f64], m: &mut [f64], v: &mut [f64], t: u32, clip_scale: f64) {
     let (b1, b2) = (opt.beta1 as f64, opt.beta2 as f64);
     let (lr, eps, wd) = (opt.lr as f64, opt.eps as f64, opt.weight_decay as f64);
     let bc1 = 1.0 - b1.powi(t as i32);
@@ -242,66 +198,27 @@ mod tests {
     fn grad_norm_sq_matches_cpu_over_many_tensors() {
         let gpu = Gpu::shared().unwrap();
         let sizes = [1usize, 7, 33, 257, 4099, 300_001];
-        let data: Vec<Vec<f32>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| rand_vec(k as u64, n, 1.0))
-            .collect();
-        let ts: Vec<Tensor> = data
-            .iter()
-            .map(|d| Tensor::from_f32(&gpu, d, &[d.len()]).unwrap())
-            .collect();
+        let data: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(k, &n)| rand_vec(k as u64, n, 1.0)).collect();
+        let ts: Vec<Tensor> = data.iter().map(|d| Tensor::from_f32(&gpu, d, &[d.len()]).unwrap()).collect();
         let refs: Vec<&Tensor> = ts.iter().collect();
         let got = grad_norm_sq(&refs).unwrap();
         assert_eq!(got.shape(), &[1]);
-        let want: f64 = data
-            .iter()
-            .flatten()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum();
-        assert_close(
-            "grad_norm_sq",
-            &[got.to_scalar().unwrap()],
-            &[want as f32],
-            2e-6,
-            0.0,
-        );
+        let want: f64 = data.iter().flatten().map(|&x| (x as f64) * (x as f64)).sum();
+        assert_close("grad_norm_sq", &[got.to_scalar().unwrap()], &[want as f32], 2e-6, 0.0);
         // Same bits on a second run.
-        assert_eq!(
-            got.to_scalar().unwrap().to_bits(),
-            grad_norm_sq(&refs).unwrap().to_scalar().unwrap().to_bits()
-        );
+        assert_eq!(got.to_scalar().unwrap().to_bits(), grad_norm_sq(&refs).unwrap().to_scalar().unwrap().to_bits());
     }
 
     /// Several steps on several tensors against the f64 reference, with the
     /// gradients changing every step; `max_norm` None disables clipping.
     fn run_steps(max_norm: Option<f32>) {
         let gpu = Gpu::shared().unwrap();
-        let opt = AdamW {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
+        let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
         let sizes = [1usize, 7, 33, 257, 1000];
-        let p0: Vec<Vec<f32>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| rand_vec(100 + k as u64, n, 1.0))
-            .collect();
-        let params: Vec<Tensor> = p0
-            .iter()
-            .map(|p| Tensor::from_f32(&gpu, p, &[p.len()]).unwrap())
-            .collect();
-        let ms: Vec<Tensor> = sizes
-            .iter()
-            .map(|&n| Tensor::zeros(&gpu, &[n], DType::F32).unwrap())
-            .collect();
-        let vs: Vec<Tensor> = sizes
-            .iter()
-            .map(|&n| Tensor::zeros(&gpu, &[n], DType::F32).unwrap())
-            .collect();
+        let p0: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(k, &n)| rand_vec(100 + k as u64, n, 1.0)).collect();
+        let params: Vec<Tensor> = p0.iter().map(|p| Tensor::from_f32(&gpu, p, &[p.len()]).unwrap()).collect();
+        let ms: Vec<Tensor> = sizes.iter().map(|&n| Tensor::zeros(&gpu, &[n], DType::F32).unwrap()).collect();
+        let vs: Vec<Tensor> = sizes.iter().map(|&n| Tensor::zeros(&gpu, &[n], DType::F32).unwrap()).collect();
         let mut rp: Vec<Vec<f64>> = p0.iter().map(|p| to64(p)).collect();
         let mut rm: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
         let mut rv = rm.clone();
@@ -312,15 +229,10 @@ mod tests {
                 .enumerate()
                 .map(|(k, &n)| rand_vec(1000 * t as u64 + k as u64, n, 0.5 * t as f32))
                 .collect();
-            let gt: Vec<Tensor> = g
-                .iter()
-                .map(|x| Tensor::from_f32(&gpu, x, &[x.len()]).unwrap())
-                .collect();
+            let gt: Vec<Tensor> = g.iter().map(|x| Tensor::from_f32(&gpu, x, &[x.len()]).unwrap()).collect();
             let g64: Vec<Vec<f64>> = g.iter().map(|x| to64(x)).collect();
             let scale = match max_norm {
-                Some(c) => {
-                    clip_scale_ref(&g64.iter().map(|x| &x[..]).collect::<Vec<_>>(), c as f64)
-                }
+                Some(c) => clip_scale_ref(&g64.iter().map(|x| &x[..]).collect::<Vec<_>>(), c as f64),
                 None => 1.0,
             };
             if scale < 1.0 {
@@ -328,44 +240,19 @@ mod tests {
             }
             let norm_sq = grad_norm_sq(&gt.iter().collect::<Vec<_>>()).unwrap();
             for k in 0..sizes.len() {
-                let clip = max_norm.map(|c| Clip {
-                    norm_sq: &norm_sq,
-                    max_norm: c,
-                });
-                opt.step(&params[k], &gt[k], &ms[k], &vs[k], t, clip)
-                    .unwrap();
+                let clip = max_norm.map(|c| Clip { norm_sq: &norm_sq, max_norm: c });
+                opt.step(&params[k], &gt[k], &ms[k], &vs[k], t, clip).unwrap();
                 adamw_ref(&opt, &mut rp[k], &g64[k], &mut rm[k], &mut rv[k], t, scale);
             }
         }
         if let Some(c) = max_norm {
-            assert!(
-                clipped >= 3,
-                "clip {c} should bind on most steps (bound on {clipped})"
-            );
+            assert!(clipped >= 3, "clip {c} should bind on most steps (bound on {clipped})");
         }
         for k in 0..sizes.len() {
             let what = format!("adamw clip={max_norm:?} n={}", sizes[k]);
-            assert_close(
-                &format!("{what} param"),
-                &params[k].to_vec_f32().unwrap(),
-                &to32(&rp[k]),
-                1e-5,
-                1e-6,
-            );
-            assert_close(
-                &format!("{what} m"),
-                &ms[k].to_vec_f32().unwrap(),
-                &to32(&rm[k]),
-                1e-5,
-                1e-7,
-            );
-            assert_close(
-                &format!("{what} v"),
-                &vs[k].to_vec_f32().unwrap(),
-                &to32(&rv[k]),
-                1e-5,
-                1e-8,
-            );
+            assert_close(&format!("{what} param"), &params[k].to_vec_f32().unwrap(), &to32(&rp[k]), 1e-5, 1e-6);
+            assert_close(&format!("{what} m"), &ms[k].to_vec_f32().unwrap(), &to32(&rm[k]), 1e-5, 1e-7);
+            assert_close(&format!("{what} v"), &vs[k].to_vec_f32().unwrap(), &to32(&rv[k]), 1e-5, 1e-8);
         }
     }
 
@@ -392,18 +279,7 @@ mod tests {
             let m = Tensor::zeros(&gpu, &[33], DType::F32).unwrap();
             let v = Tensor::zeros(&gpu, &[33], DType::F32).unwrap();
             let ns = grad_norm_sq(&[&gt]).unwrap();
-            opt.step(
-                &pt,
-                &gt,
-                &m,
-                &v,
-                1,
-                clip.then_some(Clip {
-                    norm_sq: &ns,
-                    max_norm: 1e3,
-                }),
-            )
-            .unwrap();
+            opt.step(&pt, &gt, &m, &v, 1, clip.then_some(Clip { norm_sq: &ns, max_norm: 1e3 })).unwrap();
             pt.to_vec_f32().unwrap()
         };
         assert_eq!(run(true), run(false));
@@ -416,36 +292,16 @@ mod tests {
         let a = || Tensor::zeros(&gpu, &[7], DType::F32).unwrap();
         let (p, g, m, v) = (a(), a(), a(), a());
         let short = Tensor::zeros(&gpu, &[6], DType::F32).unwrap();
-        let e = opt
-            .step(&p, &short, &m, &v, 1, None)
-            .unwrap_err()
-            .to_string();
+        let e = opt.step(&p, &short, &m, &v, 1, None).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("[6]"), "{e}");
         let e = opt.step(&p, &g, &m, &v, 0, None).unwrap_err().to_string();
         assert!(e.contains("adamw"), "{e}");
         let e = opt.step(&p, &g, &m, &m, 1, None).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("distinct"), "{e}");
-        let e = opt
-            .step(
-                &p,
-                &g,
-                &m,
-                &v,
-                1,
-                Some(Clip {
-                    norm_sq: &short,
-                    max_norm: 1.0,
-                }),
-            )
-            .unwrap_err()
-            .to_string();
+        let e = opt.step(&p, &g, &m, &v, 1, Some(Clip { norm_sq: &short, max_norm: 1.0 })).unwrap_err().to_string();
         assert!(e.contains("adamw") && e.contains("norm_sq"), "{e}");
         let bad = AdamW { beta1: 1.0, ..opt };
-        assert!(bad
-            .step(&p, &g, &m, &v, 1, None)
-            .unwrap_err()
-            .to_string()
-            .contains("adamw"));
+        assert!(bad.step(&p, &g, &m, &v, 1, None).unwrap_err().to_string().contains("adamw"));
         let e = grad_norm_sq(&[]).unwrap_err().to_string();
         assert!(e.contains("grad_norm_sq"), "{e}");
         let u = Tensor::from_u32(&gpu, &[1], &[1]).unwrap();

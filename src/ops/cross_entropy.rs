@@ -51,11 +51,7 @@ pub struct CrossEntropyOpts<'a> {
 
 impl Default for CrossEntropyOpts<'_> {
     fn default() -> Self {
-        CrossEntropyOpts {
-            ignore_index: -100,
-            tau: 1.0,
-            mask: None,
-        }
+        CrossEntropyOpts { ignore_index: -100, tau: 1.0, mask: None }
     }
 }
 
@@ -73,22 +69,14 @@ pub struct CrossEntropy {
 }
 
 /// Validated geometry: (rows N, vocab V, mask mode 0/1/2).
-fn validate(
-    op: &str,
-    logits: &Tensor,
-    targets: &Tensor,
-    opts: &CrossEntropyOpts,
-) -> Result<(usize, usize, u32)> {
+fn validate(op: &str, logits: &Tensor, targets: &Tensor, opts: &CrossEntropyOpts) -> Result<(usize, usize, u32)> {
     check::nonempty(op, &[("logits", logits), ("targets", targets)])?;
     check::dtype(op, "logits", logits, DType::F32)?;
     check::dtype(op, "targets", targets, DType::I32)?;
     check::same_device(op, &[logits, targets])?;
     let (n, v) = (logits.rows(), logits.last_dim());
     if logits.rank() < 2 {
-        bail!(
-            "{op}: logits must be [N, V], got {}",
-            shape_str(logits.shape())
-        );
+        bail!("{op}: logits must be [N, V], got {}", shape_str(logits.shape()));
     }
     if targets.numel() != n {
         bail!(
@@ -98,17 +86,10 @@ fn validate(
         );
     }
     if n * v > u32::MAX as usize - 256 {
-        bail!(
-            "{op}: logits {} too large for one launch",
-            shape_str(logits.shape())
-        );
+        bail!("{op}: logits {} too large for one launch", shape_str(logits.shape()));
     }
     if !(opts.tau > 0.0 && opts.tau.is_finite()) {
-        bail!(
-            "{op}: tau must be finite and > 0, got {} (logits {})",
-            opts.tau,
-            shape_str(logits.shape())
-        );
+        bail!("{op}: tau must be finite and > 0, got {} (logits {})", opts.tau, shape_str(logits.shape()));
     }
     let mode = match opts.mask {
         None => 0,
@@ -132,22 +113,13 @@ fn validate(
 }
 
 fn params(n: usize, v: usize, opts: &CrossEntropyOpts, mode: u32) -> Params {
-    Params::new()
-        .u(n)
-        .u(v)
-        .i(opts.ignore_index)
-        .u(mode as usize)
-        .f(1.0 / opts.tau)
+    Params::new().u(n).u(v).i(opts.ignore_index).u(mode as usize).f(1.0 / opts.tau)
 }
 
 /// Cross-entropy of `logits` (f32 `[N, V]`, or `[.., V]` flattened to rows)
 /// against `targets` (I32, N entries): per-row losses and their mean over
 /// non-ignored rows, both on the GPU.
-pub fn cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    opts: &CrossEntropyOpts,
-) -> Result<CrossEntropy> {
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, opts: &CrossEntropyOpts) -> Result<CrossEntropy> {
     const OP: &str = "cross_entropy";
     let (n, v, mode) = validate(OP, logits, targets, opts)?;
     let gpu = logits.gpu();
@@ -160,32 +132,16 @@ pub fn cross_entropy(
     gpu.dispatch(
         &k_rows(),
         p.bytes(),
-        &[
-            logits.buffer(),
-            targets.buffer(),
-            mask.buffer(),
-            loss_rows.buffer(),
-            lse.buffer(),
-        ],
+        &[logits.buffer(), targets.buffer(), mask.buffer(), loss_rows.buffer(), lse.buffer()],
         grid(n as u32),
     )?;
     gpu.dispatch(
         &k_mean(),
         p.bytes(),
-        &[
-            loss_rows.buffer(),
-            targets.buffer(),
-            loss.buffer(),
-            count.buffer(),
-        ],
+        &[loss_rows.buffer(), targets.buffer(), loss.buffer(), count.buffer()],
         [1, 1, 1],
     )?;
-    Ok(CrossEntropy {
-        loss_rows,
-        loss,
-        lse,
-        count,
-    })
+    Ok(CrossEntropy { loss_rows, loss, lse, count })
 }
 
 /// Gradient of the mean loss (`fwd.loss`) with respect to `logits`, times
@@ -214,10 +170,7 @@ pub fn cross_entropy_backward(
         Some(d) => {
             check::dtype(OP, "dloss", d, DType::F32)?;
             if d.numel() != 1 {
-                bail!(
-                    "{OP}: dloss must have one element, got {}",
-                    shape_str(d.shape())
-                );
+                bail!("{OP}: dloss must have one element, got {}", shape_str(d.shape()));
             }
             d
         }
@@ -334,15 +287,7 @@ mod tests {
     /// Targets in [0, v), with roughly `ignore_frac` of rows set to -100.
     fn rand_targets(seed: u64, n: usize, v: usize, ignore_frac: f64) -> Vec<i32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| {
-                if rng.gen::<f64>() < ignore_frac {
-                    -100
-                } else {
-                    rng.gen_range(0..v as i32)
-                }
-            })
-            .collect()
+        (0..n).map(|_| if rng.gen::<f64>() < ignore_frac { -100 } else { rng.gen_range(0..v as i32) }).collect()
     }
 
     /// Forward (rows + mean) and backward against the f64 references.
@@ -350,74 +295,39 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let logits = rand_vec(seed, n * v, 4.0);
         let mut targets = rand_targets(seed + 1, n, v, 0.25);
-        let mask_t = mask
-            .as_ref()
-            .map(|(m, shape)| Tensor::from_f32(&gpu, m, shape).unwrap());
+        let mask_t = mask.as_ref().map(|(m, shape)| Tensor::from_f32(&gpu, m, shape).unwrap());
         let mask64 = mask.as_ref().map(|(m, _)| to64(m));
         if let Some(m) = &mask64 {
             // Keep targets on allowed tokens.
             for (r, t) in targets.iter_mut().enumerate() {
                 if *t >= 0 {
                     let allowed = |j: usize| if m.len() == v { m[j] } else { m[r * v + j] } > -1e8;
-                    *t = (0..v)
-                        .map(|k| (*t as usize + k) % v)
-                        .find(|&j| allowed(j))
-                        .unwrap() as i32;
+                    *t = (0..v).map(|k| (*t as usize + k) % v).find(|&j| allowed(j)).unwrap() as i32;
                 }
             }
         }
         let lt = Tensor::from_f32(&gpu, &logits, &[n, v]).unwrap();
         let tt = Tensor::from_i32(&gpu, &targets, &[n]).unwrap();
-        let opts = CrossEntropyOpts {
-            ignore_index: -100,
-            tau,
-            mask: mask_t.as_ref(),
-        };
+        let opts = CrossEntropyOpts { ignore_index: -100, tau, mask: mask_t.as_ref() };
         let out = cross_entropy(&lt, &tt, &opts).unwrap();
         let l64 = to64(&logits);
-        let (rows, mean) =
-            cross_entropy_ref(&l64, n, v, &targets, -100, tau as f64, mask64.as_deref());
-        let what = format!(
-            "cross_entropy n={n} v={v} tau={tau} mask={}",
-            mask.is_some()
-        );
-        assert_close(
-            &format!("{what} rows"),
-            &out.loss_rows.to_vec_f32().unwrap(),
-            &to32(&rows),
-            2e-5,
-            2e-5,
-        );
-        assert_close(
-            &format!("{what} mean"),
-            &[out.loss.to_scalar().unwrap()],
-            &[mean as f32],
-            2e-5,
-            2e-5,
-        );
+        let (rows, mean) = cross_entropy_ref(&l64, n, v, &targets, -100, tau as f64, mask64.as_deref());
+        let what = format!("cross_entropy n={n} v={v} tau={tau} mask={}", mask.is_some());
+        assert_close(&format!("{what} rows"), &out.loss_rows.to_vec_f32().unwrap(), &to32(&rows), 2e-5, 2e-5);
+        assert_close(&format!("{what} mean"), &[out.loss.to_scalar().unwrap()], &[mean as f32], 2e-5, 2e-5);
         let dl = Tensor::scalar(&gpu, 0.75).unwrap();
         let g = cross_entropy_backward(&lt, &tt, &out, &opts, Some(&dl)).unwrap();
         assert_eq!(g.shape(), &[n, v]);
-        let want: Vec<f32> =
-            cross_entropy_backward_ref(&l64, n, v, &targets, -100, tau as f64, mask64.as_deref())
-                .iter()
-                .map(|&x| (0.75 * x) as f32)
-                .collect();
-        assert_close(
-            &format!("{what} dlogits"),
-            &g.to_vec_f32().unwrap(),
-            &want,
-            1e-4,
-            1e-7,
-        );
+        let want: Vec<f32> = cross_entropy_backward_ref(&l64, n, v, &targets, -100, tau as f64, mask64.as_deref())
+            .iter()
+            .map(|&x| (0.75 * x) as f32)
+            .collect();
+        assert_close(&format!("{what} dlogits"), &g.to_vec_f32().unwrap(), &want, 1e-4, 1e-7);
     }
 
     #[test]
     fn matches_cpu_at_awkward_sizes() {
-        for (k, &(n, v)) in [(1usize, 1usize), (7, 33), (33, 257), (5, 1000), (3, 7)]
-            .iter()
-            .enumerate()
-        {
+        for (k, &(n, v)) in [(1usize, 1usize), (7, 33), (33, 257), (5, 1000), (3, 7)].iter().enumerate() {
             check_case(n, v, 1.0, None, 10 + k as u64);
         }
     }
@@ -453,10 +363,7 @@ mod tests {
         check_case(9, v, 0.3, Some((vm, vec![v])), 30);
         // [N, V] mask mixing penalties and bans.
         let n = 7;
-        let nm: Vec<f32> = rand_vec(31, n * v, 1.0)
-            .iter()
-            .map(|&x| if x > 0.6 { -1e9 } else { x })
-            .collect();
+        let nm: Vec<f32> = rand_vec(31, n * v, 1.0).iter().map(|&x| if x > 0.6 { -1e9 } else { x }).collect();
         check_case(n, v, 2.0, Some((nm, vec![n, v])), 32);
     }
 
@@ -466,33 +373,21 @@ mod tests {
         let (n, v) = (4, 9);
         let logits = Tensor::from_f32(&gpu, &rand_vec(40, n * v, 3.0), &[n, v]).unwrap();
         let targets = Tensor::from_i32(&gpu, &[-1; 4], &[n]).unwrap();
-        let opts = CrossEntropyOpts {
-            ignore_index: -1,
-            ..Default::default()
-        };
+        let opts = CrossEntropyOpts { ignore_index: -1, ..Default::default() };
         let out = cross_entropy(&logits, &targets, &opts).unwrap();
         assert_eq!(out.loss.to_scalar().unwrap(), 0.0);
         assert_eq!(out.count.to_scalar().unwrap(), 0.0);
         assert_eq!(out.loss_rows.to_vec_f32().unwrap(), vec![0.0; n]);
-        let g = cross_entropy_backward(&logits, &targets, &out, &opts, None)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let g = cross_entropy_backward(&logits, &targets, &out, &opts, None).unwrap().to_vec_f32().unwrap();
         assert_eq!(g, vec![0.0; n * v]);
         // A custom ignore index: rows with target 5 are ignored, target -100 is not special.
         let t2 = Tensor::from_i32(&gpu, &[5, 2, 5, 0], &[n]).unwrap();
-        let opts5 = CrossEntropyOpts {
-            ignore_index: 5,
-            ..Default::default()
-        };
+        let opts5 = CrossEntropyOpts { ignore_index: 5, ..Default::default() };
         let out = cross_entropy(&logits, &t2, &opts5).unwrap();
         assert_eq!(out.count.to_scalar().unwrap(), 2.0);
         let rows = out.loss_rows.to_vec_f32().unwrap();
         assert!(rows[0] == 0.0 && rows[2] == 0.0 && rows[1] > 0.0 && rows[3] > 0.0);
-        let g = cross_entropy_backward(&logits, &t2, &out, &opts5, None)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let g = cross_entropy_backward(&logits, &t2, &out, &opts5, None).unwrap().to_vec_f32().unwrap();
         assert!(g[..v].iter().all(|&x| x == 0.0) && g[2 * v..3 * v].iter().all(|&x| x == 0.0));
         assert!((g[v..2 * v].iter().sum::<f32>()).abs() < 1e-6); // softmax - onehot sums to 0
     }
@@ -507,10 +402,7 @@ mod tests {
         let rows = out.loss_rows.to_vec_f32().unwrap();
         assert!(rows[0].is_finite() && rows[1].is_nan(), "{rows:?}");
         assert!(out.loss.to_scalar().unwrap().is_nan());
-        let g = cross_entropy_backward(&logits, &targets, &out, &opts, None)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let g = cross_entropy_backward(&logits, &targets, &out, &opts, None).unwrap().to_vec_f32().unwrap();
         assert!(g[5..].iter().all(|&x| x == 0.0));
     }
 
@@ -520,33 +412,17 @@ mod tests {
         let (n, v, tau) = (5, 13, 0.7f32);
         let logits = rand_vec(50, n * v, 2.0);
         let targets = vec![3, -100, 0, 12, 7];
-        let mask: Vec<f32> = (0..v)
-            .map(|j| {
-                if j == 5 {
-                    f32::NEG_INFINITY
-                } else {
-                    0.1 * j as f32
-                }
-            })
-            .collect();
+        let mask: Vec<f32> = (0..v).map(|j| if j == 5 { f32::NEG_INFINITY } else { 0.1 * j as f32 }).collect();
         let lt = Tensor::from_f32(&gpu, &logits, &[n, v]).unwrap();
         let tt = Tensor::from_i32(&gpu, &targets, &[n]).unwrap();
         let mt = Tensor::from_f32(&gpu, &mask, &[v]).unwrap();
-        let opts = CrossEntropyOpts {
-            ignore_index: -100,
-            tau,
-            mask: Some(&mt),
-        };
+        let opts = CrossEntropyOpts { ignore_index: -100, tau, mask: Some(&mt) };
         let out = cross_entropy(&lt, &tt, &opts).unwrap();
         let dl = Tensor::scalar(&gpu, -1.3).unwrap();
-        let got = cross_entropy_backward(&lt, &tt, &out, &opts, Some(&dl))
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let got = cross_entropy_backward(&lt, &tt, &out, &opts, Some(&dl)).unwrap().to_vec_f32().unwrap();
         let m64 = to64(&mask);
-        let want = finite_diff(&logits, 1e-4, |x| {
-            -1.3 * cross_entropy_ref(x, n, v, &targets, -100, tau as f64, Some(&m64)).1
-        });
+        let want =
+            finite_diff(&logits, 1e-4, |x| -1.3 * cross_entropy_ref(x, n, v, &targets, -100, tau as f64, Some(&m64)).1);
         assert_close("cross_entropy dlogits (FD)", &got, &want, 1e-3, 1e-5);
     }
 
@@ -559,40 +435,19 @@ mod tests {
         let tu = Tensor::from_u32(&gpu, &[0; 3], &[3]).unwrap();
         let d = CrossEntropyOpts::default();
         let e = cross_entropy(&logits, &t2, &d).unwrap_err().to_string();
-        assert!(
-            e.contains("cross_entropy") && e.contains("[2]") && e.contains("[3, 4]"),
-            "{e}"
-        );
+        assert!(e.contains("cross_entropy") && e.contains("[2]") && e.contains("[3, 4]"), "{e}");
         let e = cross_entropy(&logits, &tu, &d).unwrap_err().to_string();
         assert!(e.contains("cross_entropy") && e.contains("targets"), "{e}");
         let bad_mask = Tensor::from_f32(&gpu, &[0.0; 5], &[5]).unwrap();
-        let e = cross_entropy(
-            &logits,
-            &t3,
-            &CrossEntropyOpts {
-                mask: Some(&bad_mask),
-                ..d
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = cross_entropy(&logits, &t3, &CrossEntropyOpts { mask: Some(&bad_mask), ..d }).unwrap_err().to_string();
         assert!(e.contains("cross_entropy") && e.contains("mask [5]"), "{e}");
-        let e = cross_entropy(&logits, &t3, &CrossEntropyOpts { tau: 0.0, ..d })
-            .unwrap_err()
-            .to_string();
+        let e = cross_entropy(&logits, &t3, &CrossEntropyOpts { tau: 0.0, ..d }).unwrap_err().to_string();
         assert!(e.contains("cross_entropy") && e.contains("tau"), "{e}");
         let out = cross_entropy(&logits, &t3, &d).unwrap();
         let other = Tensor::from_f32(&gpu, &[0.0; 8], &[2, 4]).unwrap();
-        let e = cross_entropy_backward(&other, &t2, &out, &d, None)
-            .unwrap_err()
-            .to_string();
+        let e = cross_entropy_backward(&other, &t2, &out, &d, None).unwrap_err().to_string();
         assert!(e.contains("cross_entropy_backward"), "{e}");
-        let e = cross_entropy_backward(&logits, &t3, &out, &d, Some(&logits))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("cross_entropy_backward") && e.contains("dloss"),
-            "{e}"
-        );
+        let e = cross_entropy_backward(&logits, &t3, &out, &d, Some(&logits)).unwrap_err().to_string();
+        assert!(e.contains("cross_entropy_backward") && e.contains("dloss"), "{e}");
     }
 }

@@ -43,24 +43,11 @@ fn launch(op: &str, x: &Tensor, p: f32, seed: u32, offset: u32) -> Result<Tensor
     let (threshold, scale) = threshold_and_scale(op, p)?;
     let n = x.numel();
     if n > u32::MAX as usize - WG {
-        bail!(
-            "{op}: x {:?} has too many elements for one launch",
-            x.shape()
-        );
+        bail!("{op}: x {:?} has too many elements for one launch", x.shape());
     }
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
-    let params = Params::new()
-        .u(n)
-        .u(seed as usize)
-        .u(offset as usize)
-        .u(threshold as usize)
-        .f(scale);
-    x.gpu().dispatch(
-        &kernel(),
-        params.bytes(),
-        &[x.buffer(), y.buffer()],
-        grid(div_ceil(n, WG)),
-    )?;
+    let params = Params::new().u(n).u(seed as usize).u(offset as usize).u(threshold as usize).f(scale);
+    x.gpu().dispatch(&kernel(), params.bytes(), &[x.buffer(), y.buffer()], grid(div_ceil(n, WG)))?;
     Ok(y)
 }
 
@@ -96,13 +83,7 @@ pub fn dropout_ref(x: &[f64], p: f32, seed: u32, offset: u32) -> Vec<f64> {
     let scale = 1.0 / (1.0 - p as f64);
     x.iter()
         .enumerate()
-        .map(|(i, &v)| {
-            if keep(seed, offset.wrapping_add(i as u32), p) {
-                v * scale
-            } else {
-                0.0
-            }
-        })
+        .map(|(i, &v)| if keep(seed, offset.wrapping_add(i as u32), p) { v * scale } else { 0.0 })
         .collect()
 }
 
@@ -122,10 +103,7 @@ mod tests {
                 let (seed, offset) = (1234 + k as u32, 77 * k as u32);
                 let got = dropout(&xt, p, seed, offset).unwrap().to_vec_f32().unwrap();
                 let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                let want: Vec<f32> = dropout_ref(&xs, p, seed, offset)
-                    .iter()
-                    .map(|&v| v as f32)
-                    .collect();
+                let want: Vec<f32> = dropout_ref(&xs, p, seed, offset).iter().map(|&v| v as f32).collect();
                 assert_close(&format!("dropout n={n} p={p}"), &got, &want, 1e-6, 0.0);
             }
         }
@@ -140,31 +118,17 @@ mod tests {
             let y = dropout(&x, p, 42, 0).unwrap().to_vec_f32().unwrap();
             let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
             // Binomial std is <= 0.0016 here; allow 4 sigma.
-            assert!(
-                (kept - (1.0 - p as f64)).abs() < 0.0064,
-                "p={p}: kept fraction {kept}"
-            );
+            assert!((kept - (1.0 - p as f64)).abs() < 0.0064, "p={p}: kept fraction {kept}");
             let scale = 1.0 / (1.0 - p);
             assert!(y.iter().all(|&v| v == 0.0 || (v - scale).abs() < 1e-6));
             // Mean is preserved in expectation.
             let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-            assert!(
-                (mean - 1.0).abs() < 0.05 * scale as f64,
-                "p={p}: mean {mean}"
-            );
+            assert!((mean - 1.0).abs() < 0.05 * scale as f64, "p={p}: mean {mean}");
         }
         let a = dropout(&x, 0.5, 1, 0).unwrap().to_vec_f32().unwrap();
         let b = dropout(&x, 0.5, 2, 0).unwrap().to_vec_f32().unwrap();
-        let same = a
-            .iter()
-            .zip(&b)
-            .filter(|(u, v)| (**u == 0.0) == (**v == 0.0))
-            .count() as f64
-            / n as f64;
-        assert!(
-            (same - 0.5).abs() < 0.02,
-            "masks of seeds 1 and 2 agree on {same} of elements"
-        );
+        let same = a.iter().zip(&b).filter(|(u, v)| (**u == 0.0) == (**v == 0.0)).count() as f64 / n as f64;
+        assert!((same - 0.5).abs() < 0.02, "masks of seeds 1 and 2 agree on {same} of elements");
         // Offset shifts the counter: dropout(x, off=5)[i] == dropout(x, off=0)[i + 5].
         let c = dropout(&x, 0.5, 1, 5).unwrap().to_vec_f32().unwrap();
         assert_eq!(&c[..n - 5], &a[5..]);
@@ -180,16 +144,9 @@ mod tests {
         let y2 = dropout(&xt, 0.25, 9, 100).unwrap().to_vec_f32().unwrap();
         assert_eq!(y1, y2);
         let dyt = Tensor::from_f32(&gpu, &vec![1.0; n], &[n]).unwrap();
-        let dx = dropout_backward(&dyt, 0.25, 9, 100)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let dx = dropout_backward(&dyt, 0.25, 9, 100).unwrap().to_vec_f32().unwrap();
         for i in 0..n {
-            assert_eq!(
-                dx[i] == 0.0,
-                y1[i] == 0.0 && x[i] != 0.0,
-                "mask differs at {i}"
-            );
+            assert_eq!(dx[i] == 0.0, y1[i] == 0.0 && x[i] != 0.0, "mask differs at {i}");
         }
     }
 
@@ -211,16 +168,9 @@ mod tests {
         let x = rand_vec(5, n, 1.0);
         let dy = rand_vec(6, n, 1.0);
         let dyt = Tensor::from_f32(&gpu, &dy, &[n]).unwrap();
-        let got = dropout_backward(&dyt, p, seed, offset)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let got = dropout_backward(&dyt, p, seed, offset).unwrap().to_vec_f32().unwrap();
         let want = finite_diff(&x, 1e-3, |xs| {
-            dropout_ref(xs, p, seed, offset)
-                .iter()
-                .zip(&dy)
-                .map(|(o, &g)| o * g as f64)
-                .sum()
+            dropout_ref(xs, p, seed, offset).iter().zip(&dy).map(|(o, &g)| o * g as f64).sum()
         });
         assert_close("dropout dx", &got, &want, 1e-3, 1e-5);
     }
@@ -239,9 +189,6 @@ mod tests {
         let e = dropout(&i, 0.5, 0, 0).unwrap_err().to_string();
         assert!(e.contains("dropout") && e.contains("U32"), "{e}");
         let z = Tensor::empty(&gpu, &[0, 3], DType::F32).unwrap();
-        assert!(dropout(&z, 0.5, 0, 0)
-            .unwrap_err()
-            .to_string()
-            .contains("dropout"));
+        assert!(dropout(&z, 0.5, 0, 0).unwrap_err().to_string().contains("dropout"));
     }
 }

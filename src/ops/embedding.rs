@@ -68,14 +68,7 @@ fn k_sum() -> Kernel {
 
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
-    vec![
-        k_gather(),
-        k_gather_f16(),
-        k_count(),
-        k_scan(),
-        k_fill(),
-        k_sum(),
-    ]
+    vec![k_gather(), k_gather_f16(), k_count(), k_scan(), k_fill(), k_sum()]
 }
 
 fn grid(workgroups: u32) -> [u32; 3] {
@@ -92,18 +85,9 @@ fn fits_u32(op: &str, what: &str, n: usize) -> Result<()> {
 
 /// Upload token/item ids from host data as a U32 tensor of `shape`, rejecting
 /// any id >= `vocab` (an error naming `op`, the position and the id).
-pub fn ids_from_host(
-    gpu: &Gpu,
-    op: &str,
-    ids: &[u32],
-    shape: &[usize],
-    vocab: usize,
-) -> Result<Tensor> {
+pub fn ids_from_host(gpu: &Gpu, op: &str, ids: &[u32], shape: &[usize], vocab: usize) -> Result<Tensor> {
     if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-        bail!(
-            "{op}: id {id} at position {i} of ids {} is out of range for a table of {vocab} rows",
-            shape_str(shape)
-        );
+        bail!("{op}: id {id} at position {i} of ids {} is out of range for a table of {vocab} rows", shape_str(shape));
     }
     Tensor::from_u32(gpu, ids, shape)
 }
@@ -117,26 +101,16 @@ pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     check::same_device(OP, &[table, ids])?;
     check::dtype(OP, "ids", ids, DType::U32)?;
     if table.rank() != 2 {
-        bail!(
-            "{OP}: table must be [V, D], got {}",
-            shape_str(table.shape())
-        );
+        bail!("{OP}: table must be [V, D], got {}", shape_str(table.shape()));
     }
     let (v, d, n) = (table.shape()[0], table.shape()[1], ids.numel());
     // Rows of 4k floats move as vec4s.
-    let w = if table.dtype() == DType::F32 && d % 4 == 0 {
-        4
-    } else {
-        1
-    };
+    let w = if table.dtype() == DType::F32 && d % 4 == 0 { 4 } else { 1 };
     let kernel = match table.dtype() {
         DType::F32 if w == 4 => k_gather4(),
         DType::F32 => k_gather(),
         DType::F16 => k_gather_f16(),
-        other => bail!(
-            "{OP}: table has dtype {other:?}, expected F32 or F16 (shape {})",
-            shape_str(table.shape())
-        ),
+        other => bail!("{OP}: table has dtype {other:?}, expected F32 or F16 (shape {})", shape_str(table.shape())),
     };
     fits_u32(OP, "table", v * d)?;
     fits_u32(OP, "output", n * d)?;
@@ -154,8 +128,8 @@ pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// Positions grouped by id (CSR): for row v, `sorted[offsets[v]..offsets[v+1]]`
-/// are the positions i with `ids[i] == v`, increasing. Positions with an id
-/// >= vocab are left out (`offsets[vocab]` counts only valid ids). Build it once
+/// are the positions i with `ids[i] == v`, increasing. Positions with an
+/// id >= vocab are left out (`offsets[vocab]` counts only valid ids). Build it once
 /// per batch and reuse it for every table the same ids index.
 #[derive(Clone, Debug)]
 pub struct IdCsr {
@@ -188,30 +162,10 @@ impl IdCsr {
         let sorted = Tensor::empty(gpu, &[n], DType::U32)?;
         let params = Params::new().u(n).u(vocab).u(0);
         let pb = params.bytes();
-        gpu.dispatch(
-            &k_count(),
-            pb,
-            &[ids.buffer(), counts.buffer()],
-            grid(div_ceil(n, WG)),
-        )?;
-        gpu.dispatch(
-            &k_scan(),
-            pb,
-            &[counts.buffer(), offsets.buffer(), cursor.buffer()],
-            [1, 1, 1],
-        )?;
-        gpu.dispatch(
-            &k_fill(),
-            pb,
-            &[ids.buffer(), cursor.buffer(), sorted.buffer()],
-            [1, 1, 1],
-        )?;
-        Ok(IdCsr {
-            offsets,
-            sorted,
-            ids: ids.clone(),
-            vocab,
-        })
+        gpu.dispatch(&k_count(), pb, &[ids.buffer(), counts.buffer()], grid(div_ceil(n, WG)))?;
+        gpu.dispatch(&k_scan(), pb, &[counts.buffer(), offsets.buffer(), cursor.buffer()], [1, 1, 1])?;
+        gpu.dispatch(&k_fill(), pb, &[ids.buffer(), cursor.buffer(), sorted.buffer()], [1, 1, 1])?;
+        Ok(IdCsr { offsets, sorted, ids: ids.clone(), vocab })
     }
 
     /// Build on the host from host ids (O(N + vocab)) and upload ids and CSR;
@@ -219,10 +173,7 @@ impl IdCsr {
     pub fn from_host(gpu: &Gpu, ids: &[u32], shape: &[usize], vocab: usize) -> Result<IdCsr> {
         const OP: &str = "embedding IdCsr::from_host";
         if vocab == 0 || ids.is_empty() {
-            bail!(
-                "{OP}: need vocab > 0 and at least one id (vocab {vocab}, ids {})",
-                shape_str(shape)
-            );
+            bail!("{OP}: need vocab > 0 and at least one id (vocab {vocab}, ids {})", shape_str(shape));
         }
         let ids_t = ids_from_host(gpu, OP, ids, shape, vocab)?;
         let mut offsets = vec![0u32; vocab + 1];
@@ -285,21 +236,11 @@ pub fn scatter_add_csr(dy: &Tensor, csr: &IdCsr) -> Result<Tensor> {
     let dtable = Tensor::empty(gpu, &[vocab, d], DType::F32)?;
     // Rows no id maps to stay zero; rows of 4k floats move as vec4s.
     gpu.with_encoder(|e| e.clear_buffer(dtable.buffer(), 0, None));
-    let (sum, w) = if d % 4 == 0 {
-        (k_sum4(), 4)
-    } else {
-        (k_sum(), 1)
-    };
+    let (sum, w) = if d % 4 == 0 { (k_sum4(), 4) } else { (k_sum(), 1) };
     gpu.dispatch(
         &sum,
         Params::new().u(n).u(vocab).u(d / w).bytes(),
-        &[
-            dy.buffer(),
-            csr.offsets.buffer(),
-            csr.sorted.buffer(),
-            dtable.buffer(),
-            csr.ids.buffer(),
-        ],
+        &[dy.buffer(), csr.offsets.buffer(), csr.sorted.buffer(), dtable.buffer(), csr.ids.buffer()],
         grid(div_ceil(n * d / w, WG)),
     )?;
     Ok(dtable)
@@ -376,16 +317,13 @@ mod tests {
     fn gather_f16_table_and_nd_ids() {
         let gpu = Gpu::shared().unwrap();
         let (v, d) = (9, 7); // odd D: rows straddle the packed u32 words
-        let mut table: Vec<f32> = rand_vec(3, v * d, 2.0)
-            .iter()
-            .map(|&x| half::f16::from_f32(x).to_f32())
-            .collect();
+        let mut table: Vec<f32> = rand_vec(3, v * d, 2.0).iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
         // Special values in row 0: zero, -0, subnormals, the largest finite, inf.
         let special = [
             0.0,
             -0.0,
-            5.960464477539063e-8,
-            -1.0013580322265625e-5,
+            2f32.powi(-24), // the smallest f16 subnormal
+            -168.0 * 2f32.powi(-24),
             65504.0,
             f32::INFINITY,
             -2.5,
@@ -397,10 +335,7 @@ mod tests {
         let it = Tensor::from_u32(&gpu, &ids, &[3, 5]).unwrap();
         let out = gather(&tt, &it).unwrap();
         assert_eq!(out.shape(), &[3, 5, d]);
-        assert_eq!(
-            out.to_vec_f32().unwrap(),
-            to32(&gather_ref(&to64(&table), v, d, &ids))
-        );
+        assert_eq!(out.to_vec_f32().unwrap(), to32(&gather_ref(&to64(&table), v, d, &ids)));
     }
 
     #[test]
@@ -418,20 +353,9 @@ mod tests {
         let dy = rand_vec(6, 5 * d, 1.0);
         let dyt = Tensor::from_f32(&gpu, &dy, &[5, d]).unwrap();
         let got = scatter_add(&dyt, &it, v).unwrap().to_vec_f32().unwrap();
-        assert_close(
-            "scatter_add with bad ids",
-            &got,
-            &to32(&scatter_add_ref(&to64(&dy), &ids, v, d)),
-            1e-6,
-            1e-7,
-        );
-        let e = ids_from_host(&gpu, "embedding gather", &ids, &[5], v)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("embedding gather") && e.contains("id 4") && e.contains("position 1"),
-            "{e}"
-        );
+        assert_close("scatter_add with bad ids", &got, &to32(&scatter_add_ref(&to64(&dy), &ids, v, d)), 1e-6, 1e-7);
+        let e = ids_from_host(&gpu, "embedding gather", &ids, &[5], v).unwrap_err().to_string();
+        assert!(e.contains("embedding gather") && e.contains("id 4") && e.contains("position 1"), "{e}");
         assert!(ids_from_host(&gpu, "x", &[0, 3], &[2], v).is_ok());
     }
 
@@ -455,13 +379,7 @@ mod tests {
             let got = scatter_add(&dyt, &it, v).unwrap();
             assert_eq!(got.shape(), &[v, d]);
             let want = to32(&scatter_add_ref(&to64(&dy), &ids, v, d));
-            assert_close(
-                &format!("scatter_add v={v} d={d} n={n}"),
-                &got.to_vec_f32().unwrap(),
-                &want,
-                1e-5,
-                1e-6,
-            );
+            assert_close(&format!("scatter_add v={v} d={d} n={n}"), &got.to_vec_f32().unwrap(), &want, 1e-5, 1e-6);
         }
     }
 
@@ -472,14 +390,9 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         for d in [2usize, 8] {
             let (v, n) = (3usize, 900usize);
-            let ids: Vec<u32> = (0..n)
-                .map(|i| if i % 5 == 0 { 2 } else { (i % 2) as u32 })
-                .collect();
-            let dy: Vec<f32> = rand_vec(9, n * d, 1.0)
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x * 10f32.powi((i % 7) as i32 - 3))
-                .collect();
+            let ids: Vec<u32> = (0..n).map(|i| if i % 5 == 0 { 2 } else { (i % 2) as u32 }).collect();
+            let dy: Vec<f32> =
+                rand_vec(9, n * d, 1.0).iter().enumerate().map(|(i, x)| x * 10f32.powi((i % 7) as i32 - 3)).collect();
             let it = Tensor::from_u32(&gpu, &ids, &[n]).unwrap();
             let dyt = Tensor::from_f32(&gpu, &dy, &[n, d]).unwrap();
             let mut want = vec![0f32; v * d];
@@ -501,30 +414,18 @@ mod tests {
     #[test]
     fn host_and_gpu_csr_agree() {
         let gpu = Gpu::shared().unwrap();
-        for &(v, d, n, seed) in &[
-            (7usize, 12usize, 257usize, 60u64),
-            (300, 5, 600, 61),
-            (1, 3, 1, 62),
-        ] {
+        for &(v, d, n, seed) in &[(7usize, 12usize, 257usize, 60u64), (300, 5, 600, 61), (1, 3, 1, 62)] {
             let ids = rand_ids(seed, n, v);
             let host = IdCsr::from_host(&gpu, &ids, &[n], v).unwrap();
             let dev = IdCsr::build(&Tensor::from_u32(&gpu, &ids, &[n]).unwrap(), v).unwrap();
-            assert_eq!(
-                host.offsets.to_vec_u32().unwrap(),
-                dev.offsets.to_vec_u32().unwrap()
-            );
-            assert_eq!(
-                host.sorted.to_vec_u32().unwrap(),
-                dev.sorted.to_vec_u32().unwrap()
-            );
+            assert_eq!(host.offsets.to_vec_u32().unwrap(), dev.offsets.to_vec_u32().unwrap());
+            assert_eq!(host.sorted.to_vec_u32().unwrap(), dev.sorted.to_vec_u32().unwrap());
             let dy = Tensor::from_f32(&gpu, &rand_vec(seed + 1, n * d, 1.0), &[n, d]).unwrap();
             let a = scatter_add_csr(&dy, &host).unwrap().to_vec_f32().unwrap();
             let b = scatter_add(&dy, &dev.ids, v).unwrap().to_vec_f32().unwrap();
             assert_eq!(a, b);
         }
-        let e = IdCsr::from_host(&gpu, &[0, 9], &[2], 5)
-            .unwrap_err()
-            .to_string();
+        let e = IdCsr::from_host(&gpu, &[0, 9], &[2], 5).unwrap_err().to_string();
         assert!(e.contains("IdCsr::from_host") && e.contains("id 9"), "{e}");
     }
 
@@ -538,13 +439,8 @@ mod tests {
         let it = Tensor::from_u32(&gpu, &ids, &[n]).unwrap();
         let dyt = Tensor::from_f32(&gpu, &dy, &[n, d]).unwrap();
         let got = scatter_add(&dyt, &it, v).unwrap().to_vec_f32().unwrap();
-        let want = finite_diff(&table, 1e-3, |t| {
-            gather_ref(t, v, d, &ids)
-                .iter()
-                .zip(&dy)
-                .map(|(o, &g)| o * g as f64)
-                .sum()
-        });
+        let want =
+            finite_diff(&table, 1e-3, |t| gather_ref(t, v, d, &ids).iter().zip(&dy).map(|(o, &g)| o * g as f64).sum());
         assert_close("embedding dtable", &got, &want, 1e-3, 1e-5);
     }
 
@@ -561,17 +457,11 @@ mod tests {
         assert!(e.contains("embedding gather") && e.contains("[6]"), "{e}");
         let dy = Tensor::from_f32(&gpu, &[0.0; 9], &[3, 3]).unwrap();
         let e = scatter_add(&dy, &ids, 2).unwrap_err().to_string();
-        assert!(
-            e.contains("embedding scatter_add") && e.contains("[3, 3]"),
-            "{e}"
-        );
+        assert!(e.contains("embedding scatter_add") && e.contains("[3, 3]"), "{e}");
         let e = scatter_add(&t, &ids, 0).unwrap_err().to_string();
         assert!(e.contains("embedding scatter_add"), "{e}");
         let empty = Tensor::empty(&gpu, &[0], DType::U32).unwrap();
-        assert!(gather(&t, &empty)
-            .unwrap_err()
-            .to_string()
-            .contains("embedding gather"));
+        assert!(gather(&t, &empty).unwrap_err().to_string().contains("embedding gather"));
     }
 
     /// Timing at the brief's size (V=50k, N=16k, D=576):
@@ -583,9 +473,7 @@ mod tests {
         let (v, n, d) = (50_000usize, 16_384usize, 576usize);
         // Zipf-like ids: a few hot rows, a long tail.
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let ids: Vec<u32> = (0..n)
-            .map(|_| ((v as f64).powf(rng.gen::<f64>()) as u32 - 1).min(v as u32 - 1))
-            .collect();
+        let ids: Vec<u32> = (0..n).map(|_| ((v as f64).powf(rng.gen::<f64>()) as u32 - 1).min(v as u32 - 1)).collect();
         let it = Tensor::from_u32(&gpu, &ids, &[n]).unwrap();
         let dyt = Tensor::from_f32(&gpu, &rand_vec(2, n * d, 1.0), &[n, d]).unwrap();
         let table = Tensor::from_f32(&gpu, &rand_vec(3, v * d, 1.0), &[v, d]).unwrap();
@@ -602,12 +490,8 @@ mod tests {
             let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
             println!("{label}: {ms:.2} ms per call ({})", gpu.describe());
         };
-        time("gather [16384] from [50000, 576]", &|| {
-            gather(&table, &it).unwrap()
-        });
-        time("scatter_add [16384, 576] -> [50000, 576]", &|| {
-            scatter_add(&dyt, &it, v).unwrap()
-        });
+        time("gather [16384] from [50000, 576]", &|| gather(&table, &it).unwrap());
+        time("scatter_add [16384, 576] -> [50000, 576]", &|| scatter_add(&dyt, &it, v).unwrap());
         let got = scatter_add(&dyt, &it, v).unwrap().to_vec_f32().unwrap();
         let want = scatter_add_ref(&to64(&dyt.to_vec_f32().unwrap()), &ids, v, d);
         assert_close("bench scatter_add", &got, &to32(&want), 1e-4, 1e-5);
@@ -628,9 +512,7 @@ mod stage_timing {
         let gpu = Gpu::shared().unwrap();
         let (v, n, d) = (50_000usize, 16_384usize, 576usize);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let ids: Vec<u32> = (0..n)
-            .map(|_| ((v as f64).powf(rng.gen::<f64>()) as u32 - 1).min(v as u32 - 1))
-            .collect();
+        let ids: Vec<u32> = (0..n).map(|_| ((v as f64).powf(rng.gen::<f64>()) as u32 - 1).min(v as u32 - 1)).collect();
         let it = Tensor::from_u32(&gpu, &ids, &[n]).unwrap();
         let dy = Tensor::from_f32(&gpu, &rand_vec(2, n * d, 1.0), &[n, d]).unwrap();
         let t = |label: &str, f: &dyn Fn()| {
@@ -643,20 +525,11 @@ mod stage_timing {
             gpu.sync().unwrap();
             println!("{label}: {:.2} ms", t0.elapsed().as_secs_f64() * 1e3 / 3.0);
         };
-        t(
-            "IdCsr::build (clear + count_ids + scan_offsets + fill_sorted)",
-            &|| drop(IdCsr::build(&it, v).unwrap()),
-        );
+        t("IdCsr::build (clear + count_ids + scan_offsets + fill_sorted)", &|| drop(IdCsr::build(&it, v).unwrap()));
         let csr = IdCsr::build(&it, v).unwrap();
-        t("scatter_add_csr (clear dtable + sum_slots4)", &|| {
-            drop(scatter_add_csr(&dy, &csr).unwrap())
-        });
-        t("IdCsr::from_host (host sort + uploads)", &|| {
-            drop(IdCsr::from_host(&gpu, &ids, &[n], v).unwrap())
-        });
-        t("scatter_add (all of it)", &|| {
-            drop(scatter_add(&dy, &it, v).unwrap())
-        });
+        t("scatter_add_csr (clear dtable + sum_slots4)", &|| drop(scatter_add_csr(&dy, &csr).unwrap()));
+        t("IdCsr::from_host (host sort + uploads)", &|| drop(IdCsr::from_host(&gpu, &ids, &[n], v).unwrap()));
+        t("scatter_add (all of it)", &|| drop(scatter_add(&dy, &it, v).unwrap()));
         let table = Tensor::from_f32(&gpu, &rand_vec(3, v * d, 1.0), &[v, d]).unwrap();
         t("gather", &|| drop(gather(&table, &it).unwrap()));
     }

@@ -65,8 +65,7 @@ fn validate(op: &str, a: &Tensor, b: &Tensor, temperature: f32) -> Result<(usize
     check::dtype(op, "a", a, DType::F32)?;
     check::dtype(op, "b", b, DType::F32)?;
     check::same_device(op, &[a, b])?;
-    if a.rank() != 2 || b.rank() != 2 || a.shape()[1] != b.shape()[1] || b.shape()[0] < a.shape()[0]
-    {
+    if a.rank() != 2 || b.rank() != 2 || a.shape()[1] != b.shape()[1] || b.shape()[0] < a.shape()[0] {
         bail!(
             "{op}: need a [B, D] and b [M, D] with M >= B, got a {} and b {}",
             shape_str(a.shape()),
@@ -74,18 +73,11 @@ fn validate(op: &str, a: &Tensor, b: &Tensor, temperature: f32) -> Result<(usize
         );
     }
     if !(temperature > 0.0 && temperature.is_finite()) {
-        bail!(
-            "{op}: temperature must be finite and > 0, got {temperature} (a {})",
-            shape_str(a.shape())
-        );
+        bail!("{op}: temperature must be finite and > 0, got {temperature} (a {})", shape_str(a.shape()));
     }
     let (bn, m, d) = (a.shape()[0], b.shape()[0], a.shape()[1]);
     if bn * m > u32::MAX as usize - WG || m * d > u32::MAX as usize - WG {
-        bail!(
-            "{op}: a {} x b {} too large for one launch",
-            shape_str(a.shape()),
-            shape_str(b.shape())
-        );
+        bail!("{op}: a {} x b {} too large for one launch", shape_str(a.shape()), shape_str(b.shape()));
     }
     Ok((bn, m, d))
 }
@@ -101,23 +93,9 @@ pub fn infonce(a: &Tensor, b: &Tensor, temperature: f32) -> Result<InfoNce> {
     let lse = Tensor::empty(gpu, &[bn], DType::F32)?;
     let loss = Tensor::empty(gpu, &[1], DType::F32)?;
     let p = Params::new().u(bn).u(m).u(d).f(1.0 / temperature);
-    gpu.dispatch(
-        &k_rows(),
-        p.bytes(),
-        &[a.buffer(), b.buffer(), loss_rows.buffer(), lse.buffer()],
-        grid(bn as u32),
-    )?;
-    gpu.dispatch(
-        &k_mean(),
-        p.bytes(),
-        &[loss_rows.buffer(), loss.buffer()],
-        [1, 1, 1],
-    )?;
-    Ok(InfoNce {
-        loss,
-        loss_rows,
-        lse,
-    })
+    gpu.dispatch(&k_rows(), p.bytes(), &[a.buffer(), b.buffer(), loss_rows.buffer(), lse.buffer()], grid(bn as u32))?;
+    gpu.dispatch(&k_mean(), p.bytes(), &[loss_rows.buffer(), loss.buffer()], [1, 1, 1])?;
+    Ok(InfoNce { loss, loss_rows, lse })
 }
 
 /// Gradients `(da [B, D], db [M, D])` of `dloss * fwd.loss` (`dloss`: `[1]`
@@ -132,11 +110,7 @@ pub fn infonce_backward(
     const OP: &str = "infonce_backward";
     let (bn, m, d) = validate(OP, a, b, temperature)?;
     if fwd.lse.numel() != bn {
-        bail!(
-            "{OP}: forward results (lse {}) do not match a {}",
-            shape_str(fwd.lse.shape()),
-            shape_str(a.shape())
-        );
+        bail!("{OP}: forward results (lse {}) do not match a {}", shape_str(fwd.lse.shape()), shape_str(a.shape()));
     }
     let gpu = a.gpu();
     let one;
@@ -144,10 +118,7 @@ pub fn infonce_backward(
         Some(t) => {
             check::dtype(OP, "dloss", t, DType::F32)?;
             if t.numel() != 1 {
-                bail!(
-                    "{OP}: dloss must have one element, got {}",
-                    shape_str(t.shape())
-                );
+                bail!("{OP}: dloss must have one element, got {}", shape_str(t.shape()));
             }
             t
         }
@@ -164,27 +135,11 @@ pub fn infonce_backward(
     gpu.dispatch(
         &k_grad(),
         pb,
-        &[
-            a.buffer(),
-            b.buffer(),
-            fwd.lse.buffer(),
-            dloss.buffer(),
-            g.buffer(),
-        ],
+        &[a.buffer(), b.buffer(), fwd.lse.buffer(), dloss.buffer(), g.buffer()],
         grid(div_ceil(bn * m, WG)),
     )?;
-    gpu.dispatch(
-        &k_da(),
-        pb,
-        &[g.buffer(), b.buffer(), da.buffer()],
-        grid(div_ceil(bn * d, WG)),
-    )?;
-    gpu.dispatch(
-        &k_db(),
-        pb,
-        &[g.buffer(), a.buffer(), db.buffer()],
-        grid(div_ceil(m * d, WG)),
-    )?;
+    gpu.dispatch(&k_da(), pb, &[g.buffer(), b.buffer(), da.buffer()], grid(div_ceil(bn * d, WG)))?;
+    gpu.dispatch(&k_db(), pb, &[g.buffer(), a.buffer(), db.buffer()], grid(div_ceil(m * d, WG)))?;
     Ok((da, db))
 }
 
@@ -192,9 +147,8 @@ pub fn infonce_backward(
 pub fn infonce_ref(a: &[f64], b: &[f64], bn: usize, m: usize, d: usize, temperature: f64) -> f64 {
     let mut total = 0.0;
     for i in 0..bn {
-        let s: Vec<f64> = (0..m)
-            .map(|j| (0..d).map(|c| a[i * d + c] * b[j * d + c]).sum::<f64>() / temperature)
-            .collect();
+        let s: Vec<f64> =
+            (0..m).map(|j| (0..d).map(|c| a[i * d + c] * b[j * d + c]).sum::<f64>() / temperature).collect();
         let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = mx + s.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln();
         total += lse - s[i];
@@ -253,32 +207,16 @@ mod tests {
         let out = infonce(&at, &bt, 1.0).unwrap();
         let (a64, b64) = (to64(&a), to64(&b));
         let want = infonce_ref(&a64, &b64, bn, bn, d, 1.0);
-        assert_close(
-            "infonce letter",
-            &[out.loss.to_scalar().unwrap()],
-            &[want as f32],
-            1e-5,
-            1e-6,
-        );
+        assert_close("infonce letter", &[out.loss.to_scalar().unwrap()], &[want as f32], 1e-5, 1e-6);
         let (da, _db) = infonce_backward(&at, &bt, 1.0, &out, None).unwrap();
         let fd = finite_diff(&a, 1e-4, |x| infonce_ref(x, &b64, bn, bn, d, 1.0));
-        assert_close(
-            "infonce letter da (FD)",
-            &da.to_vec_f32().unwrap(),
-            &fd,
-            2e-3,
-            2e-6,
-        );
+        assert_close("infonce letter da (FD)", &da.to_vec_f32().unwrap(), &fd, 2e-3, 2e-6);
     }
 
     #[test]
     fn backward_matches_finite_differences() {
         let gpu = Gpu::shared().unwrap();
-        for &(bn, m, d, t) in &[
-            (5usize, 5usize, 3usize, 0.5f32),
-            (3, 7, 4, 2.0),
-            (1, 1, 2, 1.0),
-        ] {
+        for &(bn, m, d, t) in &[(5usize, 5usize, 3usize, 0.5f32), (3, 7, 4, 2.0), (1, 1, 2, 1.0)] {
             let a = rand_vec(20 + bn as u64, bn * d, 1.0);
             let b = rand_vec(30 + m as u64, m * d, 1.0);
             let at = Tensor::from_f32(&gpu, &a, &[bn, d]).unwrap();
@@ -291,20 +229,8 @@ mod tests {
             let fa = finite_diff(&a, 1e-4, |x| 0.6 * infonce_ref(x, &b64, bn, m, d, t as f64));
             let fb = finite_diff(&b, 1e-4, |x| 0.6 * infonce_ref(&a64, x, bn, m, d, t as f64));
             let what = format!("infonce B={bn} M={m} D={d} T={t}");
-            assert_close(
-                &format!("{what} da"),
-                &da.to_vec_f32().unwrap(),
-                &fa,
-                1e-3,
-                1e-5,
-            );
-            assert_close(
-                &format!("{what} db"),
-                &db.to_vec_f32().unwrap(),
-                &fb,
-                1e-3,
-                1e-5,
-            );
+            assert_close(&format!("{what} da"), &da.to_vec_f32().unwrap(), &fa, 1e-3, 1e-5);
+            assert_close(&format!("{what} db"), &db.to_vec_f32().unwrap(), &fb, 1e-3, 1e-5);
         }
     }
 
@@ -319,20 +245,9 @@ mod tests {
         let bt = Tensor::from_f32(&gpu, &b, &[bn, d]).unwrap();
         let out = infonce(&at, &bt, 0.05).unwrap();
         let want = infonce_ref(&to64(&a), &to64(&b), bn, bn, d, 0.05);
-        assert_close(
-            "infonce large scores",
-            &[out.loss.to_scalar().unwrap()],
-            &[want as f32],
-            1e-4,
-            1e-3,
-        );
+        assert_close("infonce large scores", &[out.loss.to_scalar().unwrap()], &[want as f32], 1e-4, 1e-3);
         let (da, db) = infonce_backward(&at, &bt, 0.05, &out, None).unwrap();
-        assert!(da
-            .to_vec_f32()
-            .unwrap()
-            .iter()
-            .chain(&db.to_vec_f32().unwrap())
-            .all(|x| x.is_finite()));
+        assert!(da.to_vec_f32().unwrap().iter().chain(&db.to_vec_f32().unwrap()).all(|x| x.is_finite()));
     }
 
     #[test]
@@ -348,14 +263,9 @@ mod tests {
         let e = infonce(&a, &a, 0.0).unwrap_err().to_string();
         assert!(e.contains("infonce") && e.contains("temperature"), "{e}");
         let out = infonce(&a, &a, 1.0).unwrap();
-        let e = infonce_backward(&a, &a, 1.0, &out, Some(&a))
-            .unwrap_err()
-            .to_string();
+        let e = infonce_backward(&a, &a, 1.0, &out, Some(&a)).unwrap_err().to_string();
         assert!(e.contains("infonce_backward") && e.contains("dloss"), "{e}");
         let u = Tensor::from_u32(&gpu, &[0; 12], &[4, 3]).unwrap();
-        assert!(infonce(&u, &a, 1.0)
-            .unwrap_err()
-            .to_string()
-            .contains("infonce"));
+        assert!(infonce(&u, &a, 1.0).unwrap_err().to_string().contains("infonce"));
     }
 }
