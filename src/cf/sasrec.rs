@@ -238,10 +238,22 @@ impl SasRec {
         data: &Prepared,
         mut on_epoch: impl FnMut(usize, f32) -> Result<bool>,
     ) -> Result<Vec<f32>> {
-        let seqs: Vec<Vec<u32>> = (0..data.n_users())
-            .map(|u| data.train_sequence(u))
-            .filter(|s| s.len() >= 2)
-            .collect();
+        // Every training position is a target once per epoch: sequences longer
+        // than max_len + 1 are cut into windows of max_len + 1 that overlap by one.
+        let l = self.cfg.max_len;
+        let mut seqs: Vec<Vec<u32>> = Vec::new();
+        for u in 0..data.n_users() {
+            let s = data.train_sequence(u);
+            let mut end = s.len();
+            while end >= 2 {
+                let start = end.saturating_sub(l + 1);
+                seqs.push(s[start..end].to_vec());
+                if start == 0 {
+                    break;
+                }
+                end = start + 1;
+            }
+        }
         if seqs.is_empty() {
             bail!("sasrec: no user has two or more training interactions");
         }
