@@ -5,4 +5,5 @@
 //! decode/eval. Lower layers never import higher ones.
 
 pub mod gpu;
+pub mod io;
 pub mod ops;
