@@ -11,5 +11,6 @@ pub mod data;
 pub mod eval;
 pub mod gpu;
 pub mod nn;
+pub mod io;
 pub mod ops;
 pub mod quant;

