@@ -101,10 +101,7 @@ impl Plan {
             path,
             rm: 8,
             cn: 2,
-            wg: std::env::var("GENREC_MM_WG")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(8),
+            wg: 8,
             tm: 64,
             tn: 64,
             tk: 16,
