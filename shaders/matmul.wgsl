@@ -92,6 +92,32 @@ fn store_out(row: u32, n: u32, v: f32) {
     c[row * p.n + n] = act_fwd(x, p.act);
 }
 
+// op(A)[m, k..k+4] (k + 3 < K).
+fn a_vec4(base: u32, m: u32, k: u32) -> vec4<f32> {
+    if (TRANS_A) {
+        return vec4<f32>(a_el(base, m, k), a_el(base, m, k + 1u), a_el(base, m, k + 2u), a_el(base, m, k + 3u));
+    }
+    let i = base + m * p.k + k;
+    return vec4<f32>(a[i], a[i + 1u], a[i + 2u], a[i + 3u]);
+}
+
+// Store C[m, n..n+4] of the batch entry whose first row is row0, skipping
+// what lies outside the matrix.
+fn store4(row0: u32, m: u32, n: u32, v: vec4<f32>) {
+    if (!EDGE || (m < p.m && n + 3u < p.n)) {
+        store_out(row0 + m, n, v.x);
+        store_out(row0 + m, n + 1u, v.y);
+        store_out(row0 + m, n + 2u, v.z);
+        store_out(row0 + m, n + 3u, v.w);
+    } else if (m < p.m) {
+        for (var q = 0u; q < 4u; q++) {
+            if (n + q < p.n) {
+                store_out(row0 + m, n + q, v[q]);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // mm_reg: barrier-free register blocking for CPU adapters (lavapipe).
 // A workgroup covers RM rows x (WG * CN * 4) columns. Rows depend only on the
@@ -184,6 +210,176 @@ fn mm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             }
         }
     }
+}
+
+// mm_reg8: hand-unrolled mm_reg for RM = 8, CN = 2 (no local arrays: llvmpipe keeps
+// the 16 vec4 accumulators in SSA values instead of indexed memory).
+@compute @workgroup_size(WG, 1, 1)
+fn mm_reg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let ty = (wid.z % p.fold) * 65535u + wid.y;
+    if (ty >= p.ny) {
+        return;
+    }
+    let bat = wid.z / p.fold;
+    let a_base = bat * p.sa;
+    let b_base = bat * p.sb;
+    let m0 = ty * 8u;
+    let n_tile = wid.x * (WG * 8u);
+    let r0 = select(m0 + 0u, min(m0 + 0u, p.m - 1u), EDGE);
+    let r1 = select(m0 + 1u, min(m0 + 1u, p.m - 1u), EDGE);
+    let r2 = select(m0 + 2u, min(m0 + 2u, p.m - 1u), EDGE);
+    let r3 = select(m0 + 3u, min(m0 + 3u, p.m - 1u), EDGE);
+    let r4 = select(m0 + 4u, min(m0 + 4u, p.m - 1u), EDGE);
+    let r5 = select(m0 + 5u, min(m0 + 5u, p.m - 1u), EDGE);
+    let r6 = select(m0 + 6u, min(m0 + 6u, p.m - 1u), EDGE);
+    let r7 = select(m0 + 7u, min(m0 + 7u, p.m - 1u), EDGE);
+    let c0 = n_tile + (0u * WG + lid.x) * 4u;
+    let c1 = n_tile + (1u * WG + lid.x) * 4u;
+    var s00 = vec4<f32>(0.0);
+    var s01 = vec4<f32>(0.0);
+    var s10 = vec4<f32>(0.0);
+    var s11 = vec4<f32>(0.0);
+    var s20 = vec4<f32>(0.0);
+    var s21 = vec4<f32>(0.0);
+    var s30 = vec4<f32>(0.0);
+    var s31 = vec4<f32>(0.0);
+    var s40 = vec4<f32>(0.0);
+    var s41 = vec4<f32>(0.0);
+    var s50 = vec4<f32>(0.0);
+    var s51 = vec4<f32>(0.0);
+    var s60 = vec4<f32>(0.0);
+    var s61 = vec4<f32>(0.0);
+    var s70 = vec4<f32>(0.0);
+    var s71 = vec4<f32>(0.0);
+    let k4 = p.k / 4u;
+    for (var kq = 0u; kq < k4; kq++) {
+        let k = kq * 4u;
+        let b00 = b_vec4(b_base, k + 0u, c0);
+        let b01 = b_vec4(b_base, k + 1u, c0);
+        let b02 = b_vec4(b_base, k + 2u, c0);
+        let b03 = b_vec4(b_base, k + 3u, c0);
+        let b10 = b_vec4(b_base, k + 0u, c1);
+        let b11 = b_vec4(b_base, k + 1u, c1);
+        let b12 = b_vec4(b_base, k + 2u, c1);
+        let b13 = b_vec4(b_base, k + 3u, c1);
+        let a0 = a_vec4(a_base, r0, k);
+        s00 = fma(vec4<f32>(a0.x), b00, s00);
+        s00 = fma(vec4<f32>(a0.y), b01, s00);
+        s00 = fma(vec4<f32>(a0.z), b02, s00);
+        s00 = fma(vec4<f32>(a0.w), b03, s00);
+        s01 = fma(vec4<f32>(a0.x), b10, s01);
+        s01 = fma(vec4<f32>(a0.y), b11, s01);
+        s01 = fma(vec4<f32>(a0.z), b12, s01);
+        s01 = fma(vec4<f32>(a0.w), b13, s01);
+        let a1 = a_vec4(a_base, r1, k);
+        s10 = fma(vec4<f32>(a1.x), b00, s10);
+        s10 = fma(vec4<f32>(a1.y), b01, s10);
+        s10 = fma(vec4<f32>(a1.z), b02, s10);
+        s10 = fma(vec4<f32>(a1.w), b03, s10);
+        s11 = fma(vec4<f32>(a1.x), b10, s11);
+        s11 = fma(vec4<f32>(a1.y), b11, s11);
+        s11 = fma(vec4<f32>(a1.z), b12, s11);
+        s11 = fma(vec4<f32>(a1.w), b13, s11);
+        let a2 = a_vec4(a_base, r2, k);
+        s20 = fma(vec4<f32>(a2.x), b00, s20);
+        s20 = fma(vec4<f32>(a2.y), b01, s20);
+        s20 = fma(vec4<f32>(a2.z), b02, s20);
+        s20 = fma(vec4<f32>(a2.w), b03, s20);
+        s21 = fma(vec4<f32>(a2.x), b10, s21);
+        s21 = fma(vec4<f32>(a2.y), b11, s21);
+        s21 = fma(vec4<f32>(a2.z), b12, s21);
+        s21 = fma(vec4<f32>(a2.w), b13, s21);
+        let a3 = a_vec4(a_base, r3, k);
+        s30 = fma(vec4<f32>(a3.x), b00, s30);
+        s30 = fma(vec4<f32>(a3.y), b01, s30);
+        s30 = fma(vec4<f32>(a3.z), b02, s30);
+        s30 = fma(vec4<f32>(a3.w), b03, s30);
+        s31 = fma(vec4<f32>(a3.x), b10, s31);
+        s31 = fma(vec4<f32>(a3.y), b11, s31);
+        s31 = fma(vec4<f32>(a3.z), b12, s31);
+        s31 = fma(vec4<f32>(a3.w), b13, s31);
+        let a4 = a_vec4(a_base, r4, k);
+        s40 = fma(vec4<f32>(a4.x), b00, s40);
+        s40 = fma(vec4<f32>(a4.y), b01, s40);
+        s40 = fma(vec4<f32>(a4.z), b02, s40);
+        s40 = fma(vec4<f32>(a4.w), b03, s40);
+        s41 = fma(vec4<f32>(a4.x), b10, s41);
+        s41 = fma(vec4<f32>(a4.y), b11, s41);
+        s41 = fma(vec4<f32>(a4.z), b12, s41);
+        s41 = fma(vec4<f32>(a4.w), b13, s41);
+        let a5 = a_vec4(a_base, r5, k);
+        s50 = fma(vec4<f32>(a5.x), b00, s50);
+        s50 = fma(vec4<f32>(a5.y), b01, s50);
+        s50 = fma(vec4<f32>(a5.z), b02, s50);
+        s50 = fma(vec4<f32>(a5.w), b03, s50);
+        s51 = fma(vec4<f32>(a5.x), b10, s51);
+        s51 = fma(vec4<f32>(a5.y), b11, s51);
+        s51 = fma(vec4<f32>(a5.z), b12, s51);
+        s51 = fma(vec4<f32>(a5.w), b13, s51);
+        let a6 = a_vec4(a_base, r6, k);
+        s60 = fma(vec4<f32>(a6.x), b00, s60);
+        s60 = fma(vec4<f32>(a6.y), b01, s60);
+        s60 = fma(vec4<f32>(a6.z), b02, s60);
+        s60 = fma(vec4<f32>(a6.w), b03, s60);
+        s61 = fma(vec4<f32>(a6.x), b10, s61);
+        s61 = fma(vec4<f32>(a6.y), b11, s61);
+        s61 = fma(vec4<f32>(a6.z), b12, s61);
+        s61 = fma(vec4<f32>(a6.w), b13, s61);
+        let a7 = a_vec4(a_base, r7, k);
+        s70 = fma(vec4<f32>(a7.x), b00, s70);
+        s70 = fma(vec4<f32>(a7.y), b01, s70);
+        s70 = fma(vec4<f32>(a7.z), b02, s70);
+        s70 = fma(vec4<f32>(a7.w), b03, s70);
+        s71 = fma(vec4<f32>(a7.x), b10, s71);
+        s71 = fma(vec4<f32>(a7.y), b11, s71);
+        s71 = fma(vec4<f32>(a7.z), b12, s71);
+        s71 = fma(vec4<f32>(a7.w), b13, s71);
+    }
+    for (var k = k4 * 4u; k < p.k; k++) {
+        let b0 = b_vec4(b_base, k, c0);
+        let b1 = b_vec4(b_base, k, c1);
+        let a0 = vec4<f32>(a_el(a_base, r0, k));
+        s00 = fma(a0, b0, s00);
+        s01 = fma(a0, b1, s01);
+        let a1 = vec4<f32>(a_el(a_base, r1, k));
+        s10 = fma(a1, b0, s10);
+        s11 = fma(a1, b1, s11);
+        let a2 = vec4<f32>(a_el(a_base, r2, k));
+        s20 = fma(a2, b0, s20);
+        s21 = fma(a2, b1, s21);
+        let a3 = vec4<f32>(a_el(a_base, r3, k));
+        s30 = fma(a3, b0, s30);
+        s31 = fma(a3, b1, s31);
+        let a4 = vec4<f32>(a_el(a_base, r4, k));
+        s40 = fma(a4, b0, s40);
+        s41 = fma(a4, b1, s41);
+        let a5 = vec4<f32>(a_el(a_base, r5, k));
+        s50 = fma(a5, b0, s50);
+        s51 = fma(a5, b1, s51);
+        let a6 = vec4<f32>(a_el(a_base, r6, k));
+        s60 = fma(a6, b0, s60);
+        s61 = fma(a6, b1, s61);
+        let a7 = vec4<f32>(a_el(a_base, r7, k));
+        s70 = fma(a7, b0, s70);
+        s71 = fma(a7, b1, s71);
+    }
+    let row0 = bat * p.m;
+    store4(row0, m0 + 0u, c0, s00);
+    store4(row0, m0 + 0u, c1, s01);
+    store4(row0, m0 + 1u, c0, s10);
+    store4(row0, m0 + 1u, c1, s11);
+    store4(row0, m0 + 2u, c0, s20);
+    store4(row0, m0 + 2u, c1, s21);
+    store4(row0, m0 + 3u, c0, s30);
+    store4(row0, m0 + 3u, c1, s31);
+    store4(row0, m0 + 4u, c0, s40);
+    store4(row0, m0 + 4u, c1, s41);
+    store4(row0, m0 + 5u, c0, s50);
+    store4(row0, m0 + 5u, c1, s51);
+    store4(row0, m0 + 6u, c0, s60);
+    store4(row0, m0 + 6u, c1, s61);
+    store4(row0, m0 + 7u, c0, s70);
+    store4(row0, m0 + 7u, c1, s71);
 }
 
 // ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::gpu::{div_ceil, DType, Gpu, Kernel, Params, Tensor};
+use crate::gpu::{DType, Gpu, Kernel, Params, Tensor};
 use crate::ops::matmul::{self, MatmulOpts, Path, Plan};
 
 /// One benchmark row.
@@ -59,6 +59,17 @@ pub fn registry() -> Vec<(&'static str, Setup)> {
     vec![("matmul", matmul_cases)]
 }
 
+/// CPU seconds (user + system) this process has used so far, on Linux; lets a
+/// CPU adapter (lavapipe runs in-process) be judged on a loaded machine.
+pub fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesized command name; utime, stime are fields 14, 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Milliseconds per run of `f`: warm up, pick an iteration count that fills
 /// about `target_s` seconds (at most `max_iters`), record all iterations into
 /// the pending encoder, `sync`, and divide the wall-clock time.
@@ -76,15 +87,22 @@ pub fn time_ms(
     gpu.sync()?;
     let one = t0.elapsed().as_secs_f64();
     let iters = ((target_s / one.max(1e-6)) as usize).clamp(1, max_iters.max(1));
-    if iters == 1 {
-        return Ok(one * 1e3);
-    }
     let t0 = Instant::now();
+    let c0 = process_cpu_s();
     for _ in 0..iters {
         f()?;
     }
     gpu.sync()?;
-    Ok(t0.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    let wall = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    if let (Some(c0), Some(c1), true) = (
+        c0,
+        process_cpu_s(),
+        std::env::var_os("GENREC_BENCH_CPU").is_some(),
+    ) {
+        // Debug aid on shared machines: CPU milliseconds per run instead of wall-clock.
+        return Ok((c1 - c0) * 1e3 / iters as f64);
+    }
+    Ok(wall)
 }
 
 /// `n` values uniform in [-scale, scale), deterministic in `seed`.
@@ -208,7 +226,7 @@ pub fn table(peaks: &Peaks, results: &[BenchResult]) -> String {
     s
 }
 
-/// Matmul at realistic shapes on both kernel paths.
+/// Matmul at realistic shapes on every kernel path that applies.
 fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
     // (M, K, N, label)
     let mut shapes: Vec<(usize, usize, usize, &str)> = vec![(1024, 1024, 1024, "square")];
@@ -217,27 +235,59 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
         shapes.push((4096, 1536, 576, "SmolLM2 FFN down"));
         shapes.push((2560, 128, 1024, "TIGER"));
     }
+    let register = Plan::with_path(Path::Register);
+    let tiled = Plan::with_path(Path::Tiled);
+    let mut plans = vec![("matmul[register]", register), ("matmul[tiled]", tiled)];
+    if matmul::subgroup_kernel_ok(gpu) {
+        plans.insert(
+            0,
+            (
+                "matmul[register, subgroup]",
+                Plan {
+                    subgroup: true,
+                    ..register
+                },
+            ),
+        );
+    }
     let mut cases = Vec::new();
-    // The tiled path is the GPU path; on a CPU adapter it is slow, so time it
-    // only at the square shape there, and with few iterations.
-    let paths = [Path::Register, Path::Tiled];
-    for &path in &paths {
+    for &(name, plan) in &plans {
         for &(m, k, n, label) in &shapes {
-            if path == Path::Tiled && gpu.is_cpu() && label != "square" {
+            if name == "matmul[register]" && plans.len() == 3 && label != "square" {
+                continue; // the subgroup kernel is the CPU path here; compare at one shape
+            }
+            if plan.path == Path::Tiled && gpu.is_cpu() {
+                // The GPU path is slow on a CPU adapter: time it once, at 512^3.
+                if label == "square" {
+                    cases.push(matmul_case(
+                        gpu, name, plan, 512, 512, 512, label, false, false,
+                    )?);
+                }
                 continue;
             }
-            cases.push(matmul_case(gpu, path, m, k, n, label, false, false)?);
+            cases.push(matmul_case(gpu, name, plan, m, k, n, label, false, false)?);
         }
     }
-    let (m, k, n) = (1024, 1024, 1024);
-    let own = Plan::for_gpu(gpu).path;
-    cases.push(matmul_case(gpu, own, m, k, n, "square, B^T", false, true)?);
+    // Variants on the adapter's own plan: transposed B (the backward's dA) and f16 weights.
+    let own = Plan::for_gpu(gpu);
     cases.push(matmul_case(
         gpu,
+        "matmul[auto]",
         own,
-        m,
-        k,
-        n,
+        1024,
+        1024,
+        1024,
+        "square, B^T",
+        false,
+        true,
+    )?);
+    cases.push(matmul_case(
+        gpu,
+        "matmul[auto]",
+        own,
+        1024,
+        1024,
+        1024,
         "square, f16 B",
         true,
         false,
@@ -248,7 +298,8 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
 #[allow(clippy::too_many_arguments)]
 fn matmul_case(
     gpu: &Gpu,
-    path: Path,
+    name: &str,
+    plan: Plan,
     m: usize,
     k: usize,
     n: usize,
@@ -264,12 +315,7 @@ fn matmul_case(
     } else {
         Tensor::from_f32(gpu, &bv, &bshape)?
     };
-    let plan = Plan::with_path(path);
-    let name = match path {
-        Path::Register => "matmul[register]",
-        Path::Tiled => "matmul[tiled]",
-    };
-    let slow = path == Path::Tiled && gpu.is_cpu();
+    let slow = plan.path == Path::Tiled && gpu.is_cpu();
     Ok(Case {
         kernel: name.to_string(),
         shape: format!("{m}x{k}x{n} ({label})"),
@@ -289,11 +335,23 @@ fn matmul_case(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::div_ceil;
 
     #[test]
     fn peaks_and_a_tiny_matmul_case_produce_numbers() {
         let gpu = Gpu::shared().unwrap();
-        let mut c = matmul_case(&gpu, Path::Register, 64, 32, 64, "t", false, false).unwrap();
+        let mut c = matmul_case(
+            &gpu,
+            "matmul[register]",
+            Plan::with_path(Path::Register),
+            64,
+            32,
+            64,
+            "t",
+            false,
+            false,
+        )
+        .unwrap();
         let ms = time_ms(&gpu, 0.01, 3, &mut c.run).unwrap();
         assert!(ms > 0.0 && ms.is_finite());
         let r = BenchResult {

@@ -62,16 +62,38 @@ pub struct Plan {
     pub tm: u32,
     pub tn: u32,
     pub tk: u32,
+    /// Register path: use the hand-unrolled 8 x (2 vec4) kernel `mm_reg8`
+    /// (requires rm = 8, cn = 2) instead of the generic loop kernel `mm_reg`.
+    pub unrolled: bool,
+    /// Register path: use the subgroup kernel `mm_sg` (shaders/matmul_sg.wgsl)
+    /// where it applies (no transposes, f32 B, K and N multiples of 4, an
+    /// adapter whose subgroups are exactly `SG_LANES` wide).
+    pub subgroup: bool,
+}
+
+/// Rows per workgroup of `mm_sg` (the generator's RM) and its subgroup width.
+pub const SG_ROWS: usize = 32;
+pub const SG_LANES: usize = 8;
+
+/// Whether the adapter can run `mm_sg`.
+pub fn subgroup_kernel_ok(gpu: &Gpu) -> bool {
+    let i = gpu.info();
+    gpu.has(wgpu::Features::SUBGROUP)
+        && i.subgroup_min_size as usize == SG_LANES
+        && i.subgroup_max_size as usize == SG_LANES
 }
 
 impl Plan {
     /// The plan for an adapter: register blocking on CPU adapters, tiling otherwise.
     pub fn for_gpu(gpu: &Gpu) -> Plan {
-        Self::with_path(if gpu.is_cpu() {
-            Path::Register
+        if gpu.is_cpu() {
+            Plan {
+                subgroup: subgroup_kernel_ok(gpu),
+                ..Self::with_path(Path::Register)
+            }
         } else {
-            Path::Tiled
-        })
+            Self::with_path(Path::Tiled)
+        }
     }
     /// The tile shapes used for a given path.
     pub fn with_path(path: Path) -> Plan {
@@ -83,6 +105,8 @@ impl Plan {
             tm: 64,
             tn: 64,
             tk: 16,
+            unrolled: true,
+            subgroup: false,
         }
     }
     /// Output rows x columns covered by one workgroup.
@@ -95,6 +119,7 @@ impl Plan {
 
     fn kernel(&self, trans_a: bool, trans_b: bool, b_f16: bool, edge: bool) -> Kernel {
         let entry = match self.path {
+            Path::Register if self.unrolled && self.rm == 8 && self.cn == 2 => "mm_reg8",
             Path::Register => "mm_reg",
             Path::Tiled => "mm_tiled",
         };
@@ -117,6 +142,11 @@ impl Plan {
     }
 }
 
+fn sg_kernel() -> Kernel {
+    // Loads are clamped to the matrix; stores are guarded.
+    Kernel::new("matmul", "matmul_sg", "mm_sg").trusted(true)
+}
+
 fn rowsum_kernel() -> Kernel {
     Kernel::new("matmul_rowsum", "matmul_rowsum", "rowsum").trusted(true)
 }
@@ -124,8 +154,15 @@ fn rowsum_kernel() -> Kernel {
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
     let mut v = Vec::new();
-    for path in [Path::Register, Path::Tiled] {
-        let plan = Plan::with_path(path);
+    let generic = Plan {
+        unrolled: false,
+        ..Plan::with_path(Path::Register)
+    };
+    for plan in [
+        Plan::with_path(Path::Register),
+        generic,
+        Plan::with_path(Path::Tiled),
+    ] {
         for ta in [false, true] {
             for tb in [false, true] {
                 for f16 in [false, true] {
@@ -136,6 +173,7 @@ pub fn kernels() -> Vec<Kernel> {
             }
         }
     }
+    v.push(sg_kernel());
     v.push(rowsum_kernel());
     v
 }
@@ -243,9 +281,25 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     }
     let gpu = a.gpu();
     let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
-    let (tile_m, tile_n) = plan.tile();
+    let use_sg = plan.path == Path::Register
+        && plan.subgroup
+        && !opts.trans_a
+        && !opts.trans_b
+        && b.dtype() == DType::F32
+        && d.k % 4 == 0
+        && d.n % 4 == 0
+        && subgroup_kernel_ok(gpu);
+    let (tile_m, tile_n) = if use_sg {
+        (SG_ROWS, SG_LANES * 4)
+    } else {
+        plan.tile()
+    };
     let edge = d.m % tile_m != 0 || d.n % tile_n != 0;
-    let kernel = plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge);
+    let kernel = if use_sg {
+        sg_kernel()
+    } else {
+        plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge)
+    };
     let nx = div_ceil(d.n, tile_n);
     let ny = div_ceil(d.m, tile_m);
     let fold = ny.div_ceil(65535);
@@ -477,7 +531,7 @@ mod tests {
     /// Run one case on `path` and compare with the CPU reference.
     #[allow(clippy::too_many_arguments)]
     fn check_case(
-        path: Path,
+        plan: Plan,
         a_shape: &[usize],
         b_shape: &[usize],
         ta: bool,
@@ -508,7 +562,7 @@ mod tests {
             bias: with_bias.then_some(&bias),
             act,
         };
-        let got = matmul_with_plan(&a, &b, &opts, &Plan::with_path(path)).unwrap();
+        let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
         assert_eq!(got.shape(), d.out_shape.as_slice());
         let want = matmul_ref(
             &f64s(&av),
@@ -521,10 +575,31 @@ mod tests {
             act,
         )
         .unwrap();
-        let what = format!("{path:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
+        let what = format!("{plan:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
         // Sums of K products of values in [-1, 1]: absolute error grows ~ sqrt(K) eps.
         let atol = 2e-6 * (d.k as f32).sqrt().max(1.0);
         assert_close(&what, &got.to_vec_f32().unwrap(), &f32s(&want), 1e-5, atol);
+    }
+
+    /// Every kernel variant: register (unrolled, loops, subgroup where the
+    /// adapter allows it) and tiled.
+    fn plans() -> Vec<Plan> {
+        let reg = Plan::with_path(Path::Register);
+        let mut v = vec![
+            reg,
+            Plan {
+                unrolled: false,
+                ..reg
+            },
+            Plan::with_path(Path::Tiled),
+        ];
+        if subgroup_kernel_ok(&Gpu::shared().unwrap()) {
+            v.push(Plan {
+                subgroup: true,
+                ..reg
+            });
+        }
+        v
     }
 
     fn shape2(rows: usize, cols: usize, trans: bool) -> Vec<usize> {
@@ -545,12 +620,12 @@ mod tests {
             (65, 20, 129),
             (9, 4, 70),
         ];
-        for path in [Path::Register, Path::Tiled] {
+        for plan in plans() {
             for (i, &(m, k, n)) in sizes.iter().enumerate() {
                 for ta in [false, true] {
                     for tb in [false, true] {
                         check_case(
-                            path,
+                            plan,
                             &shape2(m, k, ta),
                             &shape2(k, n, tb),
                             ta,
@@ -569,13 +644,13 @@ mod tests {
     #[test]
     fn aligned_fast_path_both_paths() {
         // Multiples of both tiles (8 x 64 and 64 x 64) take the EDGE = false variant.
-        for path in [Path::Register, Path::Tiled] {
-            let (tm, tn) = Plan::with_path(path).tile();
+        for plan in plans() {
+            let (tm, tn) = plan.tile();
             assert_eq!((64 % tm, 128 % tn), (0, 0));
             for ta in [false, true] {
                 for tb in [false, true] {
                     check_case(
-                        path,
+                        plan,
                         &shape2(64, 36, ta),
                         &shape2(36, 128, tb),
                         ta,
@@ -588,7 +663,7 @@ mod tests {
                 }
             }
             check_case(
-                path,
+                plan,
                 &[128, 256],
                 &[256, 64],
                 false,
@@ -603,14 +678,14 @@ mod tests {
 
     #[test]
     fn batched_and_broadcast() {
-        for path in [Path::Register, Path::Tiled] {
+        for plan in plans() {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let a3 = [vec![3], shape2(7, 10, ta)].concat();
                     let b3 = [vec![3], shape2(10, 33, tb)].concat();
-                    check_case(path, &a3, &b3, ta, tb, true, Act::None, false, 20);
+                    check_case(plan, &a3, &b3, ta, tb, true, Act::None, false, 20);
                     check_case(
-                        path,
+                        plan,
                         &a3,
                         &shape2(10, 33, tb),
                         ta,
@@ -621,7 +696,7 @@ mod tests {
                         21,
                     );
                     check_case(
-                        path,
+                        plan,
                         &shape2(7, 10, ta),
                         &b3,
                         ta,
@@ -635,7 +710,7 @@ mod tests {
             }
             // Aligned batched shapes.
             check_case(
-                path,
+                plan,
                 &[2, 64, 16],
                 &[16, 128],
                 false,
@@ -649,8 +724,75 @@ mod tests {
     }
 
     #[test]
+    fn subgroup_kernel_edges() {
+        // mm_sg: M not a multiple of its 32 rows, N % 4 == 0 but not a multiple of
+        // 32 columns, K % 32 != 0 (remainder quads), batches, shared operands, bias.
+        let gpu = Gpu::shared().unwrap();
+        if !subgroup_kernel_ok(&gpu) {
+            eprintln!("adapter subgroups are not {SG_LANES} wide: mm_sg not tested");
+            return;
+        }
+        let plan = Plan {
+            subgroup: true,
+            ..Plan::with_path(Path::Register)
+        };
+        for &(m, k, n) in &[
+            (1, 4, 4),
+            (33, 36, 12),
+            (70, 100, 44),
+            (32, 64, 32),
+            (65, 260, 96),
+        ] {
+            check_case(
+                plan,
+                &[m, k],
+                &[k, n],
+                false,
+                false,
+                true,
+                Act::Gelu,
+                false,
+                90,
+            );
+        }
+        check_case(
+            plan,
+            &[3, 9, 40],
+            &[3, 40, 20],
+            false,
+            false,
+            true,
+            Act::None,
+            false,
+            91,
+        );
+        check_case(
+            plan,
+            &[3, 9, 40],
+            &[40, 20],
+            false,
+            false,
+            false,
+            Act::Relu,
+            false,
+            92,
+        );
+        check_case(
+            plan,
+            &[9, 40],
+            &[3, 40, 20],
+            false,
+            false,
+            true,
+            Act::None,
+            false,
+            93,
+        );
+    }
+
+    #[test]
     fn bias_and_every_activation() {
-        for path in [Path::Register, Path::Tiled] {
+        for plan in plans() {
             for act in [
                 Act::None,
                 Act::Relu,
@@ -661,7 +803,7 @@ mod tests {
                 Act::Tanh,
             ] {
                 check_case(
-                    path,
+                    plan,
                     &[17, 12],
                     &[12, 9],
                     false,
@@ -672,7 +814,7 @@ mod tests {
                     30,
                 );
                 check_case(
-                    path,
+                    plan,
                     &[2, 8, 12],
                     &[12, 64],
                     false,
@@ -688,11 +830,11 @@ mod tests {
 
     #[test]
     fn f16_weights() {
-        for path in [Path::Register, Path::Tiled] {
+        for plan in plans() {
             for tb in [false, true] {
                 for ta in [false, true] {
                     check_case(
-                        path,
+                        plan,
                         &shape2(33, 7, ta),
                         &shape2(7, 5, tb),
                         ta,
@@ -703,7 +845,7 @@ mod tests {
                         40,
                     );
                     check_case(
-                        path,
+                        plan,
                         &shape2(16, 24, ta),
                         &shape2(24, 128, tb),
                         ta,
@@ -715,7 +857,7 @@ mod tests {
                     );
                 }
                 check_case(
-                    path,
+                    plan,
                     &[2, 5, 257],
                     &shape2(257, 33, tb),
                     false,
@@ -738,8 +880,8 @@ mod tests {
         let bv = rand_vec(51, 3, 1.0);
         let a = Tensor::from_f32(&gpu, &av, &[m, 1]).unwrap();
         let b = Tensor::from_f32(&gpu, &bv, &[1, 3]).unwrap();
-        for path in [Path::Register, Path::Tiled] {
-            let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &Plan::with_path(path))
+        for plan in plans() {
+            let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan)
                 .unwrap()
                 .to_vec_f32()
                 .unwrap();
@@ -747,14 +889,14 @@ mod tests {
                 .iter()
                 .flat_map(|&x| bv.iter().map(move |&y| x * y))
                 .collect();
-            assert_close(&format!("{path:?} fold"), &got, &want, 1e-6, 0.0);
+            assert_close(&format!("{plan:?} fold"), &got, &want, 1e-6, 0.0);
         }
     }
 
     #[test]
     fn auto_path_matches_reference() {
         check_case(
-            Plan::for_gpu(&Gpu::shared().unwrap()).path,
+            Plan::for_gpu(&Gpu::shared().unwrap()),
             &[5, 6],
             &[7, 6],
             false,
