@@ -27,7 +27,12 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 /// Best (wall, cpu) seconds per run over `rounds` batches of `iters`.
-fn time(gpu: &Gpu, iters: usize, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+fn time(
+    gpu: &Gpu,
+    iters: usize,
+    rounds: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
     f()?; // warm-up: compile the pipeline, fill the pool
     gpu.sync()?;
     let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
@@ -70,7 +75,9 @@ fn main() -> Result<()> {
     let gbs = |t: f64| bytes / t / 1e9;
     let copies = |label: &str| -> Result<((f64, f64), (f64, f64))> {
         let c = time(&gpu, iters, rounds, || dst.copy_from(&x))?;
-        let k = time(&gpu, iters, rounds, || elementwise::copy_kernel(&x).map(drop))?;
+        let k = time(&gpu, iters, rounds, || {
+            elementwise::copy_kernel(&x).map(drop)
+        })?;
         println!(
             "  {label:<20} buffer copy {:>7.2} GB/s ({:>7.2} per CPU-s), vec4 shader copy {:>6.2} GB/s ({:>6.2} per CPU-s)",
             gbs(c.0),
@@ -82,9 +89,18 @@ fn main() -> Result<()> {
     };
     let cases: Vec<(&str, Box<dyn Fn() -> Result<()>>)> = vec![
         ("softmax", Box::new(|| softmax::softmax(&x).map(drop))),
-        ("log_softmax", Box::new(|| softmax::log_softmax(&x).map(drop))),
-        ("rms_norm", Box::new(|| norm::rms_norm(&x, &w, 1e-5).map(drop))),
-        ("layer_norm", Box::new(|| norm::layer_norm(&x, &w, &b, 1e-5).map(drop))),
+        (
+            "log_softmax",
+            Box::new(|| softmax::log_softmax(&x).map(drop)),
+        ),
+        (
+            "rms_norm",
+            Box::new(|| norm::rms_norm(&x, &w, 1e-5).map(drop)),
+        ),
+        (
+            "layer_norm",
+            Box::new(|| norm::layer_norm(&x, &w, &b, 1e-5).map(drop)),
+        ),
     ];
     for (name, f) in cases {
         let (c1, k1) = copies("copies before")?;

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 
 use super::elementwise::grid;
 use super::reduce;
-use super::softmax::cached_shape;
+use super::softmax::{cached_shape, cached_variants, cpu_shapes};
 use crate::gpu::{check, div_ceil, shape_str, DType, Kernel, Params, Tensor};
 
 /// Threads per workgroup (row kernels: one workgroup per row).
@@ -45,10 +45,17 @@ fn kernel_sized(entry: &'static str, wg: usize, per: usize, rows: usize, aligned
 fn forward_kernel(x: &Tensor) -> (Kernel, [u32; 3]) {
     let (rows, cols) = (x.rows(), x.last_dim());
     let aligned = cols % 4 == 0;
-    match cached_shape(cols) {
+    match cached_shape(cpu_shapes(x.gpu()), cols) {
         Some((wg, per)) => {
-            let r = if rows >= 64 * CACHED_ROWS { CACHED_ROWS } else { 1 };
-            (kernel_sized("forward_cached", wg, per, r, aligned), grid(rows.div_ceil(r)))
+            let r = if rows >= 64 * CACHED_ROWS {
+                CACHED_ROWS
+            } else {
+                1
+            };
+            (
+                kernel_sized("forward_cached", wg, per, r, aligned),
+                grid(rows.div_ceil(r)),
+            )
         }
         None => (kernel("forward", aligned), grid(rows)),
     }
@@ -60,11 +67,9 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", aligned));
         v.push(kernel("backward", aligned));
-        for wg in [32, 64, 128] {
-            for per in [1, 2, 4, 8, 16] {
-                for rows in [1, CACHED_ROWS] {
-                    v.push(kernel_sized("forward_cached", wg, per, rows, aligned));
-                }
+        for (wg, per) in cached_variants() {
+            for rows in [1, CACHED_ROWS] {
+                v.push(kernel_sized("forward_cached", wg, per, rows, aligned));
             }
         }
     }
@@ -344,7 +349,9 @@ mod tests {
         v.iter().map(|&x| x as f32).collect()
     }
 
-    const SHAPES: [(usize, usize); 7] = [
+    // (258, 33), (300, 12): several rows per workgroup with a partial last group;
+    // 4096: the largest CPU register-cached row; 8192, 9000: streaming on CPU.
+    const SHAPES: [(usize, usize); 11] = [
         (1, 1),
         (3, 7),
         (2, 33),
@@ -352,10 +359,21 @@ mod tests {
         (3, 257),
         (2, 4099),
         (300, 12),
+        (258, 33),
+        (2, 4096),
+        (2, 8192),
+        (1, 9000),
     ];
 
     #[test]
     fn forward_matches_reference() {
+        for cpu in [false, true] {
+            crate::ops::softmax::FORCE_CPU_SHAPES.with(|f| f.set(Some(cpu)));
+            forward_matches_reference_with();
+        }
+    }
+
+    fn forward_matches_reference_with() {
         let g = gpu();
         for (rows, c) in SHAPES {
             let n = rows * c;
