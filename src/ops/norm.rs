@@ -26,7 +26,7 @@ const LAYER: usize = 1;
 
 /// Rows per workgroup of the register-cached forward when there are many rows
 /// (w and b are then read once per this many rows).
-const CACHED_ROWS: usize = 4;
+const CACHED_ROWS: usize = 8;
 
 fn kernel(entry: &'static str, aligned: bool) -> Kernel {
     kernel_sized(entry, WG, 1, 1, aligned)
@@ -349,17 +349,18 @@ mod tests {
         v.iter().map(|&x| x as f32).collect()
     }
 
-    // (258, 33), (300, 12): several rows per workgroup with a partial last group;
+    // (515, 36): several rows per workgroup (>= 64 * CACHED_ROWS rows) with a partial last group;
     // 4096: the largest CPU register-cached row; 8192, 9000: streaming on CPU.
-    const SHAPES: [(usize, usize); 11] = [
+    const SHAPES: [(usize, usize); 12] = [
         (1, 1),
         (3, 7),
         (2, 33),
         (5, 64),
         (3, 257),
         (2, 4099),
-        (300, 12),
-        (258, 33),
+        (300, 12), // one row per workgroup
+        (515, 36),
+        (520, 7),
         (2, 4096),
         (2, 8192),
         (1, 9000),
