@@ -226,66 +226,107 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
 }
 
-// Row held in registers: each thread keeps its PER vec4s (j = lid + k * WG), so
-// x is read once and y written once. Used when ceil(cols / 4) <= WG * PER.
+// Sum of v over the workgroup through red_a (sum_a) or red_b (sum_b); every
+// thread gets the total. Consecutive sums must alternate arrays (a thread may
+// still be reading [0] of the previous one).
+fn sum_a(lid: u32, v: f32) -> f32 {
+    red_a[lid] = v;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            red_a[lid] = red_a[lid] + red_a[lid + w];
+        }
+        workgroupBarrier();
+    }
+    return red_a[0];
+}
+
+fn sum_b(lid: u32, v: f32) -> f32 {
+    red_b[lid] = v;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w / 2u) {
+        if (lid < w) {
+            red_b[lid] = red_b[lid] + red_b[lid + w];
+        }
+        workgroupBarrier();
+    }
+    return red_b[0];
+}
+
+// ROWS rows per workgroup (rows g * ROWS ..), each held in registers: a thread
+// keeps its PER vec4s (j = lid + k * WG) of x, and of w and b for all ROWS rows,
+// so x is read once, y written once, w and b once per ROWS rows. LayerNorm
+// statistics are exact two-pass (mean, then sum of squared deviations) over
+// the registers. Used when ceil(cols / 4) <= WG * PER.
 @compute @workgroup_size(WG)
 fn forward_cached(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.rows) {
+    let first = (wid.x + wid.y * nwg.x) * ROWS;
+    if (first >= p.rows) {
         return; // uniform over the workgroup
     }
-    let base = row * p.cols;
     let c4 = (p.cols + 3u) / 4u;
     let layer = p.mode == 1u;
-    var xs: array<vec4<f32>, PER>;
-    var sum = 0.0;
-    var ss = 0.0;
-    var n = 0.0;
+    let inv_cols = 1.0 / f32(p.cols);
+    var ws: array<vec4<f32>, PER>;
+    var bs: array<vec4<f32>, PER>;
     for (var k = 0u; k < PER; k++) {
         let j = lid + k * WG;
-        var v = vec4<f32>(0.0);
         if (j < c4) {
-            v = ld_x(base, j);
-            n += f32(min(4u, p.cols - 4u * j));
+            ws[k] = ld_w(j);
+            if (layer) {
+                bs[k] = ld_b(j);
+            }
         }
-        xs[k] = v;
-        sum += hsum(v);
-        ss += dot(v, v);
     }
-    var mean = 0.0;
-    var rstd = 0.0;
-    if (layer) {
-        // Per-thread mean and M2 from registers, then Chan's combine.
-        let m = select(0.0, sum / n, n > 0.0);
-        var m2 = 0.0;
+    let last = min(p.rows, first + ROWS);
+    for (var row = first; row < last; row++) {
+        let base = row * p.cols;
+        var xs: array<vec4<f32>, PER>;
+        var acc = 0.0;
+        for (var k = 0u; k < PER; k++) {
+            let j = lid + k * WG;
+            var v = vec4<f32>(0.0);
+            if (j < c4) {
+                v = ld_x(base, j);
+            }
+            xs[k] = v;
+            acc += select(dot(v, v), hsum(v), layer);
+        }
+        var mean = 0.0;
+        var rstd = 0.0;
+        if (layer) {
+            mean = sum_a(lid, acc) * inv_cols;
+            var m2 = 0.0;
+            for (var k = 0u; k < PER; k++) {
+                let j = lid + k * WG;
+                if (j < c4) {
+                    let d = select(vec4<f32>(0.0), xs[k] - mean, lanes(j));
+                    m2 += dot(d, d);
+                }
+            }
+            // red_b here keeps red_a's readers (above) apart from the next row's writers.
+            rstd = inverseSqrt(sum_b(lid, m2) * inv_cols + p.eps);
+        } else if ((row & 1u) == 0u) {
+            rstd = inverseSqrt(sum_a(lid, acc) * inv_cols + p.eps);
+        } else {
+            rstd = inverseSqrt(sum_b(lid, acc) * inv_cols + p.eps);
+        }
         for (var k = 0u; k < PER; k++) {
             let j = lid + k * WG;
             if (j < c4) {
-                let d = select(vec4<f32>(0.0), xs[k] - m, lanes(j));
-                m2 += dot(d, d);
+                var y = (xs[k] - mean) * rstd * ws[k];
+                if (layer) {
+                    y += bs[k];
+                }
+                st_y(base, j, y);
             }
         }
-        let st = chan_combine(lid, n, m, m2);
-        mean = st.x;
-        rstd = inverseSqrt(max(st.y, 0.0) / f32(p.cols) + p.eps);
-    } else {
-        rstd = inverseSqrt(wg_sum2(lid, ss, 0.0).x / f32(p.cols) + p.eps);
-    }
-    for (var k = 0u; k < PER; k++) {
-        let j = lid + k * WG;
-        if (j < c4) {
-            var y = (xs[k] - mean) * rstd * ld_w(j);
+        if (lid == 0u) {
+            frstd[row] = rstd;
             if (layer) {
-                y += ld_b(j);
+                fmean[row] = mean;
             }
-            st_y(base, j, y);
-        }
-    }
-    if (lid == 0u) {
-        frstd[row] = rstd;
-        if (layer) {
-            fmean[row] = mean;
         }
     }
 }

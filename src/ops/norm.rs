@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 
 use super::elementwise::grid;
 use super::reduce;
-use super::softmax::cached_shape;
+use super::softmax::{cached_shape, cached_variants, cpu_shapes};
 use crate::gpu::{check, div_ceil, shape_str, DType, Kernel, Params, Tensor};
 
 /// Threads per workgroup (row kernels: one workgroup per row).
@@ -24,24 +24,40 @@ const SEG_ROWS: usize = 256;
 const RMS: usize = 0;
 const LAYER: usize = 1;
 
+/// Rows per workgroup of the register-cached forward when there are many rows
+/// (w and b are then read once per this many rows).
+const CACHED_ROWS: usize = 8;
+
 fn kernel(entry: &'static str, aligned: bool) -> Kernel {
-    kernel_sized(entry, WG, 1, aligned)
+    kernel_sized(entry, WG, 1, 1, aligned)
 }
 
-fn kernel_sized(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
+fn kernel_sized(entry: &'static str, wg: usize, per: usize, rows: usize, aligned: bool) -> Kernel {
     Kernel::new("norm", "norm", entry)
         .define("WG", format!("{wg}u"))
         .define("ALIGNED", aligned)
         .define("PER", format!("{per}u"))
+        .define("ROWS", format!("{rows}u"))
 }
 
-/// The forward for rows of `cols`: register-cached (x read once) when the row
-/// fits (same shapes as softmax's), else streaming (x read twice).
-fn forward_kernel(cols: usize) -> Kernel {
+/// The forward for `x` and its grid: register-cached (x read once) when the
+/// row fits (same shapes as softmax's), else streaming (x read twice).
+fn forward_kernel(x: &Tensor) -> (Kernel, [u32; 3]) {
+    let (rows, cols) = (x.rows(), x.last_dim());
     let aligned = cols % 4 == 0;
-    match cached_shape(cols) {
-        Some((wg, per)) => kernel_sized("forward_cached", wg, per, aligned),
-        None => kernel("forward", aligned),
+    match cached_shape(cpu_shapes(x.gpu()), cols) {
+        Some((wg, per)) => {
+            let r = if rows >= 64 * CACHED_ROWS {
+                CACHED_ROWS
+            } else {
+                1
+            };
+            (
+                kernel_sized("forward_cached", wg, per, r, aligned),
+                grid(rows.div_ceil(r)),
+            )
+        }
+        None => (kernel("forward", aligned), grid(rows)),
     }
 }
 
@@ -51,9 +67,9 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", aligned));
         v.push(kernel("backward", aligned));
-        for wg in [32, 64, 128] {
-            for per in [1, 2, 4, 8, 16] {
-                v.push(kernel_sized("forward_cached", wg, per, aligned));
+        for (wg, per) in cached_variants() {
+            for rows in [1, CACHED_ROWS] {
+                v.push(kernel_sized("forward_cached", wg, per, rows, aligned));
             }
         }
     }
@@ -140,7 +156,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let unused_mean = Tensor::empty(gpu, &[1], DType::F32)?;
-    let k = forward_kernel(x.last_dim());
+    let (k, groups) = forward_kernel(x);
     let bufs = [
         x.buffer(),
         weight.buffer(),
@@ -149,7 +165,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
         unused_mean.buffer(),
         rstd.buffer(),
     ];
-    gpu.dispatch(&k, params(x, RMS, eps).bytes(), &bufs, grid(x.rows()))?;
+    gpu.dispatch(&k, params(x, RMS, eps).bytes(), &bufs, groups)?;
     Ok(RmsNormOut { y, rstd })
 }
 
@@ -161,7 +177,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let mean = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
-    let k = forward_kernel(x.last_dim());
+    let (k, groups) = forward_kernel(x);
     let bufs = [
         x.buffer(),
         weight.buffer(),
@@ -170,7 +186,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
         mean.buffer(),
         rstd.buffer(),
     ];
-    gpu.dispatch(&k, params(x, LAYER, eps).bytes(), &bufs, grid(x.rows()))?;
+    gpu.dispatch(&k, params(x, LAYER, eps).bytes(), &bufs, groups)?;
     Ok(LayerNormOut { y, mean, rstd })
 }
 
@@ -333,18 +349,32 @@ mod tests {
         v.iter().map(|&x| x as f32).collect()
     }
 
-    const SHAPES: [(usize, usize); 7] = [
+    // (515, 36): several rows per workgroup (>= 64 * CACHED_ROWS rows) with a partial last group;
+    // 4096: the largest CPU register-cached row; 8192, 9000: streaming on CPU.
+    const SHAPES: [(usize, usize); 12] = [
         (1, 1),
         (3, 7),
         (2, 33),
         (5, 64),
         (3, 257),
         (2, 4099),
-        (300, 12),
+        (300, 12), // one row per workgroup
+        (515, 36),
+        (520, 7),
+        (2, 4096),
+        (2, 8192),
+        (1, 9000),
     ];
 
     #[test]
     fn forward_matches_reference() {
+        for cpu in [false, true] {
+            crate::ops::softmax::FORCE_CPU_SHAPES.with(|f| f.set(Some(cpu)));
+            forward_matches_reference_with();
+        }
+    }
+
+    fn forward_matches_reference_with() {
         let g = gpu();
         for (rows, c) in SHAPES {
             let n = rows * c;

@@ -12,12 +12,15 @@
 use anyhow::Result;
 
 use super::elementwise::grid;
-use crate::gpu::{check, DType, Kernel, Params, Tensor};
+use crate::gpu::{check, DType, Gpu, Kernel, Params, Tensor};
 
 /// Threads per workgroup of the streaming kernels (one workgroup per row).
 pub const WG: usize = 64;
-/// Largest number of vec4s per thread the register-cached forward keeps.
+/// Largest number of vec4s per thread the register-cached forward keeps (GPUs).
 const MAX_PER: usize = 16;
+/// The same on CPU adapters, whose workgroups are one SIMD batch of 8 lanes
+/// (lavapipe took ~1 minute to compile the 256 variant).
+const MAX_PER_CPU: usize = 128;
 
 fn kernel(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
     Kernel::new("softmax", "softmax", entry)
@@ -26,13 +29,49 @@ fn kernel(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
         .define("PER", format!("{per}u"))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests force the CPU (`Some(true)`) or GPU (`Some(false)`) row shapes.
+    pub(crate) static FORCE_CPU_SHAPES: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether to use the row-kernel shapes tuned for CPU adapters (lavapipe):
+/// there shared memory and barriers cost far more than registers, so a row is
+/// handled by 8 threads (one SIMD batch) holding up to 128 vec4s each.
+pub(crate) fn cpu_shapes(gpu: &Gpu) -> bool {
+    #[cfg(test)]
+    if let Some(v) = FORCE_CPU_SHAPES.with(|f| f.get()) {
+        return v;
+    }
+    gpu.is_cpu()
+}
+
 /// Workgroup size and vec4s per thread of the register-cached forward for rows
 /// of `cols` elements, or `None` when the row is too long to keep in registers.
-pub(crate) fn cached_shape(cols: usize) -> Option<(usize, usize)> {
+pub(crate) fn cached_shape(cpu: bool, cols: usize) -> Option<(usize, usize)> {
     let c4 = cols.div_ceil(4);
+    if cpu {
+        let per = c4.div_ceil(8).next_power_of_two();
+        return (per <= MAX_PER_CPU).then_some((8, per));
+    }
     let wg = c4.next_power_of_two().clamp(32, 128);
     let per = c4.div_ceil(wg).next_power_of_two();
     (per <= MAX_PER).then_some((wg, per))
+}
+
+/// (workgroup size, vec4s per thread) of every register-cached variant.
+pub(crate) fn cached_variants() -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for (wgs, max_per) in [(&[32usize, 64, 128][..], MAX_PER), (&[8][..], MAX_PER_CPU)] {
+        for &wg in wgs {
+            let mut per = 1;
+            while per <= max_per {
+                v.push((wg, per));
+                per *= 2;
+            }
+        }
+    }
+    v
 }
 
 /// Every kernel variant in this family.
@@ -41,12 +80,8 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", WG, 1, aligned));
         v.push(kernel("backward", WG, 1, aligned));
-        for wg in [32, 64, 128] {
-            let mut per = 1;
-            while per <= MAX_PER {
-                v.push(kernel("forward_cached", wg, per, aligned));
-                per *= 2;
-            }
+        for (wg, per) in cached_variants() {
+            v.push(kernel("forward_cached", wg, per, aligned));
         }
     }
     v
@@ -75,7 +110,7 @@ fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("x", x)])?;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let aligned = x.last_dim() % 4 == 0;
-    let k = match cached_shape(x.last_dim()) {
+    let k = match cached_shape(cpu_shapes(x.gpu()), x.last_dim()) {
         Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
         None => kernel("forward", WG, 1, aligned),
     };
@@ -163,6 +198,13 @@ mod tests {
 
     #[test]
     fn forward_matches_reference() {
+        for cpu in [false, true] {
+            FORCE_CPU_SHAPES.with(|f| f.set(Some(cpu)));
+            forward_matches_reference_with();
+        }
+    }
+
+    fn forward_matches_reference_with() {
         let g = gpu();
         for (rows, cols) in [
             (1, 1),
@@ -196,14 +238,28 @@ mod tests {
 
     #[test]
     fn kernel_choice_covers_cached_and_streaming() {
-        assert_eq!(cached_shape(1), Some((32, 1)));
-        assert_eq!(cached_shape(4096), Some((128, 8)));
-        assert_eq!(cached_shape(8192), Some((128, 16)));
-        assert_eq!(cached_shape(9000), None); // tested above through the streaming kernel
+        assert_eq!(cached_shape(false, 1), Some((32, 1)));
+        assert_eq!(cached_shape(false, 4096), Some((128, 8)));
+        assert_eq!(cached_shape(false, 8192), Some((128, 16)));
+        assert_eq!(cached_shape(false, 9000), None); // tested above through the streaming kernel
+        assert_eq!(cached_shape(true, 4096), Some((8, 128)));
+        assert_eq!(cached_shape(true, 4097), None);
+        for cpu in [false, true] {
+            for cols in [1, 7, 33, 257, 4096] {
+                assert!(cached_variants().contains(&cached_shape(cpu, cols).unwrap()));
+            }
+        }
     }
 
     #[test]
     fn large_and_masked_values() {
+        for cpu in [false, true] {
+            FORCE_CPU_SHAPES.with(|f| f.set(Some(cpu)));
+            large_and_masked_values_with();
+        }
+    }
+
+    fn large_and_masked_values_with() {
         let g = gpu();
         let ninf = f32::NEG_INFINITY;
         for cols in [7usize, 8, 33, 9001] {
