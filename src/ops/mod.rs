@@ -12,6 +12,8 @@
 use crate::gpu::Kernel;
 
 pub mod attention;
+pub mod relbias;
+pub mod rope;
 
 #[cfg(test)]
 pub mod testing;
@@ -108,6 +110,8 @@ pub fn erf_f64(x: f64) -> f64 {
 pub fn all_kernels() -> Vec<Kernel> {
     let mut v: Vec<Kernel> = Vec::new();
     v.extend(attention::kernels());
+    v.extend(relbias::kernels());
+    v.extend(rope::kernels());
     v
 }
 
