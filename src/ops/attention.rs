@@ -469,7 +469,7 @@ fn check_inputs(
             shape_str(ks)
         );
     }
-    if d.hq % d.hkv != 0 {
+    if !d.hq.is_multiple_of(d.hkv) {
         bail!(
             "{op}: query heads {} not a multiple of KV heads {} (q {}, k {})",
             d.hq,
@@ -1330,5 +1330,102 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("attention_backward") && e.contains("lse"), "{e}");
+    }
+}
+
+/// Timing of the forward and backward (run with
+/// `cargo test --release --lib ops::attention::bench -- --ignored --nocapture`).
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::ops::testing::rand_vec;
+
+    fn time(label: &str, d: AttnDims, mask: MaskSpec) {
+        let gpu = Gpu::shared().unwrap();
+        let q = Tensor::from_f32(
+            &gpu,
+            &rand_vec(1, d.b * d.hq * d.tq * d.dh, 1.0),
+            &[d.b, d.hq, d.tq, d.dh],
+        )
+        .unwrap();
+        let k = Tensor::from_f32(
+            &gpu,
+            &rand_vec(2, d.b * d.hkv * d.tk * d.dh, 1.0),
+            &[d.b, d.hkv, d.tk, d.dh],
+        )
+        .unwrap();
+        let v = Tensor::from_f32(
+            &gpu,
+            &rand_vec(3, d.b * d.hkv * d.tk * d.dh, 1.0),
+            &[d.b, d.hkv, d.tk, d.dh],
+        )
+        .unwrap();
+        let dy =
+            Tensor::from_f32(&gpu, &rand_vec(4, d.b * d.hq * d.tq * d.dh, 1.0), q.shape()).unwrap();
+        let m = mask.upload(&gpu).unwrap();
+        let scale = 1.0 / (d.dh as f32).sqrt();
+        let fwd = attention(&q, &k, &v, None, &m, scale).unwrap();
+        attention_backward(&dy, &q, &k, &v, &fwd.out, &fwd.lse, None, &m, scale, false).unwrap();
+        gpu.sync().unwrap();
+        let iters = 5;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            attention(&q, &k, &v, None, &m, scale).unwrap();
+            gpu.sync().unwrap();
+        }
+        let tf = t0.elapsed().as_secs_f64() / iters as f64;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            attention_backward(&dy, &q, &k, &v, &fwd.out, &fwd.lse, None, &m, scale, false)
+                .unwrap();
+            gpu.sync().unwrap();
+        }
+        let tb = t0.elapsed().as_secs_f64() / iters as f64;
+        let flop = 4.0 * (d.b * d.hq * d.tq * d.tk * d.dh) as f64;
+        eprintln!(
+            "{label} {d:?} on {}: forward {:.2} ms ({:.2} GFLOP/s), backward {:.2} ms ({:.2} GFLOP/s at 2.5x forward flops)",
+            gpu.describe(),
+            tf * 1e3,
+            flop / tf / 1e9,
+            tb * 1e3,
+            2.5 * flop / tb / 1e9
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_attention() {
+        let tiger = AttnDims {
+            b: 16,
+            hq: 6,
+            hkv: 6,
+            tq: 64,
+            tk: 64,
+            dh: 64,
+        };
+        time("TIGER full", tiger, MaskSpec::full(64, 64));
+        let smol = AttnDims {
+            b: 1,
+            hq: 9,
+            hkv: 3,
+            tq: 512,
+            tk: 512,
+            dh: 64,
+        };
+        time("SmolLM2 full", smol, MaskSpec::full(512, 512));
+        time("SmolLM2 causal", smol, MaskSpec::causal(512, 512).unwrap());
+        let dec = AttnDims {
+            b: 20,
+            hq: 9,
+            hkv: 3,
+            tq: 1,
+            tk: 512,
+            dh: 64,
+        };
+        time(
+            "SmolLM2 decode (20 beams)",
+            dec,
+            MaskSpec::causal(1, 512).unwrap(),
+        );
     }
 }

@@ -25,6 +25,8 @@ pub mod permute;
 pub mod reduce;
 pub mod softmax;
 pub mod spmm;
+pub mod relbias;
+pub mod rope;
 
 #[cfg(test)]
 pub mod testing;
@@ -137,6 +139,8 @@ pub fn all_kernels() -> Vec<Kernel> {
     v.extend(infonce::kernels());
     v.extend(attention::kernels());
     v.extend(crate::quant::kernels());
+    v.extend(relbias::kernels());
+    v.extend(rope::kernels());
     v
 }
 
