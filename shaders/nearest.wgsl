@@ -79,6 +79,91 @@ fn direct_dist(row: u32, code: u32) -> f32 {
     return acc;
 }
 
+// Argmin fast path (TOPR == 4): each row's 4 best (score, index) live in
+// registers, updated by a branchless sorted insert, so SIMD lanes never
+// diverge in the hot loop (dynamic indexing of private arrays is slow on
+// CPU drivers). Larger TOPR (top-k) uses the cs/ci lists with a threshold.
+var<private> bs0: vec4<f32>;
+var<private> bs1: vec4<f32>;
+var<private> bs2: vec4<f32>;
+var<private> bs3: vec4<f32>;
+var<private> bi0: vec4<u32>;
+var<private> bi1: vec4<u32>;
+var<private> bi2: vec4<u32>;
+var<private> bi3: vec4<u32>;
+// Insertion threshold (current worst kept score) of each row, TOPR > 4.
+var<private> thr: vec4<f32>;
+
+fn one(b: ptr<private, vec4<f32>>, bi: ptr<private, vec4<u32>>, s: f32, c: u32) {
+    let bv = *b;
+    let iv = *bi;
+    let lt = vec4<f32>(s) < bv;
+    let ltp = vec4<bool>(false, lt.x, lt.y, lt.z);
+    *b = select(bv, select(vec4<f32>(s), vec4<f32>(s, bv.x, bv.y, bv.z), ltp), lt);
+    *bi = select(iv, select(vec4<u32>(c), vec4<u32>(c, iv.x, iv.y, iv.z), ltp), lt);
+}
+
+fn offer4(b: ptr<private, vec4<f32>>, bi: ptr<private, vec4<u32>>, s: vec4<f32>, c0: u32) {
+    one(b, bi, s.x, c0);
+    one(b, bi, s.y, c0 + 1u);
+    one(b, bi, s.z, c0 + 2u);
+    one(b, bi, s.w, c0 + 3u);
+}
+
+fn start_lists() {
+    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
+        cs[i] = BIG;
+        ci[i] = NONE;
+    }
+    bs0 = vec4<f32>(BIG);
+    bs1 = vec4<f32>(BIG);
+    bs2 = vec4<f32>(BIG);
+    bs3 = vec4<f32>(BIG);
+    bi0 = vec4<u32>(NONE);
+    bi1 = vec4<u32>(NONE);
+    bi2 = vec4<u32>(NONE);
+    bi3 = vec4<u32>(NONE);
+    thr = vec4<f32>(BIG);
+}
+
+// Offer codewords c0..c0+3 with scores s_r (row r) to the 4 rows' lists.
+fn offer_all(s0: vec4<f32>, s1: vec4<f32>, s2: vec4<f32>, s3: vec4<f32>, c0: u32) {
+    if (TOPR == 4u) {
+        let valid = vec4<u32>(c0, c0 + 1u, c0 + 2u, c0 + 3u) < vec4<u32>(p.kc);
+        let big = vec4<f32>(BIG);
+        offer4(&bs0, &bi0, select(big, s0, valid), c0);
+        offer4(&bs1, &bi1, select(big, s1, valid), c0);
+        offer4(&bs2, &bi2, select(big, s2, valid), c0);
+        offer4(&bs3, &bi3, select(big, s3, valid), c0);
+    } else {
+        if (any(s0 < vec4<f32>(thr.x))) { thr.x = consider(0u, s0, c0); }
+        if (any(s1 < vec4<f32>(thr.y))) { thr.y = consider(1u, s1, c0); }
+        if (any(s2 < vec4<f32>(thr.z))) { thr.z = consider(2u, s2, c0); }
+        if (any(s3 < vec4<f32>(thr.w))) { thr.w = consider(3u, s3, c0); }
+    }
+}
+
+fn store_row(r: u32, b: vec4<f32>, bi: vec4<u32>) {
+    cs[r * TOPR] = b.x;
+    cs[r * TOPR + 1u] = b.y;
+    cs[r * TOPR + 2u] = b.z;
+    cs[r * TOPR + 3u] = b.w;
+    ci[r * TOPR] = bi.x;
+    ci[r * TOPR + 1u] = bi.y;
+    ci[r * TOPR + 2u] = bi.z;
+    ci[r * TOPR + 3u] = bi.w;
+}
+
+// Move the register lists into cs/ci (argmin path) before the re-rank.
+fn finish_lists() {
+    if (TOPR == 4u) {
+        store_row(0u, bs0, bi0);
+        store_row(1u, bs1, bi1);
+        store_row(2u, bs2, bi2);
+        store_row(3u, bs3, bi3);
+    }
+}
+
 // Sort row's candidate list by (distance, index) and write the kout best.
 fn sort_and_write(row: u32, base: u32) {
     // Insertion sort by (distance, index).
@@ -111,10 +196,7 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (row0 >= p.n) {
         return;
     }
-    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
-        cs[i] = BIG;
-        ci[i] = NONE;
-    }
+    start_lists();
     // Rows past n are clamped for loads and never written.
     let last = p.n - 1u;
     let x0 = min(row0, last) * p.d;
@@ -122,8 +204,6 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let x2 = min(row0 + 2u, last) * p.d;
     let x3 = min(row0 + 3u, last) * p.d;
     let klast = p.kc - 1u;
-    // Current worst kept score of each row (the insertion threshold).
-    var w = vec4<f32>(BIG);
     for (var c0 = 0u; c0 < p.kc; c0 = c0 + 4u) {
         let e0 = min(c0, klast) * p.d;
         let e1 = min(c0 + 1u, klast) * p.d;
@@ -146,12 +226,9 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let s1 = en - 2.0 * a1;
         let s2 = en - 2.0 * a2;
         let s3 = en - 2.0 * a3;
-        // Fast path: most blocks beat no row's current worst candidate.
-        if (any(s0 < vec4<f32>(w.x))) { w.x = consider(0u, s0, c0); }
-        if (any(s1 < vec4<f32>(w.y))) { w.y = consider(1u, s1, c0); }
-        if (any(s2 < vec4<f32>(w.z))) { w.z = consider(2u, s2, c0); }
-        if (any(s3 < vec4<f32>(w.w))) { w.w = consider(3u, s3, c0); }
+        offer_all(s0, s1, s2, s3, c0);
     }
+    finish_lists();
     // Re-rank each row's candidates by the direct distance, write the kout best.
     for (var r = 0u; r < RB; r = r + 1u) {
         let row = row0 + r;
@@ -224,10 +301,7 @@ fn scan4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     if (row0 >= p.n) {
         return;
     }
-    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
-        cs[i] = BIG;
-        ci[i] = NONE;
-    }
+    start_lists();
     let d4 = p.d / 4u;
     let last = p.n - 1u;
     let x0 = min(row0, last) * d4;
@@ -235,7 +309,6 @@ fn scan4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let x2 = min(row0 + 2u, last) * d4;
     let x3 = min(row0 + 3u, last) * d4;
     let klast = p.kc - 1u;
-    var w = vec4<f32>(BIG);
     for (var c0 = 0u; c0 < p.kc; c0 = c0 + 4u) {
         let e0 = min(c0, klast) * d4;
         let e1 = min(c0 + 1u, klast) * d4;
@@ -265,11 +338,9 @@ fn scan4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         let s1 = en - 2.0 * a1;
         let s2 = en - 2.0 * a2;
         let s3 = en - 2.0 * a3;
-        if (any(s0 < vec4<f32>(w.x))) { w.x = consider(0u, s0, c0); }
-        if (any(s1 < vec4<f32>(w.y))) { w.y = consider(1u, s1, c0); }
-        if (any(s2 < vec4<f32>(w.z))) { w.z = consider(2u, s2, c0); }
-        if (any(s3 < vec4<f32>(w.w))) { w.w = consider(3u, s3, c0); }
+        offer_all(s0, s1, s2, s3, c0);
     }
+    finish_lists();
     for (var r = 0u; r < RB; r = r + 1u) {
         let row = row0 + r;
         if (row >= p.n) {
