@@ -59,6 +59,15 @@ fn insert(r: u32, s: f32, idx: u32) {
     ci[base + j] = idx;
 }
 
+// Offer codewords c0..c0+3 (scores s) to row r's list; returns its new threshold.
+fn consider(r: u32, s: vec4<f32>, c0: u32) -> f32 {
+    insert(r, s.x, c0);
+    if (c0 + 1u < p.kc) { insert(r, s.y, c0 + 1u); }
+    if (c0 + 2u < p.kc) { insert(r, s.z, c0 + 2u); }
+    if (c0 + 3u < p.kc) { insert(r, s.w, c0 + 3u); }
+    return cs[r * TOPR + TOPR - 1u];
+}
+
 fn direct_dist(row: u32, code: u32) -> f32 {
     var acc = 0.0;
     let xo = row * p.d;
@@ -70,6 +79,116 @@ fn direct_dist(row: u32, code: u32) -> f32 {
     return acc;
 }
 
+// Argmin fast path (TOPR == 4): each row's 4 best (score, index) live in
+// registers, updated by a branchless sorted insert, so SIMD lanes never
+// diverge in the hot loop (dynamic indexing of private arrays is slow on
+// CPU drivers). Larger TOPR (top-k) uses the cs/ci lists with a threshold.
+var<private> bs0: vec4<f32>;
+var<private> bs1: vec4<f32>;
+var<private> bs2: vec4<f32>;
+var<private> bs3: vec4<f32>;
+var<private> bi0: vec4<u32>;
+var<private> bi1: vec4<u32>;
+var<private> bi2: vec4<u32>;
+var<private> bi3: vec4<u32>;
+// Insertion threshold (current worst kept score) of each row, TOPR > 4.
+var<private> thr: vec4<f32>;
+
+fn one(b: ptr<private, vec4<f32>>, bi: ptr<private, vec4<u32>>, s: f32, c: u32) {
+    let bv = *b;
+    let iv = *bi;
+    let lt = vec4<f32>(s) < bv;
+    let ltp = vec4<bool>(false, lt.x, lt.y, lt.z);
+    *b = select(bv, select(vec4<f32>(s), vec4<f32>(s, bv.x, bv.y, bv.z), ltp), lt);
+    *bi = select(iv, select(vec4<u32>(c), vec4<u32>(c, iv.x, iv.y, iv.z), ltp), lt);
+}
+
+fn offer4(b: ptr<private, vec4<f32>>, bi: ptr<private, vec4<u32>>, s: vec4<f32>, c0: u32) {
+    one(b, bi, s.x, c0);
+    one(b, bi, s.y, c0 + 1u);
+    one(b, bi, s.z, c0 + 2u);
+    one(b, bi, s.w, c0 + 3u);
+}
+
+fn start_lists() {
+    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
+        cs[i] = BIG;
+        ci[i] = NONE;
+    }
+    bs0 = vec4<f32>(BIG);
+    bs1 = vec4<f32>(BIG);
+    bs2 = vec4<f32>(BIG);
+    bs3 = vec4<f32>(BIG);
+    bi0 = vec4<u32>(NONE);
+    bi1 = vec4<u32>(NONE);
+    bi2 = vec4<u32>(NONE);
+    bi3 = vec4<u32>(NONE);
+    thr = vec4<f32>(BIG);
+}
+
+// Offer codewords c0..c0+3 with scores s_r (row r) to the 4 rows' lists.
+fn offer_all(s0: vec4<f32>, s1: vec4<f32>, s2: vec4<f32>, s3: vec4<f32>, c0: u32) {
+    if (TOPR == 4u) {
+        let valid = vec4<u32>(c0, c0 + 1u, c0 + 2u, c0 + 3u) < vec4<u32>(p.kc);
+        let big = vec4<f32>(BIG);
+        offer4(&bs0, &bi0, select(big, s0, valid), c0);
+        offer4(&bs1, &bi1, select(big, s1, valid), c0);
+        offer4(&bs2, &bi2, select(big, s2, valid), c0);
+        offer4(&bs3, &bi3, select(big, s3, valid), c0);
+    } else {
+        if (any(s0 < vec4<f32>(thr.x))) { thr.x = consider(0u, s0, c0); }
+        if (any(s1 < vec4<f32>(thr.y))) { thr.y = consider(1u, s1, c0); }
+        if (any(s2 < vec4<f32>(thr.z))) { thr.z = consider(2u, s2, c0); }
+        if (any(s3 < vec4<f32>(thr.w))) { thr.w = consider(3u, s3, c0); }
+    }
+}
+
+fn store_row(r: u32, b: vec4<f32>, bi: vec4<u32>) {
+    cs[r * TOPR] = b.x;
+    cs[r * TOPR + 1u] = b.y;
+    cs[r * TOPR + 2u] = b.z;
+    cs[r * TOPR + 3u] = b.w;
+    ci[r * TOPR] = bi.x;
+    ci[r * TOPR + 1u] = bi.y;
+    ci[r * TOPR + 2u] = bi.z;
+    ci[r * TOPR + 3u] = bi.w;
+}
+
+// Move the register lists into cs/ci (argmin path) before the re-rank.
+fn finish_lists() {
+    if (TOPR == 4u) {
+        store_row(0u, bs0, bi0);
+        store_row(1u, bs1, bi1);
+        store_row(2u, bs2, bi2);
+        store_row(3u, bs3, bi3);
+    }
+}
+
+// Sort row's candidate list by (distance, index) and write the kout best.
+fn sort_and_write(row: u32, base: u32) {
+    // Insertion sort by (distance, index).
+    for (var m = 1u; m < TOPR; m = m + 1u) {
+        let sv = cs[base + m];
+        let si = ci[base + m];
+        var j = m;
+        loop {
+            if (j == 0u) { break; }
+            let pv = cs[base + j - 1u];
+            let pi = ci[base + j - 1u];
+            if (!(sv < pv || (sv == pv && si < pi))) { break; }
+            cs[base + j] = pv;
+            ci[base + j] = pi;
+            j = j - 1u;
+        }
+        cs[base + j] = sv;
+        ci[base + j] = si;
+    }
+    for (var m = 0u; m < p.kout; m = m + 1u) {
+        out_idx[row * p.kout + m] = ci[base + m];
+        out_dist[row * p.kout + m] = cs[base + m];
+    }
+}
+
 @compute @workgroup_size(WG)
 fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let group = wid.y * p.groups_x + wid.x;
@@ -77,10 +196,7 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (row0 >= p.n) {
         return;
     }
-    for (var i = 0u; i < 4u * TOPR; i = i + 1u) {
-        cs[i] = BIG;
-        ci[i] = NONE;
-    }
+    start_lists();
     // Rows past n are clamped for loads and never written.
     let last = p.n - 1u;
     let x0 = min(row0, last) * p.d;
@@ -110,16 +226,9 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let s1 = en - 2.0 * a1;
         let s2 = en - 2.0 * a2;
         let s3 = en - 2.0 * a3;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let c = c0 + j;
-            if (c < p.kc) {
-                insert(0u, s0[j], c);
-                insert(1u, s1[j], c);
-                insert(2u, s2[j], c);
-                insert(3u, s3[j], c);
-            }
-        }
+        offer_all(s0, s1, s2, s3, c0);
     }
+    finish_lists();
     // Re-rank each row's candidates by the direct distance, write the kout best.
     for (var r = 0u; r < RB; r = r + 1u) {
         let row = row0 + r;
@@ -134,27 +243,7 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 cs[base + m] = direct_dist(row, ci[base + m]);
             }
         }
-        // Insertion sort by (distance, index).
-        for (var m = 1u; m < TOPR; m = m + 1u) {
-            let sv = cs[base + m];
-            let si = ci[base + m];
-            var j = m;
-            loop {
-                if (j == 0u) { break; }
-                let pv = cs[base + j - 1u];
-                let pi = ci[base + j - 1u];
-                if (!(sv < pv || (sv == pv && si < pi))) { break; }
-                cs[base + j] = pv;
-                ci[base + j] = pi;
-                j = j - 1u;
-            }
-            cs[base + j] = sv;
-            ci[base + j] = si;
-        }
-        for (var m = 0u; m < p.kout; m = m + 1u) {
-            out_idx[row * p.kout + m] = ci[base + m];
-            out_dist[row * p.kout + m] = cs[base + m];
-        }
+        sort_and_write(row, base);
     }
 }
 
@@ -189,4 +278,82 @@ fn pairwise(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     pw_out[row * p.kc + c] = direct_dist(row, c);
+}
+
+// ---- scan4: the same scan for d % 4 == 0 with vec4 loads along d
+// (x4: [n, d/4], e4: [kc, d/4]); 16 dot products per 8 vec4 loads.
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> e4: array<vec4<f32>>;
+
+fn direct_dist4(row: u32, code: u32, d4: u32) -> f32 {
+    var acc = vec4<f32>(0.0);
+    for (var t = 0u; t < d4; t = t + 1u) {
+        let diff = x4[row * d4 + t] - e4[code * d4 + t];
+        acc = fma(diff, diff, acc);
+    }
+    return (acc.x + acc.y) + (acc.z + acc.w);
+}
+
+@compute @workgroup_size(WG)
+fn scan4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.y * p.groups_x + wid.x;
+    let row0 = (group * WG + lid) * RB;
+    if (row0 >= p.n) {
+        return;
+    }
+    start_lists();
+    let d4 = p.d / 4u;
+    let last = p.n - 1u;
+    let x0 = min(row0, last) * d4;
+    let x1 = min(row0 + 1u, last) * d4;
+    let x2 = min(row0 + 2u, last) * d4;
+    let x3 = min(row0 + 3u, last) * d4;
+    let klast = p.kc - 1u;
+    for (var c0 = 0u; c0 < p.kc; c0 = c0 + 4u) {
+        let e0 = min(c0, klast) * d4;
+        let e1 = min(c0 + 1u, klast) * d4;
+        let e2 = min(c0 + 2u, klast) * d4;
+        let e3 = min(c0 + 3u, klast) * d4;
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        for (var t = 0u; t < d4; t = t + 1u) {
+            let f0 = e4[e0 + t];
+            let f1 = e4[e1 + t];
+            let f2 = e4[e2 + t];
+            let f3 = e4[e3 + t];
+            let y0 = x4[x0 + t];
+            let y1 = x4[x1 + t];
+            let y2 = x4[x2 + t];
+            let y3 = x4[x3 + t];
+            a0 = a0 + vec4<f32>(dot(y0, f0), dot(y0, f1), dot(y0, f2), dot(y0, f3));
+            a1 = a1 + vec4<f32>(dot(y1, f0), dot(y1, f1), dot(y1, f2), dot(y1, f3));
+            a2 = a2 + vec4<f32>(dot(y2, f0), dot(y2, f1), dot(y2, f2), dot(y2, f3));
+            a3 = a3 + vec4<f32>(dot(y3, f0), dot(y3, f1), dot(y3, f2), dot(y3, f3));
+        }
+        let en = vec4<f32>(enorm[min(c0, klast)], enorm[min(c0 + 1u, klast)],
+                           enorm[min(c0 + 2u, klast)], enorm[min(c0 + 3u, klast)]);
+        let s0 = en - 2.0 * a0;
+        let s1 = en - 2.0 * a1;
+        let s2 = en - 2.0 * a2;
+        let s3 = en - 2.0 * a3;
+        offer_all(s0, s1, s2, s3, c0);
+    }
+    finish_lists();
+    for (var r = 0u; r < RB; r = r + 1u) {
+        let row = row0 + r;
+        if (row >= p.n) {
+            break;
+        }
+        let base = r * TOPR;
+        for (var m = 0u; m < TOPR; m = m + 1u) {
+            if (ci[base + m] == NONE) {
+                cs[base + m] = BIG;
+            } else {
+                cs[base + m] = direct_dist4(row, ci[base + m], d4);
+            }
+        }
+        sort_and_write(row, base);
+    }
 }

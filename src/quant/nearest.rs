@@ -31,8 +31,9 @@ fn topr(kout: usize) -> usize {
     (kout + 3).div_ceil(4) * 4
 }
 
-fn scan_kernel(kout: usize) -> Kernel {
-    Kernel::new("nearest", "nearest", "scan")
+/// `vec4`: the variant with vec4 loads along d (needs d % 4 == 0).
+fn scan_kernel(kout: usize, vec4: bool) -> Kernel {
+    Kernel::new("nearest", "nearest", if vec4 { "scan4" } else { "scan" })
         .define("WG", format!("{WG}u"))
         .define("TOPR", format!("{}u", topr(kout)))
 }
@@ -49,14 +50,14 @@ fn pairwise_kernel() -> Kernel {
 
 /// Kernel variants for naga validation.
 pub fn kernels() -> Vec<Kernel> {
-    vec![
-        scan_kernel(1),
-        scan_kernel(5),
-        scan_kernel(32),
-        scan_kernel(MAX_TOPK),
-        sqnorm_kernel(),
-        pairwise_kernel(),
-    ]
+    let mut v = Vec::new();
+    for kout in [1, 5, 32, MAX_TOPK] {
+        v.push(scan_kernel(kout, false));
+        v.push(scan_kernel(kout, true));
+    }
+    v.push(sqnorm_kernel());
+    v.push(pairwise_kernel());
+    v
 }
 
 /// Result of a nearest-codeword search: `idx` (U32) and squared distance
@@ -102,7 +103,7 @@ fn scan(op: &str, x: &Tensor, e: &Tensor, enorm: &Tensor, kout: usize) -> Result
     let dist = Tensor::empty(gpu, &[n, kout], DType::F32)?;
     let (grid, gx) = fold_grid(n.div_ceil(WG * ROWS_PER_INV));
     gpu.dispatch(
-        &scan_kernel(kout),
+        &scan_kernel(kout, d % 4 == 0),
         Params::new().u(n).u(kc).u(d).u(kout).u(gx).bytes(),
         &[
             x.buffer(),
