@@ -263,7 +263,7 @@ impl GgufTensorInfo {
     pub fn n_bytes(&self) -> Option<u64> {
         let (bs, bb) = self.ggml_type.block()?;
         let ne0 = *self.dims.first().unwrap_or(&1);
-        if ne0 % bs != 0 {
+        if !ne0.is_multiple_of(bs) {
             return None;
         }
         self.numel().checked_div(bs)?.checked_mul(bb)
@@ -633,7 +633,11 @@ impl Gguf {
             .arch_u64(&arch, "attention.head_count_kv")
             .map(|v| v as usize)
             .unwrap_or(n_head);
-        if n_head == 0 || n_embd % n_head != 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head == 0
+            || !n_embd.is_multiple_of(n_head)
+            || n_head_kv == 0
+            || !n_head.is_multiple_of(n_head_kv)
+        {
             bail!(
                 "{}: inconsistent heads: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}",
                 self.path.display()
@@ -895,7 +899,11 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 }
 
 fn check_perm(rows: usize, cols: usize, n_head: usize, len: usize) -> Result<usize> {
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 || rows * cols != len {
+    if n_head == 0
+        || !rows.is_multiple_of(n_head)
+        || !(rows / n_head).is_multiple_of(2)
+        || rows * cols != len
+    {
         bail!("Q/K row permutation: {rows} rows x {cols} cols ({len} values) do not split into {n_head} heads of even size");
     }
     Ok(rows / n_head)
@@ -952,7 +960,7 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>> {
         .block()
         .ok_or_else(|| anyhow!("unsupported ggml type {ty:?}"))?;
     let (bs, bb) = (bs as usize, bb as usize);
-    if n % bs != 0 || raw.len() != n / bs * bb {
+    if !n.is_multiple_of(bs) || raw.len() != n / bs * bb {
         bail!(
             "{ty:?}: {} bytes do not hold {n} elements ({bb} bytes per {bs})",
             raw.len()
@@ -992,7 +1000,7 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>> {
 }
 
 fn check_blocks(x: &[f32], what: &str) -> Result<()> {
-    if x.len() % 32 != 0 {
+    if !x.len().is_multiple_of(32) {
         bail!(
             "{what}: {} values are not a multiple of the block size 32",
             x.len()
