@@ -12,19 +12,14 @@ fn main() {
         .filter(|p| p.extension().map(|x| x == "wgsl").unwrap_or(false))
         .collect();
     names.sort();
-    let mut out = String::from("/// (file stem, WGSL source) for every shaders/*.wgsl\npub static SHADERS: &[(&str, &str)] = &[\n");
+    let mut out = String::from(
+        "/// (file stem, WGSL source) for every shaders/*.wgsl\npub static SHADERS: &[(&str, &str)] = &[\n",
+    );
     for p in &names {
         println!("cargo:rerun-if-changed={}", p.display());
         let stem = p.file_stem().unwrap().to_str().unwrap();
-        out.push_str(&format!(
-            "    ({stem:?}, include_str!({:?})),\n",
-            p.display().to_string()
-        ));
+        out.push_str(&format!("    ({stem:?}, include_str!({:?})),\n", p.display().to_string()));
     }
     out.push_str("];\n");
-    fs::write(
-        Path::new(&env::var("OUT_DIR").unwrap()).join("shaders.rs"),
-        out,
-    )
-    .unwrap();
+    fs::write(Path::new(&env::var("OUT_DIR").unwrap()).join("shaders.rs"), out).unwrap();
 }

@@ -17,10 +17,7 @@ fn data(seed: u64, n: usize) -> Vec<f32> {
 }
 
 fn report(name: &str, fields: &[(&str, f64)]) {
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("\"{k}\": {v:.6}"))
-        .collect();
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v:.6}")).collect();
     println!("{{\"bench\": \"{name}\", {}}}", body.join(", "));
 }
 
@@ -38,11 +35,7 @@ fn bench_nearest_resident(gpu: &Gpu, n: usize, d: usize, k: usize) -> Result<()>
     let s = t.elapsed().as_secs_f64() / reps as f64;
     report(
         &format!("nearest_{n}x{d}_vs_{k}"),
-        &[
-            ("seconds", s),
-            ("vectors_per_s", n as f64 / s),
-            ("gflops", 2.0 * (n * k * d) as f64 / s / 1e9),
-        ],
+        &[("seconds", s), ("vectors_per_s", n as f64 / s), ("gflops", 2.0 * (n * k * d) as f64 / s / 1e9)],
     );
     Ok(())
 }
@@ -57,11 +50,7 @@ fn bench_nearest_chunked(gpu: &Gpu, n: usize, d: usize, k: usize) -> Result<()> 
     assert_eq!(idx.len(), n);
     report(
         &format!("nearest_host_{n}x{d}_vs_{k}"),
-        &[
-            ("seconds", s),
-            ("vectors_per_s", n as f64 / s),
-            ("gflops", 2.0 * (n * k * d) as f64 / s / 1e9),
-        ],
+        &[("seconds", s), ("vectors_per_s", n as f64 / s), ("gflops", 2.0 * (n * k * d) as f64 / s / 1e9)],
     );
     Ok(())
 }
@@ -72,34 +61,14 @@ fn bench_kmeans(gpu: &Gpu, n: usize, d: usize, k: usize, iters: usize) -> Result
     let idx = kmeans_pp_indices(&x, k, 42)?;
     let init_s = t.elapsed().as_secs_f64();
     let init = gather_rows(&x, &idx)?;
-    lloyd(
-        &x,
-        &init,
-        KmeansOpts {
-            max_iter: 1,
-            tol: 0.0,
-            seed: 0,
-        },
-    )?; // compile + warm
+    lloyd(&x, &init, KmeansOpts { max_iter: 1, tol: 0.0, seed: 0 })?; // compile + warm
     let t = Instant::now();
-    let r = lloyd(
-        &x,
-        &init,
-        KmeansOpts {
-            max_iter: iters,
-            tol: 0.0,
-            seed: 0,
-        },
-    )?;
+    let r = lloyd(&x, &init, KmeansOpts { max_iter: iters, tol: 0.0, seed: 0 })?;
     let s = t.elapsed().as_secs_f64();
     let it = r.objective.len();
     report(
         &format!("kmeans_{n}x{d}_k{k}"),
-        &[
-            ("kmeanspp_init_seconds", init_s),
-            ("iterations", it as f64),
-            ("seconds_per_iteration", s / it as f64),
-        ],
+        &[("kmeanspp_init_seconds", init_s), ("iterations", it as f64), ("seconds_per_iteration", s / it as f64)],
     );
     Ok(())
 }
@@ -107,10 +76,7 @@ fn bench_kmeans(gpu: &Gpu, n: usize, d: usize, k: usize, iters: usize) -> Result
 fn main() -> Result<()> {
     let gpu = Gpu::new()?;
     eprintln!("device: {}", gpu.describe());
-    let big: usize = std::env::var("GENREC_BENCH_BIG_ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
+    let big: usize = std::env::var("GENREC_BENCH_BIG_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     bench_nearest_resident(&gpu, 100_000, 32, 256)?;
     bench_kmeans(&gpu, 100_000, 32, 256, 10)?;
     bench_nearest_chunked(&gpu, big, 64, 4096)?;

@@ -9,9 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
-    let out = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "metrics_crosscheck.json".into());
+    let out = std::env::args().nth(1).unwrap_or_else(|| "metrics_crosscheck.json".into());
     let (n_users, n_items) = (40usize, 60usize);
     let mut rng = StdRng::seed_from_u64(7);
     let mut cases = Vec::new();

@@ -27,12 +27,7 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 /// Best (wall, cpu) seconds per run over `rounds` batches of `iters`.
-fn time(
-    gpu: &Gpu,
-    iters: usize,
-    rounds: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+fn time(gpu: &Gpu, iters: usize, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     f()?; // warm-up: compile the pipeline, fill the pool
     gpu.sync()?;
     let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
@@ -51,10 +46,7 @@ fn time(
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("numeric argument"))
-        .collect();
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numeric argument")).collect();
     let rows = args.first().copied().unwrap_or(4096);
     let cols = args.get(1).copied().unwrap_or(4096);
     let iters = args.get(2).copied().unwrap_or(3);
@@ -63,9 +55,7 @@ fn main() -> Result<()> {
     println!("device: {}", gpu.describe());
     println!("tensor [{rows}, {cols}] f32, best of {rounds} x {iters} iterations");
     let n = rows * cols;
-    let data: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
-        .collect();
+    let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
     let x = Tensor::from_f32(&gpu, &data, &[rows, cols])?;
     let w = Tensor::from_f32(&gpu, &vec![1.0; cols], &[cols])?;
     let b = Tensor::from_f32(&gpu, &vec![0.0; cols], &[cols])?;
@@ -75,9 +65,7 @@ fn main() -> Result<()> {
     let gbs = |t: f64| bytes / t / 1e9;
     let copies = |label: &str| -> Result<((f64, f64), (f64, f64))> {
         let c = time(&gpu, iters, rounds, || dst.copy_from(&x))?;
-        let k = time(&gpu, iters, rounds, || {
-            elementwise::copy_kernel(&x).map(drop)
-        })?;
+        let k = time(&gpu, iters, rounds, || elementwise::copy_kernel(&x).map(drop))?;
         println!(
             "  {label:<20} buffer copy {:>7.2} GB/s ({:>7.2} per CPU-s), vec4 shader copy {:>6.2} GB/s ({:>6.2} per CPU-s)",
             gbs(c.0),
@@ -89,18 +77,9 @@ fn main() -> Result<()> {
     };
     let cases: Vec<(&str, Box<dyn Fn() -> Result<()>>)> = vec![
         ("softmax", Box::new(|| softmax::softmax(&x).map(drop))),
-        (
-            "log_softmax",
-            Box::new(|| softmax::log_softmax(&x).map(drop)),
-        ),
-        (
-            "rms_norm",
-            Box::new(|| norm::rms_norm(&x, &w, 1e-5).map(drop)),
-        ),
-        (
-            "layer_norm",
-            Box::new(|| norm::layer_norm(&x, &w, &b, 1e-5).map(drop)),
-        ),
+        ("log_softmax", Box::new(|| softmax::log_softmax(&x).map(drop))),
+        ("rms_norm", Box::new(|| norm::rms_norm(&x, &w, 1e-5).map(drop))),
+        ("layer_norm", Box::new(|| norm::layer_norm(&x, &w, &b, 1e-5).map(drop))),
     ];
     for (name, f) in cases {
         let (c1, k1) = copies("copies before")?;

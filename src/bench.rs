@@ -73,12 +73,7 @@ pub fn process_cpu_s() -> Option<f64> {
 /// Milliseconds per run of `f`: warm up, pick an iteration count that fills
 /// about `target_s` seconds (at most `max_iters`), record all iterations into
 /// the pending encoder, `sync`, and divide the wall-clock time.
-pub fn time_ms(
-    gpu: &Gpu,
-    target_s: f64,
-    max_iters: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+pub fn time_ms(gpu: &Gpu, target_s: f64, max_iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     // Warm-up (pipeline compilation, buffer allocation), then a single timed run.
     f()?;
     gpu.sync()?;
@@ -94,11 +89,7 @@ pub fn time_ms(
     }
     gpu.sync()?;
     let wall = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    if let (Some(c0), Some(c1), true) = (
-        c0,
-        process_cpu_s(),
-        std::env::var_os("GENREC_BENCH_CPU").is_some(),
-    ) {
+    if let (Some(c0), Some(c1), true) = (c0, process_cpu_s(), std::env::var_os("GENREC_BENCH_CPU").is_some()) {
         // Debug aid on shared machines: CPU milliseconds per run instead of wall-clock.
         return Ok((c1 - c0) * 1e3 / iters as f64);
     }
@@ -127,9 +118,7 @@ pub fn peaks(gpu: &Gpu, quick: bool) -> Result<Peaks> {
     let k = fma_kernel();
     let (gx, gy) = fold_grid(invocations / 64);
     let params = Params::new().u(iters).u(invocations).u(gx as usize);
-    let ms = time_ms(gpu, target, 1000, || {
-        gpu.dispatch(&k, params.bytes(), &[out.buffer()], [gx, gy, 1])
-    })?;
+    let ms = time_ms(gpu, target, 1000, || gpu.dispatch(&k, params.bytes(), &[out.buffer()], [gx, gy, 1]))?;
     let gflops = invocations as f64 * iters as f64 * 24.0 / (ms * 1e-3) / 1e9;
 
     // Copy: 64 MiB (16 MiB quick) each way.
@@ -139,14 +128,8 @@ pub fn peaks(gpu: &Gpu, quick: bool) -> Result<Peaks> {
     let k = copy_kernel();
     let (gx, gy) = fold_grid(n4 / 64);
     let params = Params::new().u(n4).u(gx as usize);
-    let ms = time_ms(gpu, target, 1000, || {
-        gpu.dispatch(
-            &k,
-            params.bytes(),
-            &[src.buffer(), dst.buffer()],
-            [gx, gy, 1],
-        )
-    })?;
+    let ms =
+        time_ms(gpu, target, 1000, || gpu.dispatch(&k, params.bytes(), &[src.buffer(), dst.buffer()], [gx, gy, 1]))?;
     let gbps = n4 as f64 * 32.0 / (ms * 1e-3) / 1e9;
     Ok(Peaks { gflops, gbps })
 }
@@ -203,10 +186,7 @@ pub fn table(peaks: &Peaks, results: &[BenchResult]) -> String {
     if let Some(r) = results.first() {
         s.push_str(&format!("device: {}\n", r.device));
     }
-    s.push_str(&format!(
-        "peaks: {:.1} GFLOP/s (FMA), {:.1} GB/s (vec4 copy)\n",
-        peaks.gflops, peaks.gbps
-    ));
+    s.push_str(&format!("peaks: {:.1} GFLOP/s (FMA), {:.1} GB/s (vec4 copy)\n", peaks.gflops, peaks.gbps));
     s.push_str(&format!(
         "{:<28} {:<26} {:>10} {:>10} {:>9} {:>7}\n",
         "kernel", "shape", "ms", "GFLOP/s", "GB/s", "% peak"
@@ -239,16 +219,7 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
     let tiled = Plan::with_path(Path::Tiled);
     let mut plans = vec![("matmul[register]", register), ("matmul[tiled]", tiled)];
     if matmul::subgroup_kernel_ok(gpu) {
-        plans.insert(
-            0,
-            (
-                "matmul[register, subgroup]",
-                Plan {
-                    subgroup: true,
-                    ..register
-                },
-            ),
-        );
+        plans.insert(0, ("matmul[register, subgroup]", Plan { subgroup: true, ..register }));
     }
     let mut cases = Vec::new();
     for &(name, plan) in &plans {
@@ -259,9 +230,7 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
             if plan.path == Path::Tiled && gpu.is_cpu() {
                 // The GPU path is slow on a CPU adapter: time it once, at 512^3.
                 if label == "square" {
-                    cases.push(matmul_case(
-                        gpu, name, plan, 512, 512, 512, label, false, false,
-                    )?);
+                    cases.push(matmul_case(gpu, name, plan, 512, 512, 512, label, false, false)?);
                 }
                 continue;
             }
@@ -270,28 +239,8 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
     }
     // Variants on the adapter's own plan: transposed B (the backward's dA) and f16 weights.
     let own = Plan::for_gpu(gpu);
-    cases.push(matmul_case(
-        gpu,
-        "matmul[auto]",
-        own,
-        1024,
-        1024,
-        1024,
-        "square, B^T",
-        false,
-        true,
-    )?);
-    cases.push(matmul_case(
-        gpu,
-        "matmul[auto]",
-        own,
-        1024,
-        1024,
-        1024,
-        "square, f16 B",
-        true,
-        false,
-    )?);
+    cases.push(matmul_case(gpu, "matmul[auto]", own, 1024, 1024, 1024, "square, B^T", false, true)?);
+    cases.push(matmul_case(gpu, "matmul[auto]", own, 1024, 1024, 1024, "square, f16 B", true, false)?);
     Ok(cases)
 }
 
@@ -310,11 +259,7 @@ fn matmul_case(
     let a = Tensor::from_f32(gpu, &rand_vec(1, m * k, 1.0), &[m, k])?;
     let bshape = if trans_b { [n, k] } else { [k, n] };
     let bv = rand_vec(2, k * n, 1.0);
-    let b = if b_f16 {
-        Tensor::from_f32_as_f16(gpu, &bv, &bshape)?
-    } else {
-        Tensor::from_f32(gpu, &bv, &bshape)?
-    };
+    let b = if b_f16 { Tensor::from_f32_as_f16(gpu, &bv, &bshape)? } else { Tensor::from_f32(gpu, &bv, &bshape)? };
     let slow = plan.path == Path::Tiled && gpu.is_cpu();
     Ok(Case {
         kernel: name.to_string(),
@@ -323,10 +268,7 @@ fn matmul_case(
         bytes: 0.0,
         max_iters: if slow { 2 } else { 100 },
         run: Box::new(move || {
-            let opts = MatmulOpts {
-                trans_b,
-                ..Default::default()
-            };
+            let opts = MatmulOpts { trans_b, ..Default::default() };
             matmul::matmul_with_plan(&a, &b, &opts, &plan).map(|_| ())
         }),
     })
@@ -340,18 +282,9 @@ mod tests {
     #[test]
     fn peaks_and_a_tiny_matmul_case_produce_numbers() {
         let gpu = Gpu::shared().unwrap();
-        let mut c = matmul_case(
-            &gpu,
-            "matmul[register]",
-            Plan::with_path(Path::Register),
-            64,
-            32,
-            64,
-            "t",
-            false,
-            false,
-        )
-        .unwrap();
+        let mut c =
+            matmul_case(&gpu, "matmul[register]", Plan::with_path(Path::Register), 64, 32, 64, "t", false, false)
+                .unwrap();
         let ms = time_ms(&gpu, 0.01, 3, &mut c.run).unwrap();
         assert!(ms > 0.0 && ms.is_finite());
         let r = BenchResult {
@@ -364,10 +297,7 @@ mod tests {
             ms,
         };
         let json = serde_json::to_string(&[r]).unwrap();
-        assert!(
-            json.contains("\"kernel\":\"matmul[register]\"") && json.contains("peak_pct"),
-            "{json}"
-        );
+        assert!(json.contains("\"kernel\":\"matmul[register]\"") && json.contains("peak_pct"), "{json}");
     }
 
     #[test]
@@ -379,18 +309,11 @@ mod tests {
         let src = Tensor::from_f32(&gpu, &data, &[n4 * 4]).unwrap();
         let dst = Tensor::zeros(&gpu, &[n4 * 4], DType::F32).unwrap();
         let params = Params::new().u(n4).u(2);
-        gpu.dispatch(
-            &copy_kernel(),
-            params.bytes(),
-            &[src.buffer(), dst.buffer()],
-            [2, 1, 1],
-        )
-        .unwrap();
+        gpu.dispatch(&copy_kernel(), params.bytes(), &[src.buffer(), dst.buffer()], [2, 1, 1]).unwrap();
         assert_eq!(dst.to_vec_f32().unwrap(), data);
         let out = Tensor::zeros(&gpu, &[100], DType::F32).unwrap();
         let params = Params::new().u(4).u(100).u(2);
-        gpu.dispatch(&fma_kernel(), params.bytes(), &[out.buffer()], [2, 1, 1])
-            .unwrap();
+        gpu.dispatch(&fma_kernel(), params.bytes(), &[out.buffer()], [2, 1, 1]).unwrap();
         let v = out.to_vec_f32().unwrap();
         assert!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{v:?}");
         assert_eq!(div_ceil(100, 64), 2);

@@ -10,7 +10,7 @@ pub mod cf;
 pub mod data;
 pub mod eval;
 pub mod gpu;
-pub mod nn;
 pub mod io;
+pub mod nn;
 pub mod ops;
 pub mod quant;

@@ -2,11 +2,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "genrec",
-    version,
-    about = "Generative recommenders on any GPU (WebGPU + WGSL)"
-)]
+#[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -82,10 +78,7 @@ fn main() -> Result<()> {
                 println!("no adapters found; on a machine without a GPU: apt-get install mesa-vulkan-drivers");
             } else {
                 for (i, a) in adapters.iter().enumerate() {
-                    println!(
-                        "[{i}] {} — {} {} ({})",
-                        a.name, a.backend, a.device_type, a.driver
-                    );
+                    println!("[{i}] {} — {} {} ({})", a.name, a.backend, a.device_type, a.driver);
                     println!("    features: {}", a.features.join(", "));
                     println!(
                         "    max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
@@ -140,15 +133,9 @@ fn main() -> Result<()> {
 /// `genrec fetch <asset|all>`: fetch each asset, print its directory.
 fn fetch(asset: &str, from: Option<std::path::PathBuf>) -> Result<()> {
     use genrec::io::fetch;
-    let names: Vec<String> = if asset == "all" {
-        fetch::manifest()?.into_keys().collect()
-    } else {
-        vec![fetch::asset(asset)?.name]
-    };
-    let opts = fetch::FetchOptions {
-        dist_dir: from,
-        ..Default::default()
-    };
+    let names: Vec<String> =
+        if asset == "all" { fetch::manifest()?.into_keys().collect() } else { vec![fetch::asset(asset)?.name] };
+    let opts = fetch::FetchOptions { dist_dir: from, ..Default::default() };
     for name in names {
         let spec = fetch::asset(&name)?;
         let t0 = std::time::Instant::now();

@@ -35,16 +35,8 @@ fn mlp_learns_spirals() {
     let l2 = Linear::new(&gpu, "l2", 64, 64, true, Act::Relu, 2).unwrap();
     let l3 = Linear::new(&gpu, "l3", 64, 3, true, Act::None, 3).unwrap();
     let params = [l1.params(), l2.params(), l3.params()].concat();
-    let mut opt = AdamW::new(
-        params.clone(),
-        Hp {
-            lr: 1e-2,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-        Some(5.0),
-    )
-    .unwrap();
+    let mut opt =
+        AdamW::new(params.clone(), Hp { lr: 1e-2, weight_decay: 0.0, ..Default::default() }, Some(5.0)).unwrap();
 
     let mut first = None;
     let mut last = f32::NAN;
@@ -63,14 +55,8 @@ fn mlp_learns_spirals() {
     }
     let first = first.unwrap();
     // Chance level is ln 3 = 1.10; a fitted MLP gets well under 0.3.
-    assert!(
-        (first - 3f32.ln()).abs() < 0.3,
-        "initial loss {first} should be near ln 3"
-    );
-    assert!(
-        last < 0.3,
-        "loss after 300 steps {last} (started at {first})"
-    );
+    assert!((first - 3f32.ln()).abs() < 0.3, "initial loss {first} should be near ln 3");
+    assert!(last < 0.3, "loss after 300 steps {last} (started at {first})");
 
     // Accuracy on the training set, read back once.
     let tape = Tape::no_grad();
@@ -84,8 +70,5 @@ fn mlp_learns_spirals() {
             arg as i32 == y[i]
         })
         .count();
-    assert!(
-        correct as f32 / n as f32 > 0.9,
-        "train accuracy {correct}/{n}"
-    );
+    assert!(correct as f32 / n as f32 > 0.9, "train accuracy {correct}/{n}");
 }

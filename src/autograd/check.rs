@@ -23,10 +23,8 @@ pub fn check_gradients(
 ) -> Result<()> {
     // Analytic gradients.
     let tape = Tape::new();
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|(v, s)| Ok(tape.input(Tensor::from_f32(gpu, v, s)?)))
-        .collect::<Result<_>>()?;
+    let vars: Vec<Var> =
+        inputs.iter().map(|(v, s)| Ok(tape.input(Tensor::from_f32(gpu, v, s)?))).collect::<Result<_>>()?;
     let out = f(&tape, &vars)?;
     let n_out = out.value.numel();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -67,18 +65,13 @@ pub fn check_gradients(
             }
             let excess = (a - numeric).abs() - (atol + rtol * numeric.abs());
             if excess > 0.0 && worst.as_ref().map(|(e, _)| excess > *e).unwrap_or(true) {
-                worst = Some((
-                    excess,
-                    format!("input {i}[{j}]: analytic {a}, numeric {numeric}"),
-                ));
+                worst = Some((excess, format!("input {i}[{j}]: analytic {a}, numeric {numeric}")));
             }
         }
     }
     match worst {
         None => Ok(()),
-        Some((_, msg)) => Err(anyhow!(
-            "gradient check failed (rtol {rtol}, atol {atol}): {msg}"
-        )),
+        Some((_, msg)) => Err(anyhow!("gradient check failed (rtol {rtol}, atol {atol}): {msg}")),
     }
 }
 
@@ -124,37 +117,14 @@ mod tests {
         .unwrap();
         // Division: keep the divisor away from zero.
         let den: Vec<f32> = rand_vec(7, 6, 1.0).iter().map(|x| 1.5 + x).collect();
-        check_gradients(
-            &gpu(),
-            &[inp(8, &[6]), (den, vec![6])],
-            |_, v| v[0].div(&v[1])?.mean_all(),
-            1e-3,
-            1e-2,
-            1e-3,
-        )
-        .unwrap();
+        check_gradients(&gpu(), &[inp(8, &[6]), (den, vec![6])], |_, v| v[0].div(&v[1])?.mean_all(), 1e-3, 1e-2, 1e-3)
+            .unwrap();
     }
 
     #[test]
     fn softmax_norms_and_swiglu() {
-        check_gradients(
-            &gpu(),
-            &[inp(9, &[4, 9])],
-            |_, v| v[0].softmax(),
-            1e-2,
-            1e-2,
-            1e-3,
-        )
-        .unwrap();
-        check_gradients(
-            &gpu(),
-            &[inp(10, &[4, 9])],
-            |_, v| v[0].log_softmax(),
-            1e-2,
-            1e-2,
-            1e-3,
-        )
-        .unwrap();
+        check_gradients(&gpu(), &[inp(9, &[4, 9])], |_, v| v[0].softmax(), 1e-2, 1e-2, 1e-3).unwrap();
+        check_gradients(&gpu(), &[inp(10, &[4, 9])], |_, v| v[0].log_softmax(), 1e-2, 1e-2, 1e-3).unwrap();
         check_gradients(
             &gpu(),
             &[inp(11, &[5, 12]), inp(12, &[12]), inp(13, &[12])],
@@ -173,62 +143,30 @@ mod tests {
             2e-3,
         )
         .unwrap();
-        check_gradients(
-            &gpu(),
-            &[inp(16, &[3, 8]), inp(17, &[3, 8])],
-            |_, v| v[0].swiglu(&v[1]),
-            1e-2,
-            1e-2,
-            1e-3,
-        )
-        .unwrap();
+        check_gradients(&gpu(), &[inp(16, &[3, 8]), inp(17, &[3, 8])], |_, v| v[0].swiglu(&v[1]), 1e-2, 1e-2, 1e-3)
+            .unwrap();
     }
 
     #[test]
     fn embedding_and_cross_entropy() {
         let g = gpu();
         let ids = Tensor::from_u32(&g, &[3, 0, 3, 5, 1], &[5]).unwrap();
-        check_gradients(
-            &g,
-            &[inp(18, &[6, 4])],
-            |_, v| embedding(&v[0], &ids),
-            1e-2,
-            1e-2,
-            1e-3,
-        )
-        .unwrap();
+        check_gradients(&g, &[inp(18, &[6, 4])], |_, v| embedding(&v[0], &ids), 1e-2, 1e-2, 1e-3).unwrap();
         let targets = Tensor::from_i32(&g, &[2, -100, 0, 6], &[4]).unwrap();
         for tau in [1.0, 0.5] {
-            let o = CeOptions {
-                tau,
-                ..Default::default()
-            };
-            check_gradients(
-                &g,
-                &[inp(19, &[4, 7])],
-                |_, v| cross_entropy(&v[0], &targets, &o),
-                1e-2,
-                1e-2,
-                1e-3,
-            )
-            .unwrap();
+            let o = CeOptions { tau, ..Default::default() };
+            check_gradients(&g, &[inp(19, &[4, 7])], |_, v| cross_entropy(&v[0], &targets, &o), 1e-2, 1e-2, 1e-3)
+                .unwrap();
         }
     }
 
     #[test]
     fn permute_and_causal_attention() {
         let g = gpu();
-        let mask = crate::ops::attention::MaskSpec::causal(5, 5)
-            .unwrap()
-            .upload(&g)
-            .unwrap();
+        let mask = crate::ops::attention::MaskSpec::causal(5, 5).unwrap().upload(&g).unwrap();
         check_gradients(
             &g,
-            &[
-                inp(20, &[2, 5, 2, 4]),
-                inp(21, &[2, 5, 2, 4]),
-                inp(22, &[2, 5, 2, 4]),
-            ],
+            &[inp(20, &[2, 5, 2, 4]), inp(21, &[2, 5, 2, 4]), inp(22, &[2, 5, 2, 4])],
             |_, v| {
                 let q = v[0].permute(&[0, 2, 1, 3])?;
                 let k = v[1].permute(&[0, 2, 1, 3])?;
@@ -252,9 +190,7 @@ mod tests {
             &[inp(23, &[4])],
             |t, v| {
                 let y = crate::ops::elementwise::scale(&v[0].value, 2.0)?;
-                Ok(t.record(y, &[&v[0]], |g| {
-                    Ok(vec![Some(crate::ops::elementwise::scale(g, 3.0)?)])
-                }))
+                Ok(t.record(y, &[&v[0]], |g| Ok(vec![Some(crate::ops::elementwise::scale(g, 3.0)?)])))
             },
             1e-2,
             1e-2,

@@ -25,39 +25,16 @@ impl Var {
         Ok(self.tape.record(y, &[self, other], move |g| {
             let (ga, gb) = match op {
                 BinOp::Add => (wa.then(|| g.clone()), wb.then(|| g.clone())),
-                BinOp::Sub => (
-                    wa.then(|| g.clone()),
-                    if wb {
-                        Some(ops::elementwise::scale(g, -1.0)?)
-                    } else {
-                        None
-                    },
-                ),
+                BinOp::Sub => (wa.then(|| g.clone()), if wb { Some(ops::elementwise::scale(g, -1.0)?) } else { None }),
                 BinOp::Mul => (
-                    if wa {
-                        Some(binary(g, &b, BinOp::Mul)?)
-                    } else {
-                        None
-                    },
-                    if wb {
-                        Some(binary(g, &a, BinOp::Mul)?)
-                    } else {
-                        None
-                    },
+                    if wa { Some(binary(g, &b, BinOp::Mul)?) } else { None },
+                    if wb { Some(binary(g, &a, BinOp::Mul)?) } else { None },
                 ),
                 BinOp::Div => {
                     // d(a/b)/da = 1/b ; d(a/b)/db = -a/b^2
-                    let ga = if wa {
-                        Some(binary(g, &b, BinOp::Div)?)
-                    } else {
-                        None
-                    };
+                    let ga = if wa { Some(binary(g, &b, BinOp::Div)?) } else { None };
                     let gb = if wb {
-                        let t = binary(
-                            &binary(g, &a, BinOp::Mul)?,
-                            &binary(&b, &b, BinOp::Mul)?,
-                            BinOp::Div,
-                        )?;
+                        let t = binary(&binary(g, &a, BinOp::Mul)?, &binary(&b, &b, BinOp::Mul)?, BinOp::Div)?;
                         Some(ops::elementwise::scale(&t, -1.0)?)
                     } else {
                         None
@@ -92,27 +69,21 @@ impl Var {
     /// x * s for a scalar s.
     pub fn scale(&self, s: f32) -> Result<Var> {
         let y = ops::elementwise::scale(&self.value, s)?;
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::elementwise::scale(g, s)?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::elementwise::scale(g, s)?)])))
     }
 
     /// Zero-copy reshape.
     pub fn reshape(&self, shape: &[usize]) -> Result<Var> {
         let y = self.value.reshape(shape)?;
         let orig = self.value.shape().to_vec();
-        Ok(self
-            .tape
-            .record(y, &[self], move |g| Ok(vec![Some(g.reshape(&orig)?)])))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(g.reshape(&orig)?)])))
     }
 
     /// Elementwise activation.
     pub fn act(&self, act: Act) -> Result<Var> {
         let y = ops::activation::forward(&self.value, act)?;
         let x = self.value.clone();
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::activation::backward(&x, g, act)?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::activation::backward(&x, g, act)?)])))
     }
 
     /// silu(gate) * up (LLaMA's SwiGLU), `self` is the gate.
@@ -133,37 +104,20 @@ impl Var {
         let pre = matmul(
             &self.value,
             &w.value,
-            &MatmulOpts {
-                trans_a: false,
-                trans_b: trans_w,
-                bias: bias.map(|b| &b.value),
-                act: Act::None,
-            },
+            &MatmulOpts { trans_a: false, trans_b: trans_w, bias: bias.map(|b| &b.value), act: Act::None },
         )?;
-        let y = if act == Act::None {
-            pre.clone()
-        } else {
-            ops::activation::forward(&pre, act)?
-        };
+        let y = if act == Act::None { pre.clone() } else { ops::activation::forward(&pre, act)? };
         let (x, wv) = (self.value.clone(), w.value.clone());
-        let (need_x, need_w, need_b) = (
-            self.requires_grad(),
-            w.requires_grad(),
-            bias.map(|b| b.requires_grad()).unwrap_or(false),
-        );
+        let (need_x, need_w, need_b) =
+            (self.requires_grad(), w.requires_grad(), bias.map(|b| b.requires_grad()).unwrap_or(false));
         let has_bias = bias.is_some();
         let mut inputs: Vec<&Var> = vec![self, w];
         if let Some(b) = bias {
             inputs.push(b);
         }
         Ok(self.tape.record(y, &inputs, move |g| {
-            let dpre = if act == Act::None {
-                g.clone()
-            } else {
-                ops::activation::backward(&pre, g, act)?
-            };
-            let (dx, dw, db) =
-                matmul_backward(&x, &wv, &dpre, false, trans_w, need_x, need_w, need_b)?;
+            let dpre = if act == Act::None { g.clone() } else { ops::activation::backward(&pre, g, act)? };
+            let (dx, dw, db) = matmul_backward(&x, &wv, &dpre, false, trans_w, need_x, need_w, need_b)?;
             let mut out = vec![dx, dw];
             if has_bias {
                 out.push(db);
@@ -175,15 +129,7 @@ impl Var {
     /// Batched or plain matrix product with optional transposes (no bias).
     pub fn matmul(&self, other: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
         use ops::matmul::{matmul, matmul_backward, MatmulOpts};
-        let y = matmul(
-            &self.value,
-            &other.value,
-            &MatmulOpts {
-                trans_a,
-                trans_b,
-                ..Default::default()
-            },
-        )?;
+        let y = matmul(&self.value, &other.value, &MatmulOpts { trans_a, trans_b, ..Default::default() })?;
         let (a, b) = (self.value.clone(), other.value.clone());
         let (na, nb) = (self.requires_grad(), other.requires_grad());
         Ok(self.tape.record(y, &[self, other], move |g| {
@@ -196,18 +142,14 @@ impl Var {
     pub fn softmax(&self) -> Result<Var> {
         let y = ops::softmax::softmax(&self.value)?;
         let yy = y.clone();
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::softmax::softmax_backward(&yy, g)?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::softmax::softmax_backward(&yy, g)?)])))
     }
 
     /// Log-softmax over the last axis.
     pub fn log_softmax(&self) -> Result<Var> {
         let y = ops::softmax::log_softmax(&self.value)?;
         let yy = y.clone();
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::softmax::log_softmax_backward(&yy, g)?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::softmax::log_softmax_backward(&yy, g)?)])))
     }
 
     /// Sum of all elements, as a [1] value.
@@ -225,10 +167,7 @@ impl Var {
     pub fn mean_all(&self) -> Result<Var> {
         let n = self.value.numel();
         if n == 0 {
-            bail!(
-                "mean_all of an empty tensor {}",
-                shape_str(self.value.shape())
-            );
+            bail!("mean_all of an empty tensor {}", shape_str(self.value.shape()));
         }
         self.sum_all()?.scale(1.0 / n as f32)
     }
@@ -261,11 +200,7 @@ pub struct CeOptions {
 
 impl Default for CeOptions {
     fn default() -> Self {
-        CeOptions {
-            ignore_index: -100,
-            tau: 1.0,
-            mask: None,
-        }
+        CeOptions { ignore_index: -100, tau: 1.0, mask: None }
     }
 }
 
@@ -273,25 +208,15 @@ impl Default for CeOptions {
 /// to `ignore_index` excluded), as a [1] value.
 pub fn cross_entropy(logits: &Var, targets: &Tensor, o: &CeOptions) -> Result<Var> {
     use ops::cross_entropy::{cross_entropy as ce, cross_entropy_backward, CrossEntropyOpts};
-    let logits2 = logits
-        .value
-        .reshape(&[logits.value.rows(), logits.value.last_dim()])?;
+    let logits2 = logits.value.reshape(&[logits.value.rows(), logits.value.last_dim()])?;
     let t = targets.reshape(&[targets.numel()])?;
-    let opts = CrossEntropyOpts {
-        ignore_index: o.ignore_index,
-        tau: o.tau,
-        mask: o.mask.as_ref(),
-    };
+    let opts = CrossEntropyOpts { ignore_index: o.ignore_index, tau: o.tau, mask: o.mask.as_ref() };
     let fwd = ce(&logits2, &t, &opts)?;
     let loss = fwd.loss.clone();
     let o = o.clone();
     let shape = logits.value.shape().to_vec();
     Ok(logits.tape.record(loss, &[logits], move |g| {
-        let opts = CrossEntropyOpts {
-            ignore_index: o.ignore_index,
-            tau: o.tau,
-            mask: o.mask.as_ref(),
-        };
+        let opts = CrossEntropyOpts { ignore_index: o.ignore_index, tau: o.tau, mask: o.mask.as_ref() };
         let d = cross_entropy_backward(&logits2, &t, &fwd, &opts, Some(g))?;
         Ok(vec![Some(d.reshape(&shape)?)])
     }))
@@ -305,11 +230,7 @@ impl Var {
             return Ok(self.clone());
         }
         let y = ops::dropout::dropout(&self.value, p, seed, offset)?;
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::dropout::dropout_backward(
-                g, p, seed, offset,
-            )?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::dropout::dropout_backward(g, p, seed, offset)?)])))
     }
 
     /// RMSNorm over the last axis with a [C] weight.
@@ -338,9 +259,7 @@ impl Var {
     pub fn permute(&self, perm: &[usize]) -> Result<Var> {
         let y = ops::permute::permute(&self.value, perm)?;
         let inv = ops::permute::inverse(perm);
-        Ok(self.tape.record(y, &[self], move |g| {
-            Ok(vec![Some(ops::permute::permute(g, &inv)?)])
-        }))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(ops::permute::permute(g, &inv)?)])))
     }
 }
 
@@ -354,14 +273,7 @@ pub fn attention(
     mask: &ops::attention::Mask,
     scale: f32,
 ) -> Result<Var> {
-    let fwd = ops::attention::attention(
-        &q.value,
-        &k.value,
-        &v.value,
-        bias.map(|b| &b.value),
-        mask,
-        scale,
-    )?;
+    let fwd = ops::attention::attention(&q.value, &k.value, &v.value, bias.map(|b| &b.value), mask, scale)?;
     let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
     let bv = bias.map(|b| b.value.clone());
     let want_dbias = bias.map(|b| b.requires_grad()).unwrap_or(false);
@@ -372,18 +284,8 @@ pub fn attention(
         inputs.push(b);
     }
     Ok(q.tape.record(fwd.out, &inputs, move |g| {
-        let gr = ops::attention::attention_backward(
-            g,
-            &qv,
-            &kv,
-            &vv,
-            &out,
-            &lse,
-            bv.as_ref(),
-            &mask,
-            scale,
-            want_dbias,
-        )?;
+        let gr =
+            ops::attention::attention_backward(g, &qv, &kv, &vv, &out, &lse, bv.as_ref(), &mask, scale, want_dbias)?;
         let mut v = vec![Some(gr.dq), Some(gr.dk), Some(gr.dv)];
         if bv.is_some() {
             v.push(gr.dbias);
@@ -397,8 +299,6 @@ impl Var {
     pub fn spmm(&self, a: &ops::spmm::Csr) -> Result<Var> {
         let y = a.a.matmul(&self.value)?;
         let a = a.clone();
-        Ok(self
-            .tape
-            .record(y, &[self], move |g| Ok(vec![Some(a.at.matmul(g)?)])))
+        Ok(self.tape.record(y, &[self], move |g| Ok(vec![Some(a.at.matmul(g)?)])))
     }
 }

@@ -63,12 +63,7 @@ pub struct Param {
 
 impl Param {
     pub fn new(name: impl Into<String>, value: Tensor) -> Rc<Param> {
-        Rc::new(Param {
-            name: name.into(),
-            value,
-            grad: RefCell::new(None),
-            frozen: Cell::new(false),
-        })
+        Rc::new(Param { name: name.into(), value, grad: RefCell::new(None), frozen: Cell::new(false) })
     }
     /// Drop the accumulated gradient.
     pub fn zero_grad(&self) {
@@ -88,10 +83,7 @@ impl Default for Tape {
 
 impl Tape {
     pub fn new() -> Tape {
-        Tape {
-            inner: Rc::new(RefCell::new(TapeInner { nodes: Vec::new() })),
-            grad_enabled: Rc::new(Cell::new(true)),
-        }
+        Tape { inner: Rc::new(RefCell::new(TapeInner { nodes: Vec::new() })), grad_enabled: Rc::new(Cell::new(true)) }
     }
 
     /// A tape that records nothing (inference): every op skips its backward.
@@ -107,11 +99,7 @@ impl Tape {
 
     /// A constant input (no gradient).
     pub fn constant(&self, value: Tensor) -> Var {
-        Var {
-            value,
-            id: None,
-            tape: self.clone(),
-        }
+        Var { value, id: None, tape: self.clone() }
     }
 
     /// An input whose gradient is wanted (returned by `backward`), not a parameter.
@@ -119,16 +107,8 @@ impl Tape {
         if !self.grad_enabled() {
             return self.constant(value);
         }
-        let id = self.push(Node {
-            inputs: vec![],
-            backward: None,
-            param: None,
-        });
-        Var {
-            value,
-            id: Some(id),
-            tape: self.clone(),
-        }
+        let id = self.push(Node { inputs: vec![], backward: None, param: None });
+        Var { value, id: Some(id), tape: self.clone() }
     }
 
     /// Use a parameter on this tape; its gradient accumulates into `p.grad`.
@@ -136,16 +116,8 @@ impl Tape {
         if !self.grad_enabled() || p.frozen.get() {
             return self.constant(p.value.clone());
         }
-        let id = self.push(Node {
-            inputs: vec![],
-            backward: None,
-            param: Some(p.clone()),
-        });
-        Var {
-            value: p.value.clone(),
-            id: Some(id),
-            tape: self.clone(),
-        }
+        let id = self.push(Node { inputs: vec![], backward: None, param: Some(p.clone()) });
+        Var { value: p.value.clone(), id: Some(id), tape: self.clone() }
     }
 
     fn push(&self, node: Node) -> usize {
@@ -168,16 +140,8 @@ impl Tape {
             return self.constant(value);
         }
         let ids: Vec<usize> = inputs.iter().map(|v| v.id.unwrap_or(usize::MAX)).collect();
-        let id = self.push(Node {
-            inputs: ids,
-            backward: Some(Box::new(backward)),
-            param: None,
-        });
-        Var {
-            value,
-            id: Some(id),
-            tape: self.clone(),
-        }
+        let id = self.push(Node { inputs: ids, backward: Some(Box::new(backward)), param: None });
+        Var { value, id: Some(id), tape: self.clone() }
     }
 
     /// Back-propagate from a scalar `loss` (d loss / d loss = 1). Gradients of
@@ -185,10 +149,7 @@ impl Tape {
     /// `Tape::input` values are returned by node id (see `Var::grad_in`).
     pub fn backward(&self, loss: &Var) -> Result<Gradients> {
         if loss.value.numel() != 1 {
-            bail!(
-                "backward: loss must be a single value, got shape {}",
-                shape_str(loss.value.shape())
-            );
+            bail!("backward: loss must be a single value, got shape {}", shape_str(loss.value.shape()));
         }
         let seed = Tensor::from_f32(loss.value.gpu(), &[1.0], loss.value.shape())?;
         self.backward_with(loss, seed)
@@ -222,18 +183,12 @@ impl Tape {
                 if node.inputs.is_empty() {
                     continue;
                 }
-                bail!(
-                    "backward: node {id} was already back-propagated (call backward once per tape)"
-                );
+                bail!("backward: node {id} was already back-propagated (call backward once per tape)");
             };
             let inputs = node.inputs.clone();
             let in_grads = bw(&g)?;
             if in_grads.len() != inputs.len() {
-                bail!(
-                    "backward: op returned {} gradients for {} inputs",
-                    in_grads.len(),
-                    inputs.len()
-                );
+                bail!("backward: op returned {} gradients for {} inputs", in_grads.len(), inputs.len());
             }
             for (input, ig) in inputs.into_iter().zip(in_grads) {
                 let (Some(ig), true) = (ig, input != usize::MAX) else {

@@ -20,11 +20,7 @@ pub fn popularity_scores(data: &Prepared) -> Vec<f32> {
 }
 
 /// Evaluate the popularity baseline on `cases`.
-pub fn evaluate_popularity(
-    data: &Prepared,
-    cases: &[EvalCase],
-    protocol: &Protocol,
-) -> Result<EvalReport> {
+pub fn evaluate_popularity(data: &Prepared, cases: &[EvalCase], protocol: &Protocol) -> Result<EvalReport> {
     let scores = popularity_scores(data);
     let mut ev = Evaluator::new(protocol, data.n_items(), None)?;
     for c in cases {
@@ -37,18 +33,10 @@ pub fn evaluate_popularity(
 /// user walks a cycle over `n_items` items with a user-specific stride, so
 /// the next item is a deterministic function of the previous two (not of
 /// popularity, which is uniform).
-pub fn synthetic_cycles(
-    n_users: usize,
-    n_items: usize,
-    len: usize,
-    seed: u64,
-) -> crate::data::RawDataset {
+pub fn synthetic_cycles(n_users: usize, n_items: usize, len: usize, seed: u64) -> crate::data::RawDataset {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut raw = crate::data::RawDataset {
-        name: "synthetic-cycles".into(),
-        ..Default::default()
-    };
+    let mut raw = crate::data::RawDataset { name: "synthetic-cycles".into(), ..Default::default() };
     for u in 0..n_users {
         let stride = [1usize, 2, 3][u % 3];
         let mut item = rng.gen_range(0..n_items);
@@ -77,14 +65,7 @@ mod tests {
         // Sequences of 12 over 40 items: no item repeats inside a sequence for
         // strides 1..3, so dedup and 5-core keep everything.
         let raw = synthetic_cycles(120, 40, 12, 3);
-        let data = prepare(
-            &raw,
-            &PrepareOptions {
-                kcore: 0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let data = prepare(&raw, &PrepareOptions { kcore: 0, ..Default::default() }).unwrap();
         let cfg = sasrec::SasRecConfig {
             d_model: 32,
             max_len: 12,
@@ -96,26 +77,14 @@ mod tests {
         };
         let model = sasrec::SasRec::new(&gpu, data.n_items(), cfg).unwrap();
         let losses = model.fit(&data, |_, _| Ok(true)).unwrap();
-        assert!(
-            losses.last().unwrap() < &(losses[0] * 0.5),
-            "loss did not fall: {losses:?}"
-        );
+        assert!(losses.last().unwrap() < &(losses[0] * 0.5), "loss did not fall: {losses:?}");
         let cases = data.eval_cases(Split::Test);
-        let protocol = Protocol {
-            bootstrap: 0,
-            ..Default::default()
-        };
+        let protocol = Protocol { bootstrap: 0, ..Default::default() };
         let r = model.evaluate(&cases, &protocol).unwrap();
         let pop = evaluate_popularity(&data, &cases, &protocol).unwrap();
-        let (m, p) = (
-            r.metric("ndcg", 10).unwrap(),
-            pop.metric("ndcg", 10).unwrap(),
-        );
+        let (m, p) = (r.metric("ndcg", 10).unwrap(), pop.metric("ndcg", 10).unwrap());
         // Random ranking of 40 items gives NDCG@10 ~ 0.1; the planted
         // structure makes the next item predictable from the last two.
-        assert!(
-            m > 0.6 && m > 2.0 * p,
-            "SASRec NDCG@10 {m} vs popularity {p}"
-        );
+        assert!(m > 0.6 && m > 2.0 * p, "SASRec NDCG@10 {m} vs popularity {p}");
     }
 }

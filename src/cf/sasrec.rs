@@ -103,15 +103,7 @@ impl SasRec {
             let k = s + 100 * (i as u64 + 1);
             blocks.push(Block {
                 ln_attn: LayerNorm::new(gpu, &format!("{n}.ln_attn"), d, 1e-8)?,
-                attn: MultiHeadAttention::new(
-                    gpu,
-                    &format!("{n}.attn"),
-                    d,
-                    cfg.heads,
-                    cfg.heads,
-                    true,
-                    k,
-                )?,
+                attn: MultiHeadAttention::new(gpu, &format!("{n}.attn"), d, cfg.heads, cfg.heads, true, k)?,
                 ln_ffn: LayerNorm::new(gpu, &format!("{n}.ln_ffn"), d, 1e-8)?,
                 ff1: Linear::new(gpu, &format!("{n}.ff1"), d, d, true, Act::Relu, k + 10)?,
                 ff2: Linear::new(gpu, &format!("{n}.ff2"), d, d, true, Act::None, k + 11)?,
@@ -157,47 +149,24 @@ impl SasRec {
             seg.push(row);
         }
         let mask = MaskSpec::from_sequence(MaskKind::Causal, &seg, l)?.upload(&self.gpu)?;
-        Ok(SeqBatch {
-            ids: Tensor::from_u32(&self.gpu, &ids, &[seqs.len(), l])?,
-            mask,
-            b: seqs.len(),
-        })
+        Ok(SeqBatch { ids: Tensor::from_u32(&self.gpu, &ids, &[seqs.len(), l])?, mask, b: seqs.len() })
     }
 
     /// Hidden states [B, L, d].
     fn encode(&self, tape: &Tape, batch: &SeqBatch, dropout_seed: u32) -> Result<Var> {
         let (l, d) = (self.cfg.max_len, self.cfg.d_model);
-        let p = if tape.grad_enabled() {
-            self.cfg.dropout
-        } else {
-            0.0
-        };
-        let x = self
-            .item_emb
-            .forward(tape, &batch.ids)?
-            .scale((d as f32).sqrt())?;
+        let p = if tape.grad_enabled() { self.cfg.dropout } else { 0.0 };
+        let x = self.item_emb.forward(tape, &batch.ids)?.scale((d as f32).sqrt())?;
         let pos_ids: Vec<u32> = (0..l as u32).collect();
-        let pos = self
-            .pos_emb
-            .forward(tape, &Tensor::from_u32(&self.gpu, &pos_ids, &[l])?)?;
+        let pos = self.pos_emb.forward(tape, &Tensor::from_u32(&self.gpu, &pos_ids, &[l])?)?;
         let mut x = x.add(&pos)?.dropout(p, dropout_seed, 0)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let q = blk.ln_attn.forward(tape, &x)?;
-            let a = blk.attn.forward(tape, &q, &x, &batch.mask)?.dropout(
-                p,
-                dropout_seed,
-                1 + 3 * i as u32,
-            )?;
+            let a = blk.attn.forward(tape, &q, &x, &batch.mask)?.dropout(p, dropout_seed, 1 + 3 * i as u32)?;
             x = q.add(&a)?;
             x = blk.ln_ffn.forward(tape, &x)?;
-            let h = blk
-                .ff1
-                .forward(tape, &x)?
-                .dropout(p, dropout_seed, 2 + 3 * i as u32)?;
-            let h = blk
-                .ff2
-                .forward(tape, &h)?
-                .dropout(p, dropout_seed, 3 + 3 * i as u32)?;
+            let h = blk.ff1.forward(tape, &x)?.dropout(p, dropout_seed, 2 + 3 * i as u32)?;
+            let h = blk.ff2.forward(tape, &h)?.dropout(p, dropout_seed, 3 + 3 * i as u32)?;
             x = x.add(&h)?;
         }
         let _ = batch.b;
@@ -223,9 +192,7 @@ impl SasRec {
             targets.extend(t.iter().map(|&i| i as i32));
         }
         let targets = Tensor::from_i32(&self.gpu, &targets, &[seqs.len() * l])?;
-        let h = self
-            .encode(tape, &batch, step_seed)?
-            .reshape(&[seqs.len() * l, self.cfg.d_model])?;
+        let h = self.encode(tape, &batch, step_seed)?.reshape(&[seqs.len() * l, self.cfg.d_model])?;
         let logits = self.logits(tape, &h)?;
         cross_entropy(&logits, &targets, &CeOptions::default())
     }
@@ -233,11 +200,7 @@ impl SasRec {
     /// Train on every user's training sequence; prints progress. Returns the
     /// mean loss of each epoch. `on_epoch(epoch, model)` may evaluate and
     /// return false to stop early.
-    pub fn fit(
-        &self,
-        data: &Prepared,
-        mut on_epoch: impl FnMut(usize, f32) -> Result<bool>,
-    ) -> Result<Vec<f32>> {
+    pub fn fit(&self, data: &Prepared, mut on_epoch: impl FnMut(usize, f32) -> Result<bool>) -> Result<Vec<f32>> {
         // Every training position is a target once per epoch: sequences longer
         // than max_len + 1 are cut into windows of max_len + 1 that overlap by one.
         let l = self.cfg.max_len;
@@ -259,13 +222,7 @@ impl SasRec {
         }
         let mut opt = AdamW::new(
             self.params(),
-            AdamWHp {
-                lr: self.cfg.lr,
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-8,
-                weight_decay: self.cfg.weight_decay,
-            },
+            AdamWHp { lr: self.cfg.lr, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: self.cfg.weight_decay },
             Some(5.0),
         )?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.cfg.seed);
@@ -273,10 +230,8 @@ impl SasRec {
         let steps_per_epoch = seqs.len().div_ceil(self.cfg.batch_size);
         let bar = ProgressBar::new((self.cfg.epochs * steps_per_epoch) as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "sasrec {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("sasrec {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut history = Vec::new();
         let mut step = 0u32;
@@ -286,12 +241,8 @@ impl SasRec {
             for chunk in order.chunks(self.cfg.batch_size) {
                 let batch: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
                 let tape = Tape::new();
-                let loss = self.loss(
-                    &tape,
-                    &batch,
-                    step.wrapping_mul(2654435761)
-                        .wrapping_add(self.cfg.seed as u32),
-                )?;
+                let loss =
+                    self.loss(&tape, &batch, step.wrapping_mul(2654435761).wrapping_add(self.cfg.seed as u32))?;
                 tape.backward(&loss)?;
                 opt.step()?;
                 losses.push(loss.value);
@@ -329,12 +280,8 @@ impl SasRec {
             }
             let tape = Tape::no_grad();
             let batch = self.batch(&seqs)?;
-            let h = self
-                .encode(&tape, &batch, 0)?
-                .reshape(&[chunk.len() * l, d])?;
-            let last: Vec<u32> = (0..chunk.len() as u32)
-                .map(|b| b * l as u32 + l as u32 - 1)
-                .collect();
+            let h = self.encode(&tape, &batch, 0)?.reshape(&[chunk.len() * l, d])?;
+            let last: Vec<u32> = (0..chunk.len() as u32).map(|b| b * l as u32 + l as u32 - 1).collect();
             let h_last = embedding(&h, &Tensor::from_u32(&self.gpu, &last, &[chunk.len()])?)?;
             out.extend(self.logits(&tape, &h_last)?.value.to_vec_f32()?);
         }

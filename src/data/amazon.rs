@@ -28,15 +28,9 @@ fn is_json_lines(name: &str) -> bool {
 pub fn find_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     let mut reviews = Vec::new();
     let mut metas = Vec::new();
-    for e in std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list directory", dir.display()))?
-    {
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list directory", dir.display()))? {
         let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
         if !p.is_file() || !is_json_lines(&name) {
             continue;
         }
@@ -56,11 +50,7 @@ pub fn find_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         );
     }
     if metas.len() > 1 {
-        bail!(
-            "{}: expected at most one 'meta*' file, found {}",
-            dir.display(),
-            metas.len()
-        );
+        bail!("{}: expected at most one 'meta*' file, found {}", dir.display(), metas.len());
     }
     Ok((reviews.pop().unwrap(), metas.pop()))
 }
@@ -68,10 +58,7 @@ pub fn find_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// Dataset name from a reviews file name: `reviews_Beauty_5.json.gz` -> `Beauty`.
 fn dataset_name(p: &Path) -> String {
     let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("amazon");
-    let n = n
-        .trim_end_matches(".gz")
-        .trim_end_matches(".jsonl")
-        .trim_end_matches(".json");
+    let n = n.trim_end_matches(".gz").trim_end_matches(".jsonl").trim_end_matches(".json");
     let n = n.strip_prefix("reviews_").unwrap_or(n);
     n.strip_suffix("_5").unwrap_or(n).to_string()
 }
@@ -84,10 +71,7 @@ pub fn load_dir(dir: &Path) -> Result<RawDataset> {
 
 /// Loads an Amazon reviews file and an optional metadata file.
 pub fn load_files(reviews: &Path, meta: Option<&Path>) -> Result<RawDataset> {
-    let mut ds = RawDataset {
-        name: dataset_name(reviews),
-        ..Default::default()
-    };
+    let mut ds = RawDataset { name: dataset_name(reviews), ..Default::default() };
     ds.report.files.push(reviews.display().to_string());
     for r in Lines::open(reviews)? {
         let (no, line) = r?;
@@ -95,8 +79,7 @@ pub fn load_files(reviews: &Path, meta: Option<&Path>) -> Result<RawDataset> {
             continue;
         }
         ds.report.records += 1;
-        let v =
-            parse_json_or_python(&line).map_err(|e| anyhow!("{}:{no}: {e}", reviews.display()))?;
+        let v = parse_json_or_python(&line).map_err(|e| anyhow!("{}:{no}: {e}", reviews.display()))?;
         let field = |k: &str| v.get(k);
         let user = field("reviewerID")
             .and_then(json_id)
@@ -106,22 +89,10 @@ pub fn load_files(reviews: &Path, meta: Option<&Path>) -> Result<RawDataset> {
             .ok_or_else(|| anyhow!("{}:{no}: missing or empty 'asin'", reviews.display()))?;
         let timestamp = field("unixReviewTime")
             .and_then(json_timestamp)
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}:{no}: missing or bad 'unixReviewTime'",
-                    reviews.display()
-                )
-            })?;
+            .ok_or_else(|| anyhow!("{}:{no}: missing or bad 'unixReviewTime'", reviews.display()))?;
         let rating = field("overall").and_then(Value::as_f64).map(|x| x as f32);
-        for (k, kind) in [
-            ("reviewText", TextKind::Review),
-            ("summary", TextKind::Summary),
-        ] {
-            if let Some(t) = field(k)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-            {
+        for (k, kind) in [("reviewText", TextKind::Review), ("summary", TextKind::Summary)] {
+            if let Some(t) = field(k).and_then(Value::as_str).map(str::trim).filter(|t| !t.is_empty()) {
                 ds.user_texts.push(RawUserText {
                     user: user.clone(),
                     item: Some(item.clone()),
@@ -131,12 +102,7 @@ pub fn load_files(reviews: &Path, meta: Option<&Path>) -> Result<RawDataset> {
                 });
             }
         }
-        ds.interactions.push(RawInteraction {
-            user,
-            item,
-            timestamp,
-            rating,
-        });
+        ds.interactions.push(RawInteraction { user, item, timestamp, rating });
     }
     if let Some(meta) = meta {
         ds.report.files.push(meta.display().to_string());
@@ -147,12 +113,9 @@ pub fn load_files(reviews: &Path, meta: Option<&Path>) -> Result<RawDataset> {
                 continue;
             }
             ds.report.records += 1;
-            let v =
-                parse_json_or_python(&line).map_err(|e| anyhow!("{}:{no}: {e}", meta.display()))?;
-            let asin = v
-                .get("asin")
-                .and_then(json_id)
-                .ok_or_else(|| anyhow!("{}:{no}: missing 'asin'", meta.display()))?;
+            let v = parse_json_or_python(&line).map_err(|e| anyhow!("{}:{no}: {e}", meta.display()))?;
+            let asin =
+                v.get("asin").and_then(json_id).ok_or_else(|| anyhow!("{}:{no}: missing 'asin'", meta.display()))?;
             if !reviewed.contains(&asin) {
                 ds.report.skip("metadata for an item without reviews");
                 continue;
@@ -173,12 +136,8 @@ pub fn parse_meta(v: &Value) -> ItemMeta {
         match v.get(k)? {
             Value::String(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
             Value::Array(a) => {
-                let parts: Vec<&str> = a
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .collect();
+                let parts: Vec<&str> =
+                    a.iter().filter_map(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).collect();
                 Some(parts.join(" ")).filter(|s| !s.is_empty())
             }
             _ => None,
@@ -196,20 +155,11 @@ pub fn parse_meta(v: &Value) -> ItemMeta {
             for c in a {
                 match c {
                     Value::String(s) => push(s),
-                    Value::Array(inner) => {
-                        inner.iter().filter_map(Value::as_str).for_each(&mut push)
-                    }
+                    Value::Array(inner) => inner.iter().filter_map(Value::as_str).for_each(&mut push),
                     _ => {}
                 }
             }
         }
     }
-    ItemMeta {
-        title: s("title"),
-        description: s("description"),
-        categories,
-        brand: s("brand"),
-        year: None,
-        text: None,
-    }
+    ItemMeta { title: s("title"), description: s("description"), categories, brand: s("brand"), year: None, text: None }
 }

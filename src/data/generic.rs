@@ -26,14 +26,8 @@ pub fn find_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// Loads the generic format from `dir`.
 pub fn load_dir(dir: &Path) -> Result<RawDataset> {
     let (inter, items) = find_files(dir)?;
-    let mut ds = RawDataset {
-        name: dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("generic")
-            .into(),
-        ..Default::default()
-    };
+    let mut ds =
+        RawDataset { name: dir.file_name().and_then(|n| n.to_str()).unwrap_or("generic").into(), ..Default::default() };
     ds.report.files.push(inter.display().to_string());
     let mut interactions = Vec::new();
     let mut texts = Vec::new();
@@ -64,12 +58,7 @@ pub fn load_dir(dir: &Path) -> Result<RawDataset> {
                     text: t.into(),
                 });
             }
-            interactions.push(RawInteraction {
-                user: user.into(),
-                item: item.into(),
-                timestamp,
-                rating,
-            });
+            interactions.push(RawInteraction { user: user.into(), item: item.into(), timestamp, rating });
             Ok(())
         },
         &["rating", "text"],
@@ -85,21 +74,15 @@ pub fn load_dir(dir: &Path) -> Result<RawDataset> {
                 continue;
             }
             ds.report.records += 1;
-            let v: Value = serde_json::from_str(&line)
-                .map_err(|e| anyhow!("{}:{no}: invalid JSON: {e}", items.display()))?;
-            let id = v.get("item").and_then(json_id).ok_or_else(|| {
-                anyhow!(
-                    "{}:{no}: missing 'item' (string or integer)",
-                    items.display()
-                )
-            })?;
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| anyhow!("{}:{no}: invalid JSON: {e}", items.display()))?;
+            let id = v
+                .get("item")
+                .and_then(json_id)
+                .ok_or_else(|| anyhow!("{}:{no}: missing 'item' (string or integer)", items.display()))?;
             let mut meta = amazon::parse_meta(&v);
-            meta.text = v
-                .get("text")
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from);
+            meta.text =
+                v.get("text").and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(String::from);
             meta.year = v.get("year").and_then(json_id);
             if meta == ItemMeta::default() {
                 ds.report.skip("item line without any text field");

@@ -15,14 +15,10 @@ use std::path::{Path, PathBuf};
 pub fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead>> {
     let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut magic = [0u8; 2];
-    let n = read_up_to(&mut f, &mut magic)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let n = read_up_to(&mut f, &mut magic).with_context(|| format!("{}: cannot read", path.display()))?;
     let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::with_capacity(
-            1 << 16,
-            MultiGzDecoder::new(f),
-        )))
+        Ok(Box::new(BufReader::with_capacity(1 << 16, MultiGzDecoder::new(f))))
     } else {
         Ok(Box::new(BufReader::with_capacity(1 << 16, f)))
     }
@@ -55,13 +51,7 @@ pub struct Lines {
 impl Lines {
     /// Opens `path` (gzip detected by magic bytes).
     pub fn open(path: &Path) -> Result<Lines> {
-        Ok(Lines {
-            path: path.to_path_buf(),
-            reader: open_maybe_gz(path)?,
-            line_no: 0,
-            buf: Vec::new(),
-            done: false,
-        })
+        Ok(Lines { path: path.to_path_buf(), reader: open_maybe_gz(path)?, line_no: 0, buf: Vec::new(), done: false })
     }
 
     /// The file being read.
@@ -117,12 +107,7 @@ impl Iterator for Lines {
 pub fn read_all(path: &Path) -> Result<Vec<u8>> {
     let mut r = open_maybe_gz(path)?;
     let mut v = Vec::new();
-    r.read_to_end(&mut v).with_context(|| {
-        format!(
-            "{}: read error (truncated or corrupt file?)",
-            path.display()
-        )
-    })?;
+    r.read_to_end(&mut v).with_context(|| format!("{}: read error (truncated or corrupt file?)", path.display()))?;
     Ok(v)
 }
 
@@ -144,9 +129,7 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
 /// Reads a JSON value as a timestamp (integer, float or numeric string).
 pub fn json_timestamp(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().and_then(|f| parse_timestamp(&f.to_string()))),
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().and_then(|f| parse_timestamp(&f.to_string()))),
         Value::String(s) => parse_timestamp(s),
         _ => None,
     }
@@ -170,10 +153,7 @@ pub fn parse_json_or_python(line: &str) -> Result<Value> {
     match serde_json::from_str::<Value>(line) {
         Ok(v) => Ok(v),
         Err(json_err) => {
-            let mut p = PyParser {
-                s: line.as_bytes(),
-                i: 0,
-            };
+            let mut p = PyParser { s: line.as_bytes(), i: 0 };
             p.ws();
             match p.value().and_then(|v| {
                 p.ws();
@@ -217,17 +197,13 @@ impl PyParser<'_> {
 
     fn value(&mut self) -> Result<Value> {
         self.ws();
-        let c = self
-            .peek()
-            .ok_or_else(|| anyhow!("unexpected end of line"))?;
+        let c = self.peek().ok_or_else(|| anyhow!("unexpected end of line"))?;
         match c {
             b'{' => self.dict(),
             b'[' => self.seq(b']'),
             b'(' => self.seq(b')'),
             b'\'' | b'"' => Ok(Value::String(self.string(false)?)),
-            b'u' | b'U' | b'b' | b'B' | b'r' | b'R'
-                if matches!(self.s.get(self.i + 1), Some(b'\'') | Some(b'"')) =>
-            {
+            b'u' | b'U' | b'b' | b'B' | b'r' | b'R' if matches!(self.s.get(self.i + 1), Some(b'\'') | Some(b'"')) => {
                 let unicode = c == b'u' || c == b'U';
                 let raw = c == b'r' || c == b'R';
                 self.i += 1;
@@ -301,11 +277,7 @@ impl PyParser<'_> {
                     self.i += 1;
                     return Ok(Value::Array(v));
                 }
-                _ => bail!(
-                    "expected ',' or '{}' at column {}",
-                    close as char,
-                    self.i + 1
-                ),
+                _ => bail!("expected ',' or '{}' at column {}", close as char, self.i + 1),
             }
         }
     }
@@ -341,10 +313,7 @@ impl PyParser<'_> {
             out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
         };
         loop {
-            let c = *self
-                .s
-                .get(self.i)
-                .ok_or_else(|| anyhow!("unterminated string starting at column {start}"))?;
+            let c = *self.s.get(self.i).ok_or_else(|| anyhow!("unterminated string starting at column {start}"))?;
             self.i += 1;
             if c == q {
                 break;
@@ -353,10 +322,7 @@ impl PyParser<'_> {
                 out.push(c);
                 continue;
             }
-            let e = *self
-                .s
-                .get(self.i)
-                .ok_or_else(|| anyhow!("unterminated escape at column {}", self.i))?;
+            let e = *self.s.get(self.i).ok_or_else(|| anyhow!("unterminated escape at column {}", self.i))?;
             self.i += 1;
             match e {
                 b'n' => out.push(b'\n'),
@@ -410,13 +376,9 @@ impl PyParser<'_> {
 
     fn hex(&mut self, n: usize) -> Result<u32> {
         let end = self.i + n;
-        let h = self
-            .s
-            .get(self.i..end)
-            .ok_or_else(|| anyhow!("short escape at column {}", self.i))?;
+        let h = self.s.get(self.i..end).ok_or_else(|| anyhow!("short escape at column {}", self.i))?;
         let h = std::str::from_utf8(h).map_err(|_| anyhow!("bad escape at column {}", self.i))?;
-        let v = u32::from_str_radix(h, 16)
-            .map_err(|_| anyhow!("bad hex escape '{h}' at column {}", self.i))?;
+        let v = u32::from_str_radix(h, 16).map_err(|_| anyhow!("bad hex escape '{h}' at column {}", self.i))?;
         self.i = end;
         Ok(v)
     }
@@ -426,9 +388,7 @@ impl PyParser<'_> {
         while self.i < self.s.len() && !matches!(self.s[self.i], b',' | b':' | b'}' | b']' | b')') {
             self.i += 1;
         }
-        let tok = std::str::from_utf8(&self.s[start..self.i])
-            .unwrap_or("")
-            .trim();
+        let tok = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("").trim();
         Ok(match tok {
             "None" => Value::Null,
             "True" => Value::Bool(true),
@@ -465,8 +425,7 @@ mod tests {
         assert_eq!(v["related"]["also_bought"][1], "B2");
         assert_eq!(v["categories"][0][1], "Dance");
         assert_eq!(v["description"], "Café 'q' \n");
-        let v = parse_json_or_python(r#"{u'a': u'\xe9\u00e9', 't': (1, 2,), 'e': {}, 'l': []}"#)
-            .unwrap();
+        let v = parse_json_or_python(r#"{u'a': u'\xe9\u00e9', 't': (1, 2,), 'e': {}, 'l': []}"#).unwrap();
         assert_eq!(v["a"], "éé");
         assert_eq!(v["t"][1], 2);
         // Strict JSON goes through serde_json.
@@ -476,14 +435,7 @@ mod tests {
 
     #[test]
     fn python_literal_errors() {
-        for bad in [
-            "{'a': 'unterminated}",
-            "{'a' 1}",
-            "{'a': foo}",
-            "{'a': 1} extra",
-            "",
-            "{'a': '\\x4'}",
-        ] {
+        for bad in ["{'a': 'unterminated}", "{'a' 1}", "{'a': foo}", "{'a': 1} extra", "", "{'a': '\\x4'}"] {
             assert!(parse_json_or_python(bad).is_err(), "{bad}");
         }
     }

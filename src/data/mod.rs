@@ -202,16 +202,10 @@ pub fn input_files(format: Format, dir: &Path) -> Result<Vec<PathBuf>> {
         bail!("{}: not a directory", dir.display());
     }
     match format {
-        Format::Ml100k => {
-            movielens::atomic_files(dir).map(|(i, it)| std::iter::once(i).chain(it).collect())
-        }
+        Format::Ml100k => movielens::atomic_files(dir).map(|(i, it)| std::iter::once(i).chain(it).collect()),
         Format::MlLatestSmall => movielens::latest_small_files(dir),
-        Format::Amazon => {
-            amazon::find_files(dir).map(|(r, m)| std::iter::once(r).chain(m).collect())
-        }
-        Format::Generic => {
-            generic::find_files(dir).map(|(i, it)| std::iter::once(i).chain(it).collect())
-        }
+        Format::Amazon => amazon::find_files(dir).map(|(r, m)| std::iter::once(r).chain(m).collect()),
+        Format::Generic => generic::find_files(dir).map(|(i, it)| std::iter::once(i).chain(it).collect()),
     }
 }
 

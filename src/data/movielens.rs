@@ -20,16 +20,9 @@ pub fn atomic_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         .collect();
     inters.sort();
     let inter = match inters.len() {
-        0 => bail!(
-            "{}: no RecBole '.inter' file (expected e.g. ml-100k.inter)",
-            dir.display()
-        ),
+        0 => bail!("{}: no RecBole '.inter' file (expected e.g. ml-100k.inter)", dir.display()),
         1 => inters.pop().unwrap(),
-        _ => bail!(
-            "{}: several '.inter' files ({}); keep one per directory",
-            dir.display(),
-            inters.len()
-        ),
+        _ => bail!("{}: several '.inter' files ({}); keep one per directory", dir.display(), inters.len()),
     };
     let stem = atomic_stem(&inter);
     let item = find_named(dir, &[&format!("{stem}.item")]);
@@ -38,36 +31,31 @@ pub fn atomic_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 
 fn atomic_stem(p: &Path) -> String {
     let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("dataset");
-    n.trim_end_matches(".gz")
-        .trim_end_matches(".inter")
-        .to_string()
+    n.trim_end_matches(".gz").trim_end_matches(".inter").to_string()
 }
 
 /// Parses a RecBole typed header (`user_id:token\titem_id:token\t...`) into
 /// field names.
 fn atomic_header(path: &Path, line: &str) -> Result<Vec<String>> {
-    let fields: Vec<String> = line
-        .split('\t')
-        .map(|f| f.split(':').next().unwrap_or("").trim().to_string())
-        .collect();
+    let fields: Vec<String> = line.split('\t').map(|f| f.split(':').next().unwrap_or("").trim().to_string()).collect();
     if fields.iter().any(|f| f.is_empty()) || !line.contains(':') {
-        bail!("{}:1: not a RecBole typed header (expected 'user_id:token<TAB>item_id:token...'): {line:?}", path.display());
+        bail!(
+            "{}:1: not a RecBole typed header (expected 'user_id:token<TAB>item_id:token...'): {line:?}",
+            path.display()
+        );
     }
     Ok(fields)
 }
 
 fn col(path: &Path, fields: &[String], names: &[&str]) -> Result<usize> {
-    fields
-        .iter()
-        .position(|f| names.contains(&f.as_str()))
-        .ok_or_else(|| {
-            anyhow!(
-                "{}:1: header has no column named {} (columns: {})",
-                path.display(),
-                names.join(" or "),
-                fields.join(", ")
-            )
-        })
+    fields.iter().position(|f| names.contains(&f.as_str())).ok_or_else(|| {
+        anyhow!(
+            "{}:1: header has no column named {} (columns: {})",
+            path.display(),
+            names.join(" or "),
+            fields.join(", ")
+        )
+    })
 }
 
 /// Loads RecBole atomic files (ml-100k): interactions from `.inter`
@@ -76,10 +64,7 @@ fn col(path: &Path, fields: &[String], names: &[&str]) -> Result<usize> {
 /// interacted with are kept in `items` (dropped by `prepare`).
 pub fn load_atomic(dir: &Path) -> Result<RawDataset> {
     let (inter, item) = atomic_files(dir)?;
-    let mut ds = RawDataset {
-        name: atomic_stem(&inter),
-        ..Default::default()
-    };
+    let mut ds = RawDataset { name: atomic_stem(&inter), ..Default::default() };
     ds.report.files.push(inter.display().to_string());
     let mut lines = Lines::open(&inter)?;
     let header = match lines.next() {
@@ -101,33 +86,21 @@ pub fn load_atomic(dir: &Path) -> Result<RawDataset> {
         ds.report.records += 1;
         let v: Vec<&str> = line.split('\t').collect();
         if v.len() != fields.len() {
-            bail!(
-                "{}:{no}: expected {} tab-separated fields, found {}",
-                inter.display(),
-                fields.len(),
-                v.len()
-            );
+            bail!("{}:{no}: expected {} tab-separated fields, found {}", inter.display(), fields.len(), v.len());
         }
         let (user, item) = (v[cu].trim(), v[ci].trim());
         if user.is_empty() || item.is_empty() {
             bail!("{}:{no}: empty user or item id", inter.display());
         }
-        let timestamp = parse_timestamp(v[ct])
-            .ok_or_else(|| anyhow!("{}:{no}: bad timestamp {:?}", inter.display(), v[ct]))?;
+        let timestamp =
+            parse_timestamp(v[ct]).ok_or_else(|| anyhow!("{}:{no}: bad timestamp {:?}", inter.display(), v[ct]))?;
         let rating = match cr {
             Some(c) => Some(
-                v[c].trim()
-                    .parse::<f32>()
-                    .map_err(|_| anyhow!("{}:{no}: bad rating {:?}", inter.display(), v[c]))?,
+                v[c].trim().parse::<f32>().map_err(|_| anyhow!("{}:{no}: bad rating {:?}", inter.display(), v[c]))?,
             ),
             None => None,
         };
-        ds.interactions.push(RawInteraction {
-            user: user.into(),
-            item: item.into(),
-            timestamp,
-            rating,
-        });
+        ds.interactions.push(RawInteraction { user: user.into(), item: item.into(), timestamp, rating });
     }
     if let Some(item) = item {
         ds.report.files.push(item.display().to_string());
@@ -138,13 +111,9 @@ pub fn load_atomic(dir: &Path) -> Result<RawDataset> {
         };
         let fields = atomic_header(&item, &header)?;
         let ci = col(&item, &fields, &["item_id"])?;
-        let title = fields
-            .iter()
-            .position(|f| f.contains("title") || f == "name");
+        let title = fields.iter().position(|f| f.contains("title") || f == "name");
         let year = fields.iter().position(|f| f.contains("year"));
-        let class = fields
-            .iter()
-            .position(|f| f == "class" || f == "categories" || f == "genre" || f == "genres");
+        let class = fields.iter().position(|f| f == "class" || f == "categories" || f == "genre" || f == "genres");
         let desc = fields.iter().position(|f| f == "description");
         let brand = fields.iter().position(|f| f == "brand");
         for r in lines {
@@ -155,25 +124,17 @@ pub fn load_atomic(dir: &Path) -> Result<RawDataset> {
             ds.report.records += 1;
             let v: Vec<&str> = line.split('\t').collect();
             if v.len() != fields.len() {
-                bail!(
-                    "{}:{no}: expected {} tab-separated fields, found {}",
-                    item.display(),
-                    fields.len(),
-                    v.len()
-                );
+                bail!("{}:{no}: expected {} tab-separated fields, found {}", item.display(), fields.len(), v.len());
             }
             let id = v[ci].trim();
             if id.is_empty() {
                 bail!("{}:{no}: empty item id", item.display());
             }
-            let get =
-                |c: Option<usize>| c.map(|c| v[c].trim().to_string()).filter(|s| !s.is_empty());
+            let get = |c: Option<usize>| c.map(|c| v[c].trim().to_string()).filter(|s| !s.is_empty());
             let meta = ItemMeta {
                 title: get(title),
                 year: get(year),
-                categories: get(class)
-                    .map(|s| s.split_whitespace().map(String::from).collect())
-                    .unwrap_or_default(),
+                categories: get(class).map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default(),
                 description: get(desc),
                 brand: get(brand),
                 text: None,
@@ -188,12 +149,8 @@ pub fn load_atomic(dir: &Path) -> Result<RawDataset> {
 
 /// `ratings.csv` and, when present, `movies.csv` and `tags.csv` in `dir`.
 pub fn latest_small_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let ratings = find_named(dir, &["ratings.csv"]).ok_or_else(|| {
-        anyhow!(
-            "{}: no ratings.csv (MovieLens latest-small layout)",
-            dir.display()
-        )
-    })?;
+    let ratings = find_named(dir, &["ratings.csv"])
+        .ok_or_else(|| anyhow!("{}: no ratings.csv (MovieLens latest-small layout)", dir.display()))?;
     let mut v = vec![ratings];
     v.extend(find_named(dir, &["movies.csv"]));
     v.extend(find_named(dir, &["tags.csv"]));
@@ -210,16 +167,9 @@ pub(crate) fn read_csv(
     optional: &[&str],
 ) -> Result<usize> {
     let rdr = open_maybe_gz(path)?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .from_reader(rdr);
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(rdr);
     let headers = rdr.headers().map_err(|e| csv_err(path, e))?.clone();
-    let idx = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim().trim_start_matches('\u{feff}') == name)
-    };
+    let idx = |name: &str| headers.iter().position(|h| h.trim().trim_start_matches('\u{feff}') == name);
     let mut cols: Vec<Option<usize>> = Vec::new();
     for name in required {
         cols.push(Some(idx(name).ok_or_else(|| {
@@ -244,8 +194,7 @@ pub(crate) fn read_csv(
                     continue;
                 }
                 n += 1;
-                let vals: Vec<Option<&str>> =
-                    cols.iter().map(|c| c.and_then(|c| rec.get(c))).collect();
+                let vals: Vec<Option<&str>> = cols.iter().map(|c| c.and_then(|c| rec.get(c))).collect();
                 f(line, &vals).with_context(|| format!("{}:{line}", path.display()))?;
             }
             Err(e) => return Err(csv_err(path, e)),
@@ -258,9 +207,7 @@ fn csv_err(path: &Path, e: csv::Error) -> anyhow::Error {
     let line = e.position().map(|p| p.line()).unwrap_or(0);
     let msg = match e.kind() {
         csv::ErrorKind::Utf8 { err, .. } => format!("invalid UTF-8 in field {}", err.field() + 1),
-        csv::ErrorKind::UnequalLengths {
-            expected_len, len, ..
-        } => {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
             format!("expected {expected_len} fields, found {len}")
         }
         csv::ErrorKind::Io(io) => format!("read error (truncated or corrupt file?): {io}"),
@@ -288,11 +235,7 @@ fn need<'a>(v: Option<&'a str>, what: &str) -> Result<&'a str> {
 pub fn load_latest_small(dir: &Path) -> Result<RawDataset> {
     let files = latest_small_files(dir)?;
     let mut ds = RawDataset {
-        name: dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("ml-latest-small")
-            .into(),
+        name: dir.file_name().and_then(|n| n.to_str()).unwrap_or("ml-latest-small").into(),
         ..Default::default()
     };
     let mut report = LoadReport::default();
@@ -312,12 +255,7 @@ pub fn load_latest_small(dir: &Path) -> Result<RawDataset> {
                 Some(r) => Some(r.parse::<f32>().map_err(|_| anyhow!("bad rating {r:?}"))?),
                 None => None,
             };
-            ds.interactions.push(RawInteraction {
-                user: user.into(),
-                item: item.into(),
-                timestamp,
-                rating,
-            });
+            ds.interactions.push(RawInteraction { user: user.into(), item: item.into(), timestamp, rating });
             Ok(())
         },
         &["rating"],
@@ -376,9 +314,7 @@ pub fn load_latest_small(dir: &Path) -> Result<RawDataset> {
                         return Ok(());
                     }
                     let timestamp = match v[3].map(str::trim).filter(|s| !s.is_empty()) {
-                        Some(t) => {
-                            Some(parse_timestamp(t).ok_or_else(|| anyhow!("bad timestamp {t:?}"))?)
-                        }
+                        Some(t) => Some(parse_timestamp(t).ok_or_else(|| anyhow!("bad timestamp {t:?}"))?),
                         None => None,
                     };
                     texts.push(RawUserText {
@@ -418,10 +354,7 @@ fn split_year(t: &str) -> (String, Option<String>) {
 mod tests {
     #[test]
     fn split_year() {
-        assert_eq!(
-            super::split_year("Toy Story (1995)"),
-            ("Toy Story".into(), Some("1995".into()))
-        );
+        assert_eq!(super::split_year("Toy Story (1995)"), ("Toy Story".into(), Some("1995".into())));
         assert_eq!(
             super::split_year("City of Lost Children, The (Cité des enfants perdus, La) (1995)").1,
             Some("1995".into())

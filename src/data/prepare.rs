@@ -24,10 +24,7 @@ pub enum SplitKind {
 
 impl SplitKind {
     /// The 8:1:1 temporal split.
-    pub const TEMPORAL_811: SplitKind = SplitKind::Temporal {
-        train: 0.8,
-        valid: 0.1,
-    };
+    pub const TEMPORAL_811: SplitKind = SplitKind::Temporal { train: 0.8, valid: 0.1 };
 
     /// Parses `loo` / `leave-one-out` or `temporal` (8:1:1).
     pub fn parse(s: &str) -> Result<SplitKind> {
@@ -59,13 +56,7 @@ pub struct PrepareOptions {
 
 impl Default for PrepareOptions {
     fn default() -> Self {
-        PrepareOptions {
-            kcore: 5,
-            split: SplitKind::LeaveOneOut,
-            max_history: 20,
-            dedup: true,
-            min_rating: None,
-        }
+        PrepareOptions { kcore: 5, split: SplitKind::LeaveOneOut, max_history: 20, dedup: true, min_rating: None }
     }
 }
 
@@ -141,26 +132,14 @@ impl fmt::Display for Stats {
         writeln!(f, "items                 {}", self.items)?;
         writeln!(f, "interactions          {}", self.interactions)?;
         writeln!(f, "density               {:.4}%", self.density * 100.0)?;
-        writeln!(
-            f,
-            "mean sequence length  {:.2} (max {})",
-            self.mean_seq_len, self.max_seq_len
-        )?;
+        writeln!(f, "mean sequence length  {:.2} (max {})", self.mean_seq_len, self.max_seq_len)?;
         writeln!(
             f,
             "train / valid / test  {} / {} / {} interactions",
             self.train_interactions, self.valid_interactions, self.test_interactions
         )?;
-        writeln!(
-            f,
-            "valid / test users    {} / {}",
-            self.valid_users, self.test_users
-        )?;
-        writeln!(
-            f,
-            "cold items valid/test {} / {}",
-            self.cold_items_valid, self.cold_items_test
-        )?;
+        writeln!(f, "valid / test users    {} / {}", self.valid_users, self.test_users)?;
+        writeln!(f, "cold items valid/test {} / {}", self.cold_items_valid, self.cold_items_test)?;
         writeln!(f, "training samples      {}", self.train_samples)?;
         writeln!(
             f,
@@ -256,16 +235,9 @@ pub fn prepare(raw: &RawDataset, opts: &PrepareOptions) -> Result<Prepared> {
         }
     }
     if raw.interactions.is_empty() {
-        bail!(
-            "prepare: dataset '{}' has no interactions ({})",
-            raw.name,
-            raw.report.files.join(", ")
-        );
+        bail!("prepare: dataset '{}' has no interactions ({})", raw.name, raw.report.files.join(", "));
     }
-    let mut stats = Stats {
-        raw_interactions: raw.interactions.len(),
-        ..Default::default()
-    };
+    let mut stats = Stats { raw_interactions: raw.interactions.len(), ..Default::default() };
 
     // Intern raw ids (temporary ids in first-appearance order).
     let mut uidx: HashMap<&str, u32> = HashMap::new();
@@ -310,9 +282,7 @@ pub fn prepare(raw: &RawDataset, opts: &PrepareOptions) -> Result<Prepared> {
                 icnt[i as usize] += 1;
             }
             let before = rows.len();
-            rows.retain(|&(u, i, _, _)| {
-                ucnt[u as usize] >= opts.kcore && icnt[i as usize] >= opts.kcore
-            });
+            rows.retain(|&(u, i, _, _)| ucnt[u as usize] >= opts.kcore && icnt[i as usize] >= opts.kcore);
             if rows.len() == before {
                 break;
             }
@@ -335,24 +305,10 @@ pub fn prepare(raw: &RawDataset, opts: &PrepareOptions) -> Result<Prepared> {
     // Dense ids in raw-id order.
     let user_ids = sorted_ids(rows.iter().map(|r| uname[r.0 as usize]).collect());
     let item_ids = sorted_ids(rows.iter().map(|r| iname[r.1 as usize]).collect());
-    let udense: HashMap<&str, u32> = user_ids
-        .iter()
-        .enumerate()
-        .map(|(d, s)| (s.as_str(), d as u32))
-        .collect();
-    let idense: HashMap<&str, u32> = item_ids
-        .iter()
-        .enumerate()
-        .map(|(d, s)| (s.as_str(), d as u32))
-        .collect();
-    let utmp2d: Vec<u32> = uname
-        .iter()
-        .map(|s| udense.get(s).copied().unwrap_or(u32::MAX))
-        .collect();
-    let itmp2d: Vec<u32> = iname
-        .iter()
-        .map(|s| idense.get(s).copied().unwrap_or(u32::MAX))
-        .collect();
+    let udense: HashMap<&str, u32> = user_ids.iter().enumerate().map(|(d, s)| (s.as_str(), d as u32)).collect();
+    let idense: HashMap<&str, u32> = item_ids.iter().enumerate().map(|(d, s)| (s.as_str(), d as u32)).collect();
+    let utmp2d: Vec<u32> = uname.iter().map(|s| udense.get(s).copied().unwrap_or(u32::MAX)).collect();
+    let itmp2d: Vec<u32> = iname.iter().map(|s| idense.get(s).copied().unwrap_or(u32::MAX)).collect();
     let n_users = user_ids.len();
     let n = rows.len();
 
@@ -404,10 +360,7 @@ pub fn prepare(raw: &RawDataset, opts: &PrepareOptions) -> Result<Prepared> {
     }
 
     // Item metadata by dense id.
-    let item_meta: Vec<ItemMeta> = item_ids
-        .iter()
-        .map(|id| raw.items.get(id).cloned().unwrap_or_default())
-        .collect();
+    let item_meta: Vec<ItemMeta> = item_ids.iter().map(|id| raw.items.get(id).cloned().unwrap_or_default()).collect();
 
     // User texts: keep those of surviving users (and items); label each by its
     // interaction's split, else by time, else Test (never leaks into training).
@@ -437,15 +390,9 @@ pub fn prepare(raw: &RawDataset, opts: &PrepareOptions) -> Result<Prepared> {
             Some(&l) => l,
             None => match t.timestamp {
                 Some(ts) => {
-                    let (a, b) = (
-                        offsets[user as usize] as usize,
-                        offsets[user as usize + 1] as usize,
-                    );
+                    let (a, b) = (offsets[user as usize] as usize, offsets[user as usize + 1] as usize);
                     // The split of the first interaction at or after ts.
-                    (a..b)
-                        .find(|&k| times[k] >= ts)
-                        .map(|k| split[k])
-                        .unwrap_or(Split::Test as u8)
+                    (a..b).find(|&k| times[k] >= ts).map(|k| split[k]).unwrap_or(Split::Test as u8)
                 }
                 None => Split::Test as u8,
             },
@@ -506,10 +453,7 @@ impl Prepared {
 
     /// User `u`'s items in `split`, chronological.
     pub fn items_in(&self, u: usize, split: Split) -> Vec<u32> {
-        self.range(u)
-            .filter(|&k| self.split[k] == split as u8)
-            .map(|k| self.items[k])
-            .collect()
+        self.range(u).filter(|&k| self.split[k] == split as u8).map(|k| self.items[k]).collect()
     }
 
     /// User `u`'s training sequence.
@@ -597,21 +541,13 @@ impl Prepared {
         s.users = nu;
         s.items = ni;
         s.interactions = n;
-        s.density = if nu * ni > 0 {
-            n as f64 / (nu as f64 * ni as f64)
-        } else {
-            0.0
-        };
+        s.density = if nu * ni > 0 { n as f64 / (nu as f64 * ni as f64) } else { 0.0 };
         s.mean_seq_len = if nu > 0 { n as f64 / nu as f64 } else { 0.0 };
         s.max_seq_len = (0..nu).map(|u| self.range(u).len()).max().unwrap_or(0);
         s.train_interactions = self.split.iter().filter(|&&x| x == 0).count();
         s.valid_interactions = self.split.iter().filter(|&&x| x == 1).count();
         s.test_interactions = self.split.iter().filter(|&&x| x == 2).count();
-        let users_with = |sp: u8| {
-            (0..nu)
-                .filter(|&u| self.range(u).any(|k| self.split[k] == sp))
-                .count()
-        };
+        let users_with = |sp: u8| (0..nu).filter(|&u| self.range(u).any(|k| self.split[k] == sp)).count();
         s.valid_users = users_with(1);
         s.test_users = users_with(2);
         let warm = self.warm_items();
@@ -627,9 +563,7 @@ impl Prepared {
         };
         s.cold_items_valid = cold_in(1);
         s.cold_items_test = cold_in(2);
-        s.train_samples = (0..nu)
-            .map(|u| self.train_sequence(u).len().saturating_sub(1))
-            .sum();
+        s.train_samples = (0..nu).map(|u| self.train_sequence(u).len().saturating_sub(1)).sum();
         s.items_without_text = self.item_meta.iter().filter(|m| m.is_empty()).count();
         s.user_texts = self.user_texts.len();
         s

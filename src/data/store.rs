@@ -58,13 +58,10 @@ pub fn input_hash(format: Format, input_dir: &Path, opts: &PrepareOptions) -> Re
     for f in input_files(format, input_dir)? {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
         h.update(format!("\nfile {name}\n").as_bytes());
-        let mut file =
-            std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let mut file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let k = file
-                .read(&mut buf)
-                .with_context(|| format!("{}: read error", f.display()))?;
+            let k = file.read(&mut buf).with_context(|| format!("{}: read error", f.display()))?;
             if k == 0 {
                 break;
             }
@@ -79,14 +76,11 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<String> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("{}: write failed", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
         f.sync_all().ok();
     }
-    std::fs::rename(&tmp, &dst)
-        .with_context(|| format!("rename {} -> {}", tmp.display(), dst.display()))?;
+    std::fs::rename(&tmp, &dst).with_context(|| format!("rename {} -> {}", tmp.display(), dst.display()))?;
     Ok(hex(&Sha256::digest(bytes)))
 }
 
@@ -109,8 +103,7 @@ impl Prepared {
     /// Writes the prepared directory `out` (created if needed). `format` and
     /// `input_hash` are recorded in the manifest (`input_hash` may be empty).
     pub fn save(&self, out: &Path, format: Option<Format>, input_hash: &str) -> Result<()> {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("{}: cannot create directory", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create directory", out.display()))?;
         let manifest_path = out.join("manifest.json");
         if manifest_path.exists() {
             std::fs::remove_file(&manifest_path)
@@ -129,23 +122,11 @@ impl Prepared {
         ];
         let arrays = safetensors::serialize(views, &None)?;
         let mut files = BTreeMap::new();
-        files.insert(
-            "arrays.safetensors".to_string(),
-            write_atomic(out, "arrays.safetensors", &arrays)?,
-        );
-        let ids = serde_json::to_vec(&Ids {
-            users: self.user_ids.clone(),
-            items: self.item_ids.clone(),
-        })?;
+        files.insert("arrays.safetensors".to_string(), write_atomic(out, "arrays.safetensors", &arrays)?);
+        let ids = serde_json::to_vec(&Ids { users: self.user_ids.clone(), items: self.item_ids.clone() })?;
         files.insert("ids.json".to_string(), write_atomic(out, "ids.json", &ids)?);
-        files.insert(
-            "items.jsonl".to_string(),
-            write_atomic(out, "items.jsonl", &jsonl(&self.item_meta)?)?,
-        );
-        files.insert(
-            "user_texts.jsonl".to_string(),
-            write_atomic(out, "user_texts.jsonl", &jsonl(&self.user_texts)?)?,
-        );
+        files.insert("items.jsonl".to_string(), write_atomic(out, "items.jsonl", &jsonl(&self.item_meta)?)?);
+        files.insert("user_texts.jsonl".to_string(), write_atomic(out, "user_texts.jsonl", &jsonl(&self.user_texts)?)?);
         let m = Manifest {
             genrec_prepared_version: FORMAT_VERSION,
             name: self.name.clone(),
@@ -167,8 +148,8 @@ impl Prepared {
     pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         let p = dir.join("manifest.json");
         let bytes = std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: invalid manifest", p.display()))?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}: invalid manifest", p.display()))?;
         if m.genrec_prepared_version != FORMAT_VERSION {
             bail!(
                 "{}: prepared format version {} (this build reads {FORMAT_VERSION})",
@@ -187,21 +168,15 @@ impl Prepared {
             let b = std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
             if let Some(want) = m.files.get(name) {
                 if &hex(&Sha256::digest(&b)) != want {
-                    bail!(
-                        "{}: sha256 does not match the manifest (corrupt or modified)",
-                        p.display()
-                    );
+                    bail!("{}: sha256 does not match the manifest (corrupt or modified)", p.display());
                 }
             }
             Ok(b)
         };
         let arrays = read("arrays.safetensors")?;
-        let st = SafeTensors::deserialize(&arrays)
-            .map_err(|e| anyhow!("{}/arrays.safetensors: {e}", dir.display()))?;
+        let st = SafeTensors::deserialize(&arrays).map_err(|e| anyhow!("{}/arrays.safetensors: {e}", dir.display()))?;
         let get = |name: &str, dt: Dtype, len: usize| -> Result<Vec<u8>> {
-            let t = st
-                .tensor(name)
-                .map_err(|e| anyhow!("{}/arrays.safetensors: {name}: {e}", dir.display()))?;
+            let t = st.tensor(name).map_err(|e| anyhow!("{}/arrays.safetensors: {name}: {e}", dir.display()))?;
             if t.dtype() != dt || t.shape() != [len] {
                 bail!(
                     "{}/arrays.safetensors: {name} is {:?} {:?}, expected {dt:?} [{len}]",
@@ -213,44 +188,30 @@ impl Prepared {
             Ok(t.data().to_vec())
         };
         let n = m.n_interactions;
-        let offsets: Vec<u64> =
-            bytemuck::pod_collect_to_vec(&get("offsets", Dtype::I64, m.n_users + 1)?);
+        let offsets: Vec<u64> = bytemuck::pod_collect_to_vec(&get("offsets", Dtype::I64, m.n_users + 1)?);
         let items: Vec<u32> = bytemuck::pod_collect_to_vec(&get("items", Dtype::U32, n)?);
         let times: Vec<i64> = bytemuck::pod_collect_to_vec(&get("times", Dtype::I64, n)?);
         let split = get("split", Dtype::U8, n)?;
-        let ids: Ids = serde_json::from_slice(&read("ids.json")?)
-            .with_context(|| format!("{}/ids.json", dir.display()))?;
+        let ids: Ids =
+            serde_json::from_slice(&read("ids.json")?).with_context(|| format!("{}/ids.json", dir.display()))?;
         let parse_lines = |name: &str| -> Result<Vec<String>> {
             let b = read(name)?;
-            BufReader::new(&b[..])
-                .lines()
-                .map(|l| l.with_context(|| format!("{}/{name}", dir.display())))
-                .collect()
+            BufReader::new(&b[..]).lines().map(|l| l.with_context(|| format!("{}/{name}", dir.display()))).collect()
         };
         let item_meta: Vec<ItemMeta> = parse_lines("items.jsonl")?
             .iter()
             .enumerate()
-            .map(|(k, l)| {
-                serde_json::from_str(l)
-                    .with_context(|| format!("{}/items.jsonl:{}", dir.display(), k + 1))
-            })
+            .map(|(k, l)| serde_json::from_str(l).with_context(|| format!("{}/items.jsonl:{}", dir.display(), k + 1)))
             .collect::<Result<_>>()?;
         let user_texts: Vec<UserText> = parse_lines("user_texts.jsonl")?
             .iter()
             .enumerate()
             .map(|(k, l)| {
-                serde_json::from_str(l)
-                    .with_context(|| format!("{}/user_texts.jsonl:{}", dir.display(), k + 1))
+                serde_json::from_str(l).with_context(|| format!("{}/user_texts.jsonl:{}", dir.display(), k + 1))
             })
             .collect::<Result<_>>()?;
-        if ids.users.len() != m.n_users
-            || ids.items.len() != m.n_items
-            || item_meta.len() != m.n_items
-        {
-            bail!(
-                "{}: id or item tables do not match the manifest counts",
-                dir.display()
-            );
+        if ids.users.len() != m.n_users || ids.items.len() != m.n_items || item_meta.len() != m.n_items {
+            bail!("{}: id or item tables do not match the manifest counts", dir.display());
         }
         if offsets.first() != Some(&0)
             || offsets.last() != Some(&(n as u64))
@@ -258,10 +219,7 @@ impl Prepared {
             || items.iter().any(|&i| i as usize >= m.n_items)
             || split.iter().any(|&s| s > 2)
         {
-            bail!(
-                "{}/arrays.safetensors: inconsistent offsets, item ids or split labels",
-                dir.display()
-            );
+            bail!("{}/arrays.safetensors: inconsistent offsets, item ids or split labels", dir.display());
         }
         Ok(Prepared {
             name: m.name,

@@ -29,12 +29,7 @@ fn gz(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn opts(kcore: usize, split: SplitKind, max_history: usize) -> PrepareOptions {
-    PrepareOptions {
-        kcore,
-        split,
-        max_history,
-        ..Default::default()
-    }
+    PrepareOptions { kcore, split, max_history, ..Default::default() }
 }
 
 fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -46,36 +41,21 @@ fn raw(rows: &[(&str, &str, i64)]) -> RawDataset {
         name: "t".into(),
         interactions: rows
             .iter()
-            .map(|&(u, i, t)| RawInteraction {
-                user: u.into(),
-                item: i.into(),
-                timestamp: t,
-                rating: None,
-            })
+            .map(|&(u, i, t)| RawInteraction { user: u.into(), item: i.into(), timestamp: t, rating: None })
             .collect(),
         ..Default::default()
     }
 }
 
 fn seq_raw(p: &Prepared, u: usize) -> Vec<&str> {
-    p.sequence(u)
-        .iter()
-        .map(|&i| p.item_ids[i as usize].as_str())
-        .collect()
+    p.sequence(u).iter().map(|&i| p.item_ids[i as usize].as_str()).collect()
 }
 
 #[test]
 fn kcore_iterates_to_fixed_point() {
     // 2-core: C has one interaction -> removed in round 1; then u3 has one
     // interaction left (A) -> removed in round 2; A keeps u1, u2.
-    let r = raw(&[
-        ("u1", "A", 1),
-        ("u1", "B", 2),
-        ("u2", "A", 1),
-        ("u2", "B", 2),
-        ("u3", "A", 1),
-        ("u3", "C", 2),
-    ]);
+    let r = raw(&[("u1", "A", 1), ("u1", "B", 2), ("u2", "A", 1), ("u2", "B", 2), ("u3", "A", 1), ("u3", "C", 2)]);
     let p = prepare(&r, &opts(2, SplitKind::LeaveOneOut, 20)).unwrap();
     assert_eq!(p.user_ids, vec!["u1", "u2"]);
     assert_eq!(p.item_ids, vec!["A", "B"]);
@@ -88,19 +68,10 @@ fn kcore_iterates_to_fixed_point() {
     assert!(ic.iter().all(|&c| c >= 2));
     assert!((0..p.n_users()).all(|u| p.sequence(u).len() >= 2));
     // kcore 0 keeps everything.
-    assert_eq!(
-        prepare(&r, &opts(0, SplitKind::LeaveOneOut, 20))
-            .unwrap()
-            .stats
-            .interactions,
-        6
-    );
+    assert_eq!(prepare(&r, &opts(0, SplitKind::LeaveOneOut, 20)).unwrap().stats.interactions, 6);
     // Everything removed -> error naming the dataset and the counts.
     let e = err_of(prepare(&r, &opts(5, SplitKind::LeaveOneOut, 20)));
-    assert!(
-        e.contains("empty after filtering") && e.contains("5-core") && e.contains("'t'"),
-        "{e}"
-    );
+    assert!(e.contains("empty after filtering") && e.contains("5-core") && e.contains("'t'"), "{e}");
     assert!(err_of(prepare(&raw(&[]), &PrepareOptions::default())).contains("no interactions"));
 }
 
@@ -108,33 +79,16 @@ fn kcore_iterates_to_fixed_point() {
 fn chronological_order_with_stable_ties_and_dedup() {
     // File order X(5) Y(3) Z(3) W(1) Y(7, duplicate): chronological W, Y, Z, X;
     // equal timestamps keep file order; the later Y is dropped.
-    let r = raw(&[
-        ("u", "X", 5),
-        ("u", "Y", 3),
-        ("u", "Z", 3),
-        ("u", "W", 1),
-        ("u", "Y", 7),
-    ]);
+    let r = raw(&[("u", "X", 5), ("u", "Y", 3), ("u", "Z", 3), ("u", "W", 1), ("u", "Y", 7)]);
     let p = prepare(&r, &opts(0, SplitKind::LeaveOneOut, 20)).unwrap();
     assert_eq!(seq_raw(&p, 0), vec!["W", "Y", "Z", "X"]);
     assert_eq!(p.times, vec![1, 3, 3, 5]);
     assert_eq!(p.stats.duplicates_removed, 1);
-    let p = prepare(
-        &r,
-        &PrepareOptions {
-            dedup: false,
-            kcore: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p = prepare(&r, &PrepareOptions { dedup: false, kcore: 0, ..Default::default() }).unwrap();
     assert_eq!(seq_raw(&p, 0), vec!["W", "Y", "Z", "X", "Y"]);
     // Numeric raw ids get numeric dense order.
-    let p = prepare(
-        &raw(&[("10", "2", 1), ("9", "10", 1), ("10", "10", 2)]),
-        &opts(0, SplitKind::LeaveOneOut, 20),
-    )
-    .unwrap();
+    let p = prepare(&raw(&[("10", "2", 1), ("9", "10", 1), ("10", "10", 2)]), &opts(0, SplitKind::LeaveOneOut, 20))
+        .unwrap();
     assert_eq!(p.user_ids, vec!["9", "10"]);
     assert_eq!(p.item_ids, vec!["2", "10"]);
 }
@@ -157,17 +111,10 @@ fn leave_one_out_split_samples_and_cases() {
     assert_eq!(p.train_sequence(0), vec![id("a"), id("b"), id("c")]);
     // Prefix samples, history truncated to the 2 most recent items.
     let s = p.train_samples(false);
-    let got: Vec<(u32, Vec<u32>, u32)> = s
-        .iter()
-        .map(|x| (x.user, x.history.clone(), x.target))
-        .collect();
+    let got: Vec<(u32, Vec<u32>, u32)> = s.iter().map(|x| (x.user, x.history.clone(), x.target)).collect();
     assert_eq!(
         got,
-        vec![
-            (0, vec![id("a")], id("b")),
-            (0, vec![id("a"), id("b")], id("c")),
-            (1, vec![id("c")], id("d")),
-        ]
+        vec![(0, vec![id("a")], id("b")), (0, vec![id("a"), id("b")], id("c")), (1, vec![id("c")], id("d")),]
     );
     assert_eq!(p.stats.train_samples, 3);
     assert_eq!(p.train_samples(true).len(), 5);
@@ -203,14 +150,7 @@ fn temporal_split_with_warm_and_cold_items() {
         ("u1", "e", 10),
     ]);
     let p = prepare(&r, &opts(0, SplitKind::TEMPORAL_811, 20)).unwrap();
-    assert_eq!(
-        (
-            p.stats.train_interactions,
-            p.stats.valid_interactions,
-            p.stats.test_interactions
-        ),
-        (8, 1, 1)
-    );
+    assert_eq!((p.stats.train_interactions, p.stats.valid_interactions, p.stats.test_interactions), (8, 1, 1));
     let warm = p.warm_items();
     let id = |s: &str| p.item_ids.iter().position(|x| x == s).unwrap();
     assert!(warm[id("a")] && warm[id("c")] && !warm[id("d")] && !warm[id("e")]);
@@ -242,33 +182,17 @@ fn temporal_split_with_warm_and_cold_items() {
     ]);
     let p = prepare(
         &r2,
-        &PrepareOptions {
-            kcore: 0,
-            split: SplitKind::Temporal {
-                train: 0.5,
-                valid: 0.1,
-            },
-            ..Default::default()
-        },
+        &PrepareOptions { kcore: 0, split: SplitKind::Temporal { train: 0.5, valid: 0.1 }, ..Default::default() },
     )
     .unwrap();
     let t = p.eval_cases(Split::Test);
     assert_eq!(t[0].targets.len(), 4);
     assert!(prepare(
         &r2,
-        &PrepareOptions {
-            split: SplitKind::Temporal {
-                train: 0.9,
-                valid: 0.2
-            },
-            ..Default::default()
-        }
+        &PrepareOptions { split: SplitKind::Temporal { train: 0.9, valid: 0.2 }, ..Default::default() }
     )
     .is_err());
-    assert_eq!(
-        SplitKind::parse("temporal").unwrap(),
-        SplitKind::TEMPORAL_811
-    );
+    assert_eq!(SplitKind::parse("temporal").unwrap(), SplitKind::TEMPORAL_811);
     assert!(SplitKind::parse("random").is_err());
 }
 
@@ -296,59 +220,29 @@ fn recbole_atomic_files() {
     assert_eq!(r.interactions[0].rating, Some(4.0));
     let p = prepare(&r, &opts(3, SplitKind::LeaveOneOut, 20)).unwrap();
     assert_eq!((p.n_users(), p.n_items()), (3, 3));
-    assert_eq!(
-        p.item_text(0),
-        "Toy Story (1995). Categories: Animation, Children's, Comedy"
-    );
+    assert_eq!(p.item_text(0), "Toy Story (1995). Categories: Animation, Children's, Comedy");
     assert_eq!(input_files(Format::Ml100k, &d).unwrap().len(), 2);
 
     // Malformed line: wrong field count, names file and line.
-    write(
-        &d,
-        "ml-100k.inter",
-        format!("{INTER}1\t2\t3\t4\n1\t2\t3\n").as_bytes(),
-    );
+    write(&d, "ml-100k.inter", format!("{INTER}1\t2\t3\t4\n1\t2\t3\n").as_bytes());
     let e = err_of(load(Format::Ml100k, &d));
-    assert!(
-        e.contains("ml-100k.inter:3") && e.contains("expected 4"),
-        "{e}"
-    );
+    assert!(e.contains("ml-100k.inter:3") && e.contains("expected 4"), "{e}");
     // Bad timestamp.
-    write(
-        &d,
-        "ml-100k.inter",
-        format!("{INTER}1\t2\t3\tsoon\n").as_bytes(),
-    );
+    write(&d, "ml-100k.inter", format!("{INTER}1\t2\t3\tsoon\n").as_bytes());
     assert!(err_of(load(Format::Ml100k, &d)).contains("ml-100k.inter:2: bad timestamp"));
     // Untyped header.
-    write(
-        &d,
-        "ml-100k.inter",
-        b"user_id\titem_id\ttimestamp\n1\t2\t3\n",
-    );
+    write(&d, "ml-100k.inter", b"user_id\titem_id\ttimestamp\n1\t2\t3\n");
     assert!(err_of(load(Format::Ml100k, &d)).contains("ml-100k.inter:1"));
     // Missing column.
     write(&d, "ml-100k.inter", b"user_id:token\titem_id:token\n1\t2\n");
     assert!(err_of(load(Format::Ml100k, &d)).contains("timestamp"));
     // Non-UTF-8 bytes in the item file.
-    write(
-        &d,
-        "ml-100k.inter",
-        format!("{INTER}1\t2\t3\t4\n").as_bytes(),
-    );
-    write(
-        &d,
-        "ml-100k.item",
-        b"item_id:token\tmovie_title:token_seq\n1\tCaf\xe9\n",
-    );
+    write(&d, "ml-100k.inter", format!("{INTER}1\t2\t3\t4\n").as_bytes());
+    write(&d, "ml-100k.item", b"item_id:token\tmovie_title:token_seq\n1\tCaf\xe9\n");
     let e = err_of(load(Format::Ml100k, &d));
     assert!(e.contains("ml-100k.item:2") && e.contains("UTF-8"), "{e}");
     // Duplicate item rows.
-    write(
-        &d,
-        "ml-100k.item",
-        b"item_id:token\tmovie_title:token_seq\n1\tA\n1\tB\n",
-    );
+    write(&d, "ml-100k.item", b"item_id:token\tmovie_title:token_seq\n1\tA\n1\tB\n");
     assert!(err_of(load(Format::Ml100k, &d)).contains("ml-100k.item:3"));
     // Empty directory.
     let e2 = tmpdir("atomic-empty");
@@ -386,54 +280,25 @@ fn movielens_latest_small_csv() {
     assert!(r.items["20"].categories.is_empty());
     assert_eq!(r.user_texts.len(), 2);
     assert_eq!(r.user_texts[0].text, "funny, smart");
-    assert_eq!(
-        r.report.skipped["tag for a user or movie without ratings"],
-        2
-    );
+    assert_eq!(r.report.skipped["tag for a user or movie without ratings"], 2);
     let p = prepare(&r, &opts(2, SplitKind::LeaveOneOut, 20)).unwrap();
     assert_eq!((p.n_users(), p.n_items()), (2, 2));
     assert_eq!(p.user_texts.len(), 2);
-    assert!(p
-        .user_texts
-        .iter()
-        .all(|t| t.split == Split::Train && t.kind == TextKind::Tag));
+    assert!(p.user_texts.iter().all(|t| t.split == Split::Train && t.kind == TextKind::Tag));
 
     // Errors name file and line.
-    write(
-        &d,
-        "ratings.csv",
-        b"userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,3.5\n",
-    );
+    write(&d, "ratings.csv", b"userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,3.5\n");
     let e = err_of(load(Format::MlLatestSmall, &d));
-    assert!(
-        e.contains("ratings.csv:3") && e.contains("expected 4 fields"),
-        "{e}"
-    );
-    write(
-        &d,
-        "ratings.csv",
-        b"userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,x,101\n",
-    );
+    assert!(e.contains("ratings.csv:3") && e.contains("expected 4 fields"), "{e}");
+    write(&d, "ratings.csv", b"userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,x,101\n");
     let e = err_of(load(Format::MlLatestSmall, &d));
-    assert!(
-        e.contains("ratings.csv:3") && e.contains("bad rating"),
-        "{e}"
-    );
-    write(
-        &d,
-        "ratings.csv",
-        b"userId,movieId,rating,timestamp\n1,10,4.0,100\n",
-    );
-    write(
-        &d,
-        "movies.csv",
-        b"movieId,title,genres\n10,Caf\xe9,Drama\n",
-    );
+    assert!(e.contains("ratings.csv:3") && e.contains("bad rating"), "{e}");
+    write(&d, "ratings.csv", b"userId,movieId,rating,timestamp\n1,10,4.0,100\n");
+    write(&d, "movies.csv", b"movieId,title,genres\n10,Caf\xe9,Drama\n");
     let e = err_of(load(Format::MlLatestSmall, &d));
     assert!(e.contains("movies.csv:2") && e.contains("UTF-8"), "{e}");
     write(&d, "movies.csv", b"id,title\n10,x\n");
-    assert!(err_of(load(Format::MlLatestSmall, &d))
-        .contains("movies.csv:1: header has no column 'movieId'"));
+    assert!(err_of(load(Format::MlLatestSmall, &d)).contains("movies.csv:1: header has no column 'movieId'"));
 }
 
 #[test]
@@ -464,13 +329,7 @@ fn amazon_2014_gzipped_with_python_literal_meta() {
     let kinds: Vec<TextKind> = r.user_texts.iter().map(|t| t.kind).collect();
     assert_eq!(
         kinds,
-        vec![
-            TextKind::Review,
-            TextKind::Summary,
-            TextKind::Summary,
-            TextKind::Review,
-            TextKind::Summary
-        ]
+        vec![TextKind::Review, TextKind::Summary, TextKind::Summary, TextKind::Review, TextKind::Summary]
     );
     let p = prepare(&r, &opts(2, SplitKind::LeaveOneOut, 20)).unwrap();
     assert_eq!((p.n_users(), p.n_items(), p.stats.user_texts), (2, 2, 5));
@@ -479,20 +338,17 @@ fn amazon_2014_gzipped_with_python_literal_meta() {
     let full = gz(reviews.repeat(200).as_bytes());
     write(&d, "reviews_Beauty_5.json.gz", &full[..full.len() / 2]);
     let e = err_of(load(Format::Amazon, &d));
-    assert!(
-        e.contains("reviews_Beauty_5.json.gz:") && e.contains("truncated or corrupt"),
-        "{e}"
-    );
+    assert!(e.contains("reviews_Beauty_5.json.gz:") && e.contains("truncated or corrupt"), "{e}");
     // Malformed JSON line 2.
-    write(&d, "reviews_Beauty_5.json.gz", &gz(b"{\"reviewerID\": \"A1\", \"asin\": \"B001\", \"unixReviewTime\": 1}\n{\"reviewerID\": \"A1\", \n"));
-    let e = err_of(load(Format::Amazon, &d));
-    assert!(e.contains("reviews_Beauty_5.json.gz:2"), "{e}");
-    // Missing field.
     write(
         &d,
         "reviews_Beauty_5.json.gz",
-        &gz(b"{\"reviewerID\": \"A1\", \"asin\": \"B001\"}\n"),
+        &gz(b"{\"reviewerID\": \"A1\", \"asin\": \"B001\", \"unixReviewTime\": 1}\n{\"reviewerID\": \"A1\", \n"),
     );
+    let e = err_of(load(Format::Amazon, &d));
+    assert!(e.contains("reviews_Beauty_5.json.gz:2"), "{e}");
+    // Missing field.
+    write(&d, "reviews_Beauty_5.json.gz", &gz(b"{\"reviewerID\": \"A1\", \"asin\": \"B001\"}\n"));
     assert!(err_of(load(Format::Amazon, &d)).contains(":1: missing or bad 'unixReviewTime'"));
     // Two review files are ambiguous.
     write(&d, "other.json", b"");
@@ -526,12 +382,13 @@ fn amazon_2018_strict_json() {
         "Jigsaw. Categories: Toys & Games, Puzzles. Brand: Ravensburger. A puzzle. 1000 pieces."
     );
     // Non-UTF-8 bytes in a review line.
-    write(&d, "Toys_and_Games_5.json", b"{\"reviewerID\": \"U1\", \"asin\": \"I1\", \"unixReviewTime\": 1, \"reviewText\": \"\xff\"}\n");
-    let e = err_of(load(Format::Amazon, &d));
-    assert!(
-        e.contains("Toys_and_Games_5.json:1") && e.contains("UTF-8"),
-        "{e}"
+    write(
+        &d,
+        "Toys_and_Games_5.json",
+        b"{\"reviewerID\": \"U1\", \"asin\": \"I1\", \"unixReviewTime\": 1, \"reviewText\": \"\xff\"}\n",
     );
+    let e = err_of(load(Format::Amazon, &d));
+    assert!(e.contains("Toys_and_Games_5.json:1") && e.contains("UTF-8"), "{e}");
 }
 
 #[test]
@@ -560,15 +417,11 @@ fn generic_format_with_items_jsonl() {
     write(&d, "items.jsonl.gz", &gz(b"{\"name\": \"i1\"}\n"));
     assert!(err_of(load(Format::Generic, &d)).contains("items.jsonl.gz:1: missing 'item'"));
     write(&d, "interactions.csv", b"user,item\na,b\n");
-    assert!(err_of(load(Format::Generic, &d))
-        .contains("interactions.csv:1: header has no column 'timestamp'"));
+    assert!(err_of(load(Format::Generic, &d)).contains("interactions.csv:1: header has no column 'timestamp'"));
     write(&d, "interactions.csv", b"user,item,timestamp\na,,1\n");
     assert!(err_of(load(Format::Generic, &d)).contains("interactions.csv:2"));
     assert!(Format::parse("nope").is_err());
-    assert_eq!(
-        Format::parse("ml-latest-small").unwrap(),
-        Format::MlLatestSmall
-    );
+    assert_eq!(Format::parse("ml-latest-small").unwrap(), Format::MlLatestSmall);
 }
 
 #[test]
@@ -584,11 +437,7 @@ fn prepared_dir_roundtrip_cache_and_corruption() {
         }
     }
     write(&d, "interactions.csv", s.as_bytes());
-    let o = PrepareOptions {
-        kcore: 3,
-        split: SplitKind::TEMPORAL_811,
-        ..Default::default()
-    };
+    let o = PrepareOptions { kcore: 3, split: SplitKind::TEMPORAL_811, ..Default::default() };
     let (p, reused) = prepare_cached(Format::Generic, &d, &out, &o).unwrap();
     assert!(!reused);
     let (q, reused) = prepare_cached(Format::Generic, &d, &out, &o).unwrap();
@@ -597,10 +446,7 @@ fn prepared_dir_roundtrip_cache_and_corruption() {
     assert_eq!(Prepared::load(&out).unwrap(), p);
     assert!(!out.join("manifest.json.tmp").exists());
     // Other options or changed input -> rebuilt.
-    let o2 = PrepareOptions {
-        max_history: 5,
-        ..o.clone()
-    };
+    let o2 = PrepareOptions { max_history: 5, ..o.clone() };
     assert!(!prepare_cached(Format::Generic, &d, &out, &o2).unwrap().1);
     s.push_str("u0,i4,999\n");
     write(&d, "interactions.csv", s.as_bytes());
@@ -617,26 +463,19 @@ fn prepared_dir_roundtrip_cache_and_corruption() {
     assert!(!prepare_cached(Format::Generic, &d, &out, &o2).unwrap().1);
     assert!(Prepared::load(&out).is_ok());
     let stats = p.stats.to_string();
-    assert!(
-        stats.contains("density") && stats.contains("mean sequence length"),
-        "{stats}"
-    );
+    assert!(stats.contains("density") && stats.contains("mean sequence length"), "{stats}");
 }
 
 /// Where the real ml-100k lives: $GENREC_ML100K, else `<cache>/ml-100k`.
 fn ml100k_dir() -> Option<PathBuf> {
-    let p = std::env::var("GENREC_ML100K")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache_dir().join("ml-100k"));
+    let p = std::env::var("GENREC_ML100K").map(PathBuf::from).unwrap_or_else(|_| cache_dir().join("ml-100k"));
     p.join("ml-100k.inter").is_file().then_some(p)
 }
 
 #[test]
 fn real_ml100k_when_present() {
     let Some(dir) = ml100k_dir() else {
-        println!(
-            "skipped: ml-100k not found (set GENREC_ML100K to the directory holding ml-100k.inter)"
-        );
+        println!("skipped: ml-100k not found (set GENREC_ML100K to the directory holding ml-100k.inter)");
         return;
     };
     let r = load(Format::Ml100k, &dir).unwrap();
@@ -649,14 +488,7 @@ fn real_ml100k_when_present() {
     assert!(p.n_items() > 1300 && p.n_items() < 1682);
     assert_eq!(p.eval_cases(Split::Test).len(), 943);
     assert_eq!(p.stats.items_without_text, 0);
-    let t = prepare(
-        &r,
-        &PrepareOptions {
-            split: SplitKind::TEMPORAL_811,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let t = prepare(&r, &PrepareOptions { split: SplitKind::TEMPORAL_811, ..Default::default() }).unwrap();
     println!("ml-100k (5-core, temporal 8:1:1):\n{}", t.stats);
     assert_eq!(t.stats.train_interactions, t.stats.interactions * 8 / 10);
 }
@@ -673,7 +505,9 @@ fn ml_latest_small_dir() -> Option<PathBuf> {
 #[test]
 fn real_ml_latest_small_when_present() {
     let Some(dir) = ml_latest_small_dir() else {
-        println!("skipped: ml-latest-small not found (set GENREC_ML_LATEST_SMALL to the directory holding ratings.csv)");
+        println!(
+            "skipped: ml-latest-small not found (set GENREC_ML_LATEST_SMALL to the directory holding ratings.csv)"
+        );
         return;
     };
     let r = load(Format::MlLatestSmall, &dir).unwrap();

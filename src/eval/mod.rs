@@ -52,12 +52,7 @@ pub struct Protocol {
 
 impl Default for Protocol {
     fn default() -> Self {
-        Protocol {
-            ks: vec![5, 10, 20],
-            exclude_history: false,
-            bootstrap: 1000,
-            seed: 2024,
-        }
+        Protocol { ks: vec![5, 10, 20], exclude_history: false, bootstrap: 1000, seed: 2024 }
     }
 }
 
@@ -97,9 +92,7 @@ pub fn user_metrics(ranked: &[u32], targets: &[u32], ks: &[usize]) -> (Vec<f64>,
                 dcg += 1.0 / ((p + 2) as f64).log2();
             }
         }
-        let idcg: f64 = (0..targets.len().min(k))
-            .map(|p| 1.0 / ((p + 2) as f64).log2())
-            .sum();
+        let idcg: f64 = (0..targets.len().min(k)).map(|p| 1.0 / ((p + 2) as f64).log2()).sum();
         recall.push(hits as f64 / targets.len() as f64);
         ndcg.push(if idcg > 0.0 { dcg / idcg } else { 0.0 });
     }
@@ -108,9 +101,7 @@ pub fn user_metrics(ranked: &[u32], targets: &[u32], ks: &[usize]) -> (Vec<f64>,
 
 /// Score order: higher score first, then lower item id.
 fn better(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.partial_cmp(&a.0)
-        .unwrap_or(Ordering::Equal)
-        .then(a.1.cmp(&b.1))
+    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
 }
 
 /// The `k` best items of `scores` (one per item id) among those where
@@ -179,11 +170,7 @@ impl EvalReport {
     /// Mean of e.g. ("ndcg", 10) or ("recall", 5) on all items, if computed.
     pub fn metric(&self, name: &str, k: usize) -> Option<f64> {
         let want = format!("{name}@{k}").to_lowercase();
-        self.subset(Subset::All)?
-            .metrics
-            .iter()
-            .find(|m| m.name.to_lowercase() == want)
-            .map(|m| m.mean)
+        self.subset(Subset::All)?.metrics.iter().find(|m| m.name.to_lowercase() == want).map(|m| m.mean)
     }
 
     /// Pretty JSON.
@@ -194,11 +181,7 @@ impl EvalReport {
 
 impl fmt::Display for EvalReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<6} {:>6}  {:<10} {:>8}  {:<19}",
-            "subset", "users", "metric", "mean", "95% CI (bootstrap)"
-        )?;
+        writeln!(f, "{:<6} {:>6}  {:<10} {:>8}  {:<19}", "subset", "users", "metric", "mean", "95% CI (bootstrap)")?;
         for s in &self.subsets {
             for m in &s.metrics {
                 writeln!(
@@ -232,17 +215,11 @@ impl Evaluator {
     /// `warm[i]` (length `n_items`) enables the warm and cold subsets.
     pub fn new(protocol: &Protocol, n_items: usize, warm: Option<Vec<bool>>) -> Result<Evaluator> {
         if protocol.ks.is_empty() || protocol.ks.contains(&0) {
-            bail!(
-                "eval: ks must be non-empty and positive, got {:?}",
-                protocol.ks
-            );
+            bail!("eval: ks must be non-empty and positive, got {:?}", protocol.ks);
         }
         if let Some(w) = &warm {
             if w.len() != n_items {
-                bail!(
-                    "eval: warm mask has {} entries for {n_items} items",
-                    w.len()
-                );
+                bail!("eval: warm mask has {} entries for {n_items} items", w.len());
             }
         }
         Ok(Evaluator {
@@ -274,17 +251,8 @@ impl Evaluator {
         if case.targets.is_empty() {
             bail!("eval: user {} has no targets", case.user);
         }
-        if let Some(&bad) = case
-            .targets
-            .iter()
-            .chain(&case.seen)
-            .find(|&&i| i as usize >= self.n_items)
-        {
-            bail!(
-                "eval: user {} refers to item {bad} but there are {} items",
-                case.user,
-                self.n_items
-            );
+        if let Some(&bad) = case.targets.iter().chain(&case.seen).find(|&&i| i as usize >= self.n_items) {
+            bail!("eval: user {} refers to item {bad} but there are {} items", case.user, self.n_items);
         }
         Ok(())
     }
@@ -298,28 +266,17 @@ impl Evaluator {
     pub fn add_scores(&mut self, case: &EvalCase, scores: &[f32]) -> Result<()> {
         self.check_case(case)?;
         if scores.len() != self.n_items {
-            bail!(
-                "eval: user {} has {} scores for {} items",
-                case.user,
-                scores.len(),
-                self.n_items
-            );
+            bail!("eval: user {} has {} scores for {} items", case.user, scores.len(), self.n_items);
         }
         let excl = self.protocol.exclude_history;
         for &s in self.subsets() {
-            let gt: Vec<u32> = case
-                .targets
-                .iter()
-                .copied()
-                .filter(|&i| self.in_subset(s, i))
-                .collect();
+            let gt: Vec<u32> = case.targets.iter().copied().filter(|&i| self.in_subset(s, i)).collect();
             if gt.is_empty() {
                 continue;
             }
-            let ranked = top_k(scores, self.max_k, |i| {
-                self.in_subset(s, i) && !(excl && case.seen.binary_search(&i).is_ok())
-            })
-            .map_err(|e| anyhow::anyhow!("{e} (user {})", case.user))?;
+            let ranked =
+                top_k(scores, self.max_k, |i| self.in_subset(s, i) && !(excl && case.seen.binary_search(&i).is_ok()))
+                    .map_err(|e| anyhow::anyhow!("{e} (user {})", case.user))?;
             self.push(s, &ranked, &gt);
         }
         Ok(())
@@ -330,20 +287,11 @@ impl Evaluator {
     pub fn add_ranking(&mut self, case: &EvalCase, ranked: &[u32]) -> Result<()> {
         self.check_case(case)?;
         if let Some(&bad) = ranked.iter().find(|&&i| i as usize >= self.n_items) {
-            bail!(
-                "eval: user {} ranking holds item {bad} but there are {} items",
-                case.user,
-                self.n_items
-            );
+            bail!("eval: user {} ranking holds item {bad} but there are {} items", case.user, self.n_items);
         }
         let excl = self.protocol.exclude_history;
         for &s in self.subsets() {
-            let gt: Vec<u32> = case
-                .targets
-                .iter()
-                .copied()
-                .filter(|&i| self.in_subset(s, i))
-                .collect();
+            let gt: Vec<u32> = case.targets.iter().copied().filter(|&i| self.in_subset(s, i)).collect();
             if gt.is_empty() {
                 continue;
             }
@@ -352,10 +300,7 @@ impl Evaluator {
                 if list.len() == self.max_k {
                     break;
                 }
-                if self.in_subset(s, i)
-                    && !(excl && case.seen.binary_search(&i).is_ok())
-                    && !list.contains(&i)
-                {
+                if self.in_subset(s, i) && !(excl && case.seen.binary_search(&i).is_ok()) && !list.contains(&i) {
                     list.push(i);
                 }
             }
@@ -401,16 +346,9 @@ impl Evaluator {
                     ci_high: hi[j],
                 })
                 .collect();
-            subsets.push(SubsetReport {
-                subset: s,
-                users: rows.len(),
-                metrics,
-            });
+            subsets.push(SubsetReport { subset: s, users: rows.len(), metrics });
         }
-        EvalReport {
-            protocol: self.protocol.clone(),
-            subsets,
-        }
+        EvalReport { protocol: self.protocol.clone(), subsets }
     }
 }
 
@@ -420,9 +358,7 @@ impl Evaluator {
 pub fn bootstrap_ci(rows: &[Vec<f64>], b: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let n = rows.len();
     let m = rows.first().map_or(0, |r| r.len());
-    let mean: Vec<f64> = (0..m)
-        .map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n.max(1) as f64)
-        .collect();
+    let mean: Vec<f64> = (0..m).map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n.max(1) as f64).collect();
     if b == 0 || n == 0 {
         return (mean.clone(), mean);
     }
@@ -466,11 +402,7 @@ pub fn evaluate_scores(
     warm: Option<Vec<bool>>,
 ) -> Result<EvalReport> {
     if scores.len() != cases.len() * n_items {
-        bail!(
-            "eval: score matrix has {} values, expected {} cases x {n_items} items",
-            scores.len(),
-            cases.len()
-        );
+        bail!("eval: score matrix has {} values, expected {} cases x {n_items} items", scores.len(), cases.len());
     }
     let mut ev = Evaluator::new(protocol, n_items, warm)?;
     for (r, c) in cases.iter().enumerate() {
@@ -488,11 +420,7 @@ pub fn evaluate_rankings(
     warm: Option<Vec<bool>>,
 ) -> Result<EvalReport> {
     if rankings.len() != cases.len() {
-        bail!(
-            "eval: {} rankings for {} cases",
-            rankings.len(),
-            cases.len()
-        );
+        bail!("eval: {} rankings for {} cases", rankings.len(), cases.len());
     }
     let mut ev = Evaluator::new(protocol, n_items, warm)?;
     for (l, c) in rankings.iter().zip(cases) {

@@ -114,25 +114,15 @@ fn summarize(a: &wgpu::Adapter) -> AdapterSummary {
         (wgpu::Features::SHADER_F16, "SHADER_F16"),
         (wgpu::Features::SUBGROUP, "SUBGROUP"),
         (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
-        (
-            wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-            "TIMESTAMP_QUERY_INSIDE_PASSES",
-        ),
-        (
-            wgpu::Features::SHADER_FLOAT32_ATOMIC,
-            "SHADER_FLOAT32_ATOMIC",
-        ),
+        (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "TIMESTAMP_QUERY_INSIDE_PASSES"),
+        (wgpu::Features::SHADER_FLOAT32_ATOMIC, "SHADER_FLOAT32_ATOMIC"),
     ];
     AdapterSummary {
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
         driver: format!("{} {}", info.driver, info.driver_info),
-        features: names
-            .iter()
-            .filter(|(f, _)| features.contains(*f))
-            .map(|(_, n)| n.to_string())
-            .collect(),
+        features: names.iter().filter(|(f, _)| features.contains(*f)).map(|(_, n)| n.to_string()).collect(),
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
@@ -165,9 +155,7 @@ impl Gpu {
                 adapters
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&want_l))
-                    .ok_or_else(|| {
-                        anyhow!("GENREC_ADAPTER={want:?} matches none of the adapters {names:?}")
-                    })?
+                    .ok_or_else(|| anyhow!("GENREC_ADAPTER={want:?} matches none of the adapters {names:?}"))?
             }
             Err(_) => adapters.remove(0),
         };
@@ -177,10 +165,7 @@ impl Gpu {
     /// A process-wide device, opened on first use (tests and the CLI share it).
     pub fn shared() -> Result<Gpu> {
         static SHARED: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();
-        SHARED
-            .get_or_init(|| Gpu::new().map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(|e| anyhow!(e))
+        SHARED.get_or_init(|| Gpu::new().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
     }
 
     fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
@@ -222,12 +207,7 @@ impl Gpu {
                 limits,
                 pipelines: Mutex::new(HashMap::new()),
                 pool: Mutex::new(BufferPool::default()),
-                pending: Mutex::new(Pending {
-                    encoder: None,
-                    uniforms,
-                    uniform_offset: 0,
-                    dispatches: 0,
-                }),
+                pending: Mutex::new(Pending { encoder: None, uniforms, uniform_offset: 0, dispatches: 0 }),
                 lost,
                 lost_reason,
             }),
@@ -255,38 +235,27 @@ impl Gpu {
     /// One line naming the adapter, for benchmark tables.
     pub fn describe(&self) -> String {
         let i = &self.inner.info;
-        format!(
-            "{} ({:?}, {:?}, {})",
-            i.name, i.backend, i.device_type, i.driver_info
-        )
+        format!("{} ({:?}, {:?}, {})", i.name, i.backend, i.device_type, i.driver_info)
     }
 
     /// Err if the device has been lost (driver reset, removal, out of memory).
     pub fn check_alive(&self, op: &str) -> Result<()> {
         if self.inner.lost.load(Ordering::SeqCst) {
-            bail!(
-                "{op}: the GPU device was lost ({}); reopen it to continue",
-                self.inner.lost_reason.lock().unwrap()
-            );
+            bail!("{op}: the GPU device was lost ({}); reopen it to continue", self.inner.lost_reason.lock().unwrap());
         }
         Ok(())
     }
 
     /// Largest single storage binding, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64)
-            .min(self.inner.limits.max_buffer_size)
+        (self.inner.limits.max_storage_buffer_binding_size as u64).min(self.inner.limits.max_buffer_size)
     }
 
     /// Run `f` with the pending encoder (created on demand).
     pub fn with_encoder<R>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> R {
         let mut p = self.inner.pending.lock().unwrap();
         let enc = p.encoder.get_or_insert_with(|| {
-            self.inner
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("step"),
-                })
+            self.inner.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
         f(enc)
     }
@@ -308,10 +277,7 @@ impl Gpu {
     /// Submit pending work and wait until the device is idle.
     pub fn sync(&self) -> Result<()> {
         self.flush();
-        self.inner
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.inner.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
         self.check_alive("sync")
     }
 
@@ -340,11 +306,7 @@ impl Gpu {
             return Ok(()); // nothing to do (an empty tensor)
         }
         if params.len() as u64 > MAX_PARAM_BYTES {
-            bail!(
-                "{}: parameter block of {} bytes > {MAX_PARAM_BYTES}",
-                kernel.name,
-                params.len()
-            );
+            bail!("{}: parameter block of {} bytes > {MAX_PARAM_BYTES}", kernel.name, params.len());
         }
         let pipeline = self.pipeline(kernel)?;
         let align = self.inner.limits.min_uniform_buffer_offset_alignment as u64;
@@ -360,9 +322,7 @@ impl Gpu {
         let mut block = [0u8; MAX_PARAM_BYTES as usize];
         block[..params.len()].copy_from_slice(params);
         let bound = (params.len().max(16) as u64 + 15) / 16 * 16;
-        self.inner
-            .queue
-            .write_buffer(&p.uniforms, offset, &block[..bound as usize]);
+        self.inner.queue.write_buffer(&p.uniforms, offset, &block[..bound as usize]);
 
         let mut entries = Vec::with_capacity(buffers.len() + 1);
         entries.push(wgpu::BindGroupEntry {
@@ -374,31 +334,19 @@ impl Gpu {
             }),
         });
         for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
-            });
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
         }
-        let bind_group = self
-            .inner
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.name),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
+        let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.name),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
         let enc = p.encoder.get_or_insert_with(|| {
-            self.inner
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("step"),
-                })
+            self.inner.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(kernel.name),
-                timestamp_writes: None,
-            });
+            let mut pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(kernel.name), timestamp_writes: None });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
@@ -413,45 +361,29 @@ impl Gpu {
             return Ok(p.clone());
         }
         let source = kernel.source()?;
-        let scope = self
-            .inner
-            .device
-            .push_error_scope(wgpu::ErrorFilter::Validation);
-        let desc = wgpu::ShaderModuleDescriptor {
-            label: Some(kernel.name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        };
+        let scope = self.inner.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let desc =
+            wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
         let module = if kernel.trusted {
             // SAFETY: only kernels whose indexing is proven in-bounds by their tests
             // (Kernel::trusted) skip the runtime bounds checks.
-            unsafe {
-                self.inner
-                    .device
-                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
-            }
+            unsafe { self.inner.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
         } else {
             self.inner.device.create_shader_module(desc)
         };
-        let pipeline =
-            self.inner
-                .device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(kernel.name),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(kernel.entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                });
+        let pipeline = self.inner.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.name),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
         if let Some(err) = pollster::block_on(scope.pop()) {
             bail!("compiling kernel {} ({}): {err}", kernel.name, kernel.entry);
         }
         let pipeline = Arc::new(pipeline);
-        self.inner
-            .pipelines
-            .lock()
-            .unwrap()
-            .insert(key, pipeline.clone());
+        self.inner.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
 }

@@ -47,14 +47,7 @@ pub struct PipelineKey(String);
 
 impl Kernel {
     pub fn new(name: &'static str, shader: &'static str, entry: &'static str) -> Kernel {
-        Kernel {
-            name,
-            shader,
-            entry,
-            defines: Vec::new(),
-            f16: false,
-            trusted: false,
-        }
+        Kernel { name, shader, entry, defines: Vec::new(), f16: false, trusted: false }
     }
     /// Add a compile-time constant (`value` is WGSL text).
     pub fn define(mut self, name: &'static str, value: impl ToString) -> Kernel {
@@ -71,10 +64,7 @@ impl Kernel {
     }
 
     pub(crate) fn key(&self) -> PipelineKey {
-        let mut k = format!(
-            "{}:{}:{}:{}",
-            self.shader, self.entry, self.f16, self.trusted
-        );
+        let mut k = format!("{}:{}:{}:{}", self.shader, self.entry, self.f16, self.trusted);
         for (n, v) in &self.defines {
             k.push_str(&format!(";{n}={v}"));
         }
@@ -113,14 +103,8 @@ fn expand_includes(stem: &str, out: &mut String, depth: usize) -> Result<()> {
 /// Validate a kernel's WGSL with naga (no device needed). Used by the shader tests.
 pub fn validate_wgsl(kernel: &Kernel) -> Result<()> {
     let src = kernel.source()?;
-    let module = naga::front::wgsl::parse_str(&src).map_err(|e| {
-        anyhow!(
-            "{} ({}): WGSL parse error:\n{}",
-            kernel.name,
-            kernel.shader,
-            e.emit_to_string(&src)
-        )
-    })?;
+    let module = naga::front::wgsl::parse_str(&src)
+        .map_err(|e| anyhow!("{} ({}): WGSL parse error:\n{}", kernel.name, kernel.shader, e.emit_to_string(&src)))?;
     let mut caps = naga::valid::Capabilities::default();
     caps |= naga::valid::Capabilities::SHADER_FLOAT16;
     caps |= naga::valid::Capabilities::SUBGROUP;
@@ -131,20 +115,10 @@ pub fn validate_wgsl(kernel: &Kernel) -> Result<()> {
         .subgroup_operations(naga::valid::SubgroupOperationSet::all())
         .validate(&module)
         .map_err(|e| {
-            anyhow!(
-                "{} ({}): WGSL validation error:\n{}",
-                kernel.name,
-                kernel.shader,
-                e.emit_to_string(&src)
-            )
+            anyhow!("{} ({}): WGSL validation error:\n{}", kernel.name, kernel.shader, e.emit_to_string(&src))
         })?;
     if !module.entry_points.iter().any(|e| e.name == kernel.entry) {
-        bail!(
-            "{}: shaders/{}.wgsl has no entry point {}",
-            kernel.name,
-            kernel.shader,
-            kernel.entry
-        );
+        bail!("{}: shaders/{}.wgsl has no entry point {}", kernel.name, kernel.shader, kernel.entry);
     }
     Ok(())
 }

@@ -23,8 +23,7 @@ impl Params {
         Params(Vec::new())
     }
     pub fn u(mut self, v: usize) -> Params {
-        self.0
-            .push(u32::try_from(v).expect("kernel parameter exceeds u32"));
+        self.0.push(u32::try_from(v).expect("kernel parameter exceeds u32"));
         self
     }
     pub fn i(mut self, v: i32) -> Params {
@@ -78,9 +77,7 @@ mod tests {
     fn oversized_tensor_is_an_error_not_a_panic() {
         let gpu = Gpu::shared().unwrap();
         let n = gpu.max_binding_bytes() as usize / 4 + 1;
-        let e = Tensor::empty(&gpu, &[n], DType::F32)
-            .unwrap_err()
-            .to_string();
+        let e = Tensor::empty(&gpu, &[n], DType::F32).unwrap_err().to_string();
         assert!(e.contains("binding limit"), "{e}");
     }
 }

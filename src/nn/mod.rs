@@ -40,32 +40,16 @@ pub struct Linear {
 
 impl Linear {
     /// PyTorch's default init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
-    pub fn new(
-        gpu: &Gpu,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        act: Act,
-        seed: u64,
-    ) -> Result<Linear> {
+    pub fn new(gpu: &Gpu, name: &str, d_in: usize, d_out: usize, bias: bool, act: Act, seed: u64) -> Result<Linear> {
         let bound = 1.0 / (d_in as f32).sqrt();
-        let w = Tensor::from_f32(
-            gpu,
-            &uniform_init(seed, d_in * d_out, bound),
-            &[d_out, d_in],
-        )?;
+        let w = Tensor::from_f32(gpu, &uniform_init(seed, d_in * d_out, bound), &[d_out, d_in])?;
         let b = if bias {
             let t = Tensor::from_f32(gpu, &uniform_init(seed ^ 0x9e37, d_out, bound), &[d_out])?;
             Some(Param::new(format!("{name}.bias"), t))
         } else {
             None
         };
-        Ok(Linear {
-            weight: Param::new(format!("{name}.weight"), w),
-            bias: b,
-            act,
-        })
+        Ok(Linear { weight: Param::new(format!("{name}.weight"), w), bias: b, act })
     }
 
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
@@ -91,14 +75,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(gpu: &Gpu, name: &str, d: usize, eps: f32) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            weight: Param::new(
-                format!("{name}.weight"),
-                Tensor::from_f32(gpu, &vec![1.0; d], &[d])?,
-            ),
-            bias: Param::new(
-                format!("{name}.bias"),
-                Tensor::from_f32(gpu, &vec![0.0; d], &[d])?,
-            ),
+            weight: Param::new(format!("{name}.weight"), Tensor::from_f32(gpu, &vec![1.0; d], &[d])?),
+            bias: Param::new(format!("{name}.bias"), Tensor::from_f32(gpu, &vec![0.0; d], &[d])?),
             eps,
         })
     }
@@ -118,13 +96,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(gpu: &Gpu, name: &str, d: usize, eps: f32) -> Result<RmsNorm> {
-        Ok(RmsNorm {
-            weight: Param::new(
-                format!("{name}.weight"),
-                Tensor::from_f32(gpu, &vec![1.0; d], &[d])?,
-            ),
-            eps,
-        })
+        Ok(RmsNorm { weight: Param::new(format!("{name}.weight"), Tensor::from_f32(gpu, &vec![1.0; d], &[d])?), eps })
     }
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
         x.rms_norm(&tape.param(&self.weight), self.eps)
@@ -138,18 +110,9 @@ pub struct Embedding {
 
 impl Embedding {
     /// Normal(0, std) init.
-    pub fn new(
-        gpu: &Gpu,
-        name: &str,
-        vocab: usize,
-        d: usize,
-        std: f32,
-        seed: u64,
-    ) -> Result<Embedding> {
+    pub fn new(gpu: &Gpu, name: &str, vocab: usize, d: usize, std: f32, seed: u64) -> Result<Embedding> {
         let t = Tensor::from_f32(gpu, &normal_init(seed, vocab * d, std), &[vocab, d])?;
-        Ok(Embedding {
-            weight: Param::new(format!("{name}.weight"), t),
-        })
+        Ok(Embedding { weight: Param::new(format!("{name}.weight"), t) })
     }
     /// ids: U32 of any shape -> [..., D].
     pub fn forward(&self, tape: &Tape, ids: &Tensor) -> Result<Var> {
@@ -170,57 +133,17 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    pub fn new(
-        gpu: &Gpu,
-        name: &str,
-        d: usize,
-        heads: usize,
-        kv_heads: usize,
-        bias: bool,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(gpu: &Gpu, name: &str, d: usize, heads: usize, kv_heads: usize, bias: bool, seed: u64) -> Result<Self> {
         anyhow::ensure!(
             d % heads == 0 && heads % kv_heads == 0,
             "{name}: d_model {d} / heads {heads} / kv heads {kv_heads} do not divide"
         );
         let hd = d / heads;
         Ok(MultiHeadAttention {
-            q: Linear::new(
-                gpu,
-                &format!("{name}.q_proj"),
-                d,
-                heads * hd,
-                bias,
-                Act::None,
-                seed,
-            )?,
-            k: Linear::new(
-                gpu,
-                &format!("{name}.k_proj"),
-                d,
-                kv_heads * hd,
-                bias,
-                Act::None,
-                seed + 1,
-            )?,
-            v: Linear::new(
-                gpu,
-                &format!("{name}.v_proj"),
-                d,
-                kv_heads * hd,
-                bias,
-                Act::None,
-                seed + 2,
-            )?,
-            o: Linear::new(
-                gpu,
-                &format!("{name}.o_proj"),
-                heads * hd,
-                d,
-                bias,
-                Act::None,
-                seed + 3,
-            )?,
+            q: Linear::new(gpu, &format!("{name}.q_proj"), d, heads * hd, bias, Act::None, seed)?,
+            k: Linear::new(gpu, &format!("{name}.k_proj"), d, kv_heads * hd, bias, Act::None, seed + 1)?,
+            v: Linear::new(gpu, &format!("{name}.v_proj"), d, kv_heads * hd, bias, Act::None, seed + 2)?,
+            o: Linear::new(gpu, &format!("{name}.o_proj"), heads * hd, d, bias, Act::None, seed + 3)?,
             heads,
             kv_heads,
             head_dim: hd,
@@ -234,32 +157,18 @@ impl MultiHeadAttention {
     }
 
     /// Attention of queries from `xq` [B, Tq, D] over keys/values from `xkv` [B, Tk, D].
-    pub fn forward(
-        &self,
-        tape: &Tape,
-        xq: &Var,
-        xkv: &Var,
-        mask: &crate::ops::attention::Mask,
-    ) -> Result<Var> {
+    pub fn forward(&self, tape: &Tape, xq: &Var, xkv: &Var, mask: &crate::ops::attention::Mask) -> Result<Var> {
         let (b, tq) = (xq.shape()[0], xq.shape()[1]);
         let q = Self::split(&self.q.forward(tape, xq)?, self.heads, self.head_dim)?;
         let k = Self::split(&self.k.forward(tape, xkv)?, self.kv_heads, self.head_dim)?;
         let v = Self::split(&self.v.forward(tape, xkv)?, self.kv_heads, self.head_dim)?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let a = crate::autograd::attention(&q, &k, &v, None, mask, scale)?;
-        let merged = a
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[b, tq, self.heads * self.head_dim])?;
+        let merged = a.permute(&[0, 2, 1, 3])?.reshape(&[b, tq, self.heads * self.head_dim])?;
         self.o.forward(tape, &merged)
     }
 
     pub fn params(&self) -> Vec<Rc<Param>> {
-        [
-            self.q.params(),
-            self.k.params(),
-            self.v.params(),
-            self.o.params(),
-        ]
-        .concat()
+        [self.q.params(), self.k.params(), self.v.params(), self.o.params()].concat()
     }
 }

@@ -21,28 +21,15 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(
-        params: Vec<Rc<Param>>,
-        hp: AdamWKernel,
-        max_grad_norm: Option<f32>,
-    ) -> Result<AdamW> {
+    pub fn new(params: Vec<Rc<Param>>, hp: AdamWKernel, max_grad_norm: Option<f32>) -> Result<AdamW> {
         let state = params
             .iter()
             .map(|p| {
                 let g = p.value.gpu();
-                Ok((
-                    Tensor::zeros(g, p.value.shape(), DType::F32)?,
-                    Tensor::zeros(g, p.value.shape(), DType::F32)?,
-                ))
+                Ok((Tensor::zeros(g, p.value.shape(), DType::F32)?, Tensor::zeros(g, p.value.shape(), DType::F32)?))
             })
             .collect::<Result<_>>()?;
-        Ok(AdamW {
-            hp,
-            max_grad_norm,
-            params,
-            state,
-            t: 0,
-        })
+        Ok(AdamW { hp, max_grad_norm, params, state, t: 0 })
     }
 
     pub fn params(&self) -> &[Rc<Param>] {
@@ -68,10 +55,7 @@ impl AdamW {
         };
         for ((p, g), (m, v)) in self.params.iter().zip(&grads).zip(&self.state) {
             let Some(g) = g else { continue };
-            let clip = norm_sq.as_ref().map(|n| Clip {
-                norm_sq: n,
-                max_norm: self.max_grad_norm.unwrap(),
-            });
+            let clip = norm_sq.as_ref().map(|n| Clip { norm_sq: n, max_norm: self.max_grad_norm.unwrap() });
             self.hp.step(&p.value, g, m, v, self.t, clip)?;
             p.zero_grad();
         }
@@ -80,9 +64,6 @@ impl AdamW {
 
     /// Moments, for checkpoints: (name, m, v) per parameter.
     pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
-        self.params
-            .iter()
-            .zip(&self.state)
-            .map(|(p, (m, v))| (p.name.as_str(), m, v))
+        self.params.iter().zip(&self.state).map(|(p, (m, v))| (p.name.as_str(), m, v))
     }
 }

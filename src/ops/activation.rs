@@ -18,10 +18,7 @@ fn kernel(entry: &'static str) -> Kernel {
 
 /// Every kernel variant in this family.
 pub fn kernels() -> Vec<Kernel> {
-    ["forward", "backward", "swiglu", "swiglu_backward"]
-        .into_iter()
-        .map(kernel)
-        .collect()
+    ["forward", "backward", "swiglu", "swiglu_backward"].into_iter().map(kernel).collect()
 }
 
 fn check_f32(op: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
@@ -39,9 +36,7 @@ fn launch(entry: &'static str, n: usize, act: Act, bufs: &[&Tensor]) -> Result<(
     let n4 = n.div_ceil(4);
     let p = Params::new().u(n4).u(act.code() as usize);
     let buffers: Vec<&wgpu::Buffer> = bufs.iter().map(|t| t.buffer()).collect();
-    bufs[0]
-        .gpu()
-        .dispatch(&kernel(entry), p.bytes(), &buffers, grid(n4.div_ceil(WG)))
+    bufs[0].gpu().dispatch(&kernel(entry), p.bytes(), &buffers, grid(n4.div_ceil(WG)))
 }
 
 /// `y = act(x)`.
@@ -74,12 +69,7 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tenso
     check_f32("swiglu_backward", &[("gate", gate), ("up", up), ("dy", dy)])?;
     let dgate = Tensor::empty(gate.gpu(), gate.shape(), DType::F32)?;
     let dup = Tensor::empty(gate.gpu(), gate.shape(), DType::F32)?;
-    launch(
-        "swiglu_backward",
-        gate.numel(),
-        Act::Silu,
-        &[gate, up, dy, &dgate, &dup],
-    )?;
+    launch("swiglu_backward", gate.numel(), Act::Silu, &[gate, up, dy, &dgate, &dup])?;
     Ok((dgate, dup))
 }
 
@@ -90,10 +80,7 @@ pub fn forward_ref(x: &[f32], act: Act) -> Vec<f32> {
 
 /// CPU reference of `swiglu`.
 pub fn swiglu_ref(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| (Act::Silu.apply_f64(g as f64) * u as f64) as f32)
-        .collect()
+    gate.iter().zip(up).map(|(&g, &u)| (Act::Silu.apply_f64(g as f64) * u as f64) as f32).collect()
 }
 
 #[cfg(test)]
@@ -102,15 +89,7 @@ mod tests {
     use crate::gpu::Gpu;
     use crate::ops::testing::{assert_close, finite_diff, rand_vec};
 
-    const ACTS: [Act; 7] = [
-        Act::None,
-        Act::Relu,
-        Act::Gelu,
-        Act::GeluTanh,
-        Act::Silu,
-        Act::Sigmoid,
-        Act::Tanh,
-    ];
+    const ACTS: [Act; 7] = [Act::None, Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Sigmoid, Act::Tanh];
 
     fn gpu() -> Gpu {
         Gpu::shared().unwrap()
@@ -132,21 +111,9 @@ mod tests {
         for act in ACTS {
             for n in [1, 7, 33, 257] {
                 let x = inputs(n, n as u64);
-                let y = forward(&Tensor::from_f32(&g, &x, &[n]).unwrap(), act)
-                    .unwrap()
-                    .to_vec_f32()
-                    .unwrap();
-                assert!(
-                    y.iter().all(|v| v.is_finite()),
-                    "{act:?}: non-finite output {y:?}"
-                );
-                assert_close(
-                    &format!("{act:?} n={n}"),
-                    &y,
-                    &forward_ref(&x, act),
-                    1e-5,
-                    1e-6,
-                );
+                let y = forward(&Tensor::from_f32(&g, &x, &[n]).unwrap(), act).unwrap().to_vec_f32().unwrap();
+                assert!(y.iter().all(|v| v.is_finite()), "{act:?}: non-finite output {y:?}");
+                assert_close(&format!("{act:?} n={n}"), &y, &forward_ref(&x, act), 1e-5, 1e-6);
             }
         }
     }
@@ -162,12 +129,8 @@ mod tests {
                 let tdy = Tensor::from_f32(&g, &dy, &[n]).unwrap();
                 let dx = backward(&tx, &tdy, act).unwrap().to_vec_f32().unwrap();
                 assert!(dx.iter().all(|v| v.is_finite()), "{act:?}: non-finite grad");
-                let fd = finite_diff(&x, 1e-4, |xs| {
-                    xs.iter()
-                        .zip(&dy)
-                        .map(|(&v, &d)| act.apply_f64(v) * d as f64)
-                        .sum()
-                });
+                let fd =
+                    finite_diff(&x, 1e-4, |xs| xs.iter().zip(&dy).map(|(&v, &d)| act.apply_f64(v) * d as f64).sum());
                 assert_close(&format!("{act:?} grad n={n}"), &dx, &fd, 1e-3, 1e-5);
             }
         }
@@ -187,9 +150,7 @@ mod tests {
             assert_close("swiglu", &y, &swiglu_ref(&gate, &up), 1e-5, 1e-6);
             let (dg, du) = swiglu_backward(&tg, &tu, &tdy).unwrap();
             let loss = |gs: &[f64], us: &[f64]| -> f64 {
-                (0..n)
-                    .map(|i| Act::Silu.apply_f64(gs[i]) * us[i] * dy[i] as f64)
-                    .sum()
+                (0..n).map(|i| Act::Silu.apply_f64(gs[i]) * us[i] * dy[i] as f64).sum()
             };
             let up64: Vec<f64> = up.iter().map(|&v| v as f64).collect();
             let gate64: Vec<f64> = gate.iter().map(|&v| v as f64).collect();
@@ -206,27 +167,12 @@ mod tests {
         let a = Tensor::from_f32(&g, &[0.0; 6], &[2, 3]).unwrap();
         let b = Tensor::from_f32(&g, &[0.0; 6], &[3, 2]).unwrap();
         let e = swiglu(&a, &b).unwrap_err().to_string();
-        assert!(
-            e.contains("swiglu") && e.contains("[2, 3]") && e.contains("[3, 2]"),
-            "{e}"
-        );
-        assert!(backward(&a, &b, Act::Relu)
-            .unwrap_err()
-            .to_string()
-            .contains("activation_backward"));
-        assert!(swiglu_backward(&a, &a, &b)
-            .unwrap_err()
-            .to_string()
-            .contains("swiglu_backward"));
+        assert!(e.contains("swiglu") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        assert!(backward(&a, &b, Act::Relu).unwrap_err().to_string().contains("activation_backward"));
+        assert!(swiglu_backward(&a, &a, &b).unwrap_err().to_string().contains("swiglu_backward"));
         let u = Tensor::from_u32(&g, &[1; 6], &[2, 3]).unwrap();
-        assert!(forward(&u, Act::Gelu)
-            .unwrap_err()
-            .to_string()
-            .contains("activation"));
+        assert!(forward(&u, Act::Gelu).unwrap_err().to_string().contains("activation"));
         let empty = Tensor::empty(&g, &[0], DType::F32).unwrap();
-        assert!(forward(&empty, Act::Gelu)
-            .unwrap_err()
-            .to_string()
-            .contains("activation"));
+        assert!(forward(&empty, Act::Gelu).unwrap_err().to_string().contains("activation"));
     }
 }

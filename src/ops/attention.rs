@@ -132,11 +132,7 @@ impl MaskKind {
                     Rel::Causal
                 }
             }
-            MaskKind::Ordered {
-                earlier,
-                same,
-                later,
-            } => match ks.cmp(&qs) {
+            MaskKind::Ordered { earlier, same, later } => match ks.cmp(&qs) {
                 std::cmp::Ordering::Less => *earlier,
                 std::cmp::Ordering::Equal => *same,
                 std::cmp::Ordering::Greater => *later,
@@ -177,16 +173,7 @@ impl MaskSpec {
         k_seg: Vec<i32>,
         k_pos: Vec<i32>,
     ) -> Result<MaskSpec> {
-        let m = MaskSpec {
-            kind,
-            batch,
-            tq,
-            tk,
-            q_seg,
-            q_pos,
-            k_seg,
-            k_pos,
-        };
+        let m = MaskSpec { kind, batch, tq, tk, q_seg, q_pos, k_seg, k_pos };
         m.validate()?;
         Ok(m)
     }
@@ -268,15 +255,8 @@ impl MaskSpec {
     /// Mark keys invalid where `key_valid[b][j]` is false (expands a shared mask to B rows).
     pub fn pad_keys(mut self, key_valid: &[Vec<bool>]) -> Result<MaskSpec> {
         let nb = key_valid.len();
-        if nb == 0
-            || key_valid.iter().any(|r| r.len() != self.tk)
-            || (self.batch != 1 && self.batch != nb)
-        {
-            bail!(
-                "{OP}: pad_keys needs [B][tk = {}] flags for a mask of batch {}",
-                self.tk,
-                self.batch
-            );
+        if nb == 0 || key_valid.iter().any(|r| r.len() != self.tk) || (self.batch != 1 && self.batch != nb) {
+            bail!("{OP}: pad_keys needs [B][tk = {}] flags for a mask of batch {}", self.tk, self.batch);
         }
         if self.batch == 1 && nb > 1 {
             self.q_seg = self.q_seg.repeat(nb);
@@ -299,18 +279,9 @@ impl MaskSpec {
     pub fn validate(&self) -> Result<()> {
         let (nq, nk) = (self.batch * self.tq, self.batch * self.tk);
         if self.batch == 0 || self.tq == 0 || self.tk == 0 {
-            bail!(
-                "{OP}: empty mask (batch {}, tq {}, tk {})",
-                self.batch,
-                self.tq,
-                self.tk
-            );
+            bail!("{OP}: empty mask (batch {}, tq {}, tk {})", self.batch, self.tq, self.tk);
         }
-        if self.q_seg.len() != nq
-            || self.q_pos.len() != nq
-            || self.k_seg.len() != nk
-            || self.k_pos.len() != nk
-        {
+        if self.q_seg.len() != nq || self.q_pos.len() != nq || self.k_seg.len() != nk || self.k_pos.len() != nk {
             bail!(
                 "{OP}: mask arrays must be [batch {}, tq {}] and [batch, tk {}]; got q_seg {}, q_pos {}, k_seg {}, k_pos {}",
                 self.batch,
@@ -323,11 +294,7 @@ impl MaskSpec {
             );
         }
         if let MaskKind::Table(_) = self.kind {
-            let bad = self
-                .q_seg
-                .iter()
-                .chain(&self.k_seg)
-                .find(|&&s| s >= TABLE_SEGMENTS as i32);
+            let bad = self.q_seg.iter().chain(&self.k_seg).find(|&&s| s >= TABLE_SEGMENTS as i32);
             if let Some(s) = bad {
                 bail!("{OP}: table mask segment {s} out of range 0..{TABLE_SEGMENTS}");
             }
@@ -358,10 +325,7 @@ impl MaskSpec {
             }
         }
         let tok = Tensor::from_i32(gpu, &tok, &[self.batch, self.tq + self.tk, 2])?;
-        Ok(Mask {
-            spec: self.clone(),
-            tok,
-        })
+        Ok(Mask { spec: self.clone(), tok })
     }
 }
 
@@ -421,53 +385,26 @@ fn kernel(entry: &'static str, dh: usize) -> Kernel {
 pub fn kernels() -> Vec<Kernel> {
     let mut v = Vec::new();
     for dh in [4, 32, 64, 128] {
-        for e in [
-            "attn_fwd",
-            "attn_bwd_prep",
-            "attn_bwd_dq",
-            "attn_bwd_dkdv",
-            "attn_bwd_dbias",
-        ] {
+        for e in ["attn_fwd", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkdv", "attn_bwd_dbias"] {
             v.push(kernel(e, dh));
         }
     }
     v
 }
 
-fn check_inputs(
-    op: &str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    mask: &Mask,
-) -> Result<AttnDims> {
+fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, mask: &Mask) -> Result<AttnDims> {
     check::nonempty(op, &[("q", q), ("k", k), ("v", v)])?;
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         check::dtype(op, n, t, DType::F32)?;
         if t.rank() != 4 {
-            bail!(
-                "{op}: {n} must be [B, H, T, Dh], got {}",
-                shape_str(t.shape())
-            );
+            bail!("{op}: {n} must be [B, H, T, Dh], got {}", shape_str(t.shape()));
         }
     }
     check::same_shape(op, ("k", k), ("v", v))?;
     let (qs, ks) = (q.shape(), k.shape());
-    let d = AttnDims {
-        b: qs[0],
-        hq: qs[1],
-        hkv: ks[1],
-        tq: qs[2],
-        tk: ks[2],
-        dh: qs[3],
-    };
+    let d = AttnDims { b: qs[0], hq: qs[1], hkv: ks[1], tq: qs[2], tk: ks[2], dh: qs[3] };
     if ks[0] != d.b || ks[3] != d.dh {
-        bail!(
-            "{op}: q {} and k {} disagree on batch or head dim",
-            shape_str(qs),
-            shape_str(ks)
-        );
+        bail!("{op}: q {} and k {} disagree on batch or head dim", shape_str(qs), shape_str(ks));
     }
     if !d.hq.is_multiple_of(d.hkv) {
         bail!(
@@ -479,11 +416,7 @@ fn check_inputs(
         );
     }
     if d.dh % 4 != 0 || d.dh > 128 {
-        bail!(
-            "{op}: head dim {} must be a multiple of 4 and <= 128 (q {})",
-            d.dh,
-            shape_str(qs)
-        );
+        bail!("{op}: head dim {} must be a multiple of 4 and <= 128 (q {})", d.dh, shape_str(qs));
     }
     let m = &mask.spec;
     if m.tq != d.tq || m.tk != d.tk || (m.batch != 1 && m.batch != d.b) {
@@ -499,40 +432,22 @@ fn check_inputs(
     if let Some(bt) = bias {
         check::dtype(op, "bias", bt, DType::F32)?;
         if bt.shape() != [d.hq, d.tq, d.tk] {
-            bail!(
-                "{op}: bias must be [Hq, Tq, Tk] = {:?}, got {}",
-                [d.hq, d.tq, d.tk],
-                shape_str(bt.shape())
-            );
+            bail!("{op}: bias must be [Hq, Tq, Tk] = {:?}, got {}", [d.hq, d.tq, d.tk], shape_str(bt.shape()));
         }
     }
     let mut all = vec![q, k, v, &mask.tok];
     all.extend(bias);
     check::same_device(op, &all)?;
     if d.b * d.hkv > 65535 {
-        bail!(
-            "{op}: B * Hkv = {} exceeds the 65535-workgroup grid limit",
-            d.b * d.hkv
-        );
+        bail!("{op}: B * Hkv = {} exceeds the 65535-workgroup grid limit", d.b * d.hkv);
     }
     Ok(d)
 }
 
-fn params(
-    d: &AttnDims,
-    mask: &Mask,
-    has_bias: bool,
-    scale: f32,
-    gx: u32,
-    write_ds: bool,
-) -> Params {
+fn params(d: &AttnDims, mask: &Mask, has_bias: bool, scale: f32, gx: u32, write_ds: bool) -> Params {
     let m = &mask.spec;
     let (e, s, l) = match m.kind {
-        MaskKind::Ordered {
-            earlier,
-            same,
-            later,
-        } => (earlier.code(), same.code(), later.code()),
+        MaskKind::Ordered { earlier, same, later } => (earlier.code(), same.code(), later.code()),
         _ => (0, 0, 0),
     };
     let mut words = [0u32; 32];
@@ -596,23 +511,11 @@ pub fn attention(
     };
     let p = params(&d, mask, bias.is_some(), scale, 0, false);
     let rows = d.tq * (d.hq / d.hkv);
-    let grid = [
-        div_ceil(rows, (WG * rows_per_invocation(d.dh)) as usize),
-        (d.b * d.hkv) as u32,
-        1,
-    ];
+    let grid = [div_ceil(rows, (WG * rows_per_invocation(d.dh)) as usize), (d.b * d.hkv) as u32, 1];
     gpu.dispatch(
         &kernel("attn_fwd", d.dh),
         p.bytes(),
-        &[
-            q.buffer(),
-            k.buffer(),
-            v.buffer(),
-            bias_t.buffer(),
-            mask.tok.buffer(),
-            out.buffer(),
-            lse.buffer(),
-        ],
+        &[q.buffer(), k.buffer(), v.buffer(), bias_t.buffer(), mask.tok.buffer(), out.buffer(), lse.buffer()],
         grid,
     )?;
     Ok(AttnOut { out, lse })
@@ -641,11 +544,7 @@ pub fn attention_backward(
         check::dtype(OP_BWD, n, t, DType::F32)?;
     }
     if lse.shape() != [d.b, d.hq, d.tq] {
-        bail!(
-            "{OP_BWD}: lse must be [B, Hq, Tq] = {:?}, got {}",
-            [d.b, d.hq, d.tq],
-            shape_str(lse.shape())
-        );
+        bail!("{OP_BWD}: lse must be [B, Hq, Tq] = {:?}, got {}", [d.b, d.hq, d.tq], shape_str(lse.shape()));
     }
     if want_dbias && bias.is_none() {
         bail!("{OP_BWD}: the bias gradient was asked for without a bias");
@@ -666,24 +565,13 @@ pub fn attention_backward(
     let dummy = Tensor::zeros(gpu, &[1], DType::F32)?;
     let bias_t = bias.unwrap_or(&dummy);
     let dq = Tensor::empty(gpu, q.shape(), DType::F32)?;
-    let ds = if want_dbias {
-        Some(Tensor::empty(gpu, &[d.b, d.hq, d.tq, d.tk], DType::F32)?)
-    } else {
-        None
-    };
+    let ds = if want_dbias { Some(Tensor::empty(gpu, &[d.b, d.hq, d.tq, d.tk], DType::F32)?) } else { None };
     let p = params(&d, mask, bias.is_some(), scale, 0, want_dbias);
     let rows = d.tq * (d.hq / d.hkv);
     let blk = rows_per_invocation(d.dh) as usize;
     let grid = [div_ceil(rows, WG as usize * blk), (d.b * d.hkv) as u32, 1];
-    let common = [
-        q.buffer(),
-        k.buffer(),
-        v.buffer(),
-        bias_t.buffer(),
-        mask.tok.buffer(),
-        dout.buffer(),
-        stats.buffer(),
-    ];
+    let common =
+        [q.buffer(), k.buffer(), v.buffer(), bias_t.buffer(), mask.tok.buffer(), dout.buffer(), stats.buffer()];
     let mut bufs = common.to_vec();
     bufs.push(dq.buffer());
     // A separate dummy: one buffer may not be bound read-only and read-write at once.
@@ -704,12 +592,7 @@ pub fn attention_backward(
             let db = Tensor::empty(gpu, &[d.hq, d.tq, d.tk], DType::F32)?;
             let (grid, gx) = fold(d.hq * d.tq * d.tk);
             let p = params(&d, mask, true, scale, gx, false);
-            gpu.dispatch(
-                &kernel("attn_bwd_dbias", d.dh),
-                p.bytes(),
-                &[ds.buffer(), db.buffer()],
-                grid,
-            )?;
+            gpu.dispatch(&kernel("attn_bwd_dbias", d.dh), p.bytes(), &[ds.buffer(), db.buffer()], grid)?;
             Some(db)
         }
         None => None,
@@ -800,8 +683,7 @@ pub fn attention_backward_ref(
                     }
                     let kr = ((b * d.hkv + kh) * d.tk + j) * d.dh;
                     let dot: f64 = (0..d.dh).map(|x| q[r + x] * k[kr + x]).sum();
-                    let s =
-                        scale * dot + bias.map(|bb| bb[(h * d.tq + i) * d.tk + j]).unwrap_or(0.0);
+                    let s = scale * dot + bias.map(|bb| bb[(h * d.tq + i) * d.tk + j]).unwrap_or(0.0);
                     let p = (s - lse[row]).exp();
                     let dp: f64 = (0..d.dh).map(|x| dout[r + x] * v[kr + x]).sum();
                     let ds = p * (dp - delta);
@@ -856,10 +738,7 @@ mod tests {
         let q = Tensor::from_f32(&gpu, &c.q, &[d.b, d.hq, d.tq, d.dh]).unwrap();
         let k = Tensor::from_f32(&gpu, &c.k, &[d.b, d.hkv, d.tk, d.dh]).unwrap();
         let v = Tensor::from_f32(&gpu, &c.v, &[d.b, d.hkv, d.tk, d.dh]).unwrap();
-        let bias = c
-            .bias
-            .as_ref()
-            .map(|bb| Tensor::from_f32(&gpu, bb, &[d.hq, d.tq, d.tk]).unwrap());
+        let bias = c.bias.as_ref().map(|bb| Tensor::from_f32(&gpu, bb, &[d.hq, d.tq, d.tk]).unwrap());
         (q, k, v, bias, mask.upload(&gpu).unwrap())
     }
 
@@ -869,49 +748,16 @@ mod tests {
         let (q, k, v, bias, m) = upload(c, mask);
         let r = attention(&q, &k, &v, bias.as_ref(), &m, c.scale).unwrap();
         let bias64 = c.bias.as_ref().map(|bb| f64v(bb));
-        let (want_o, want_lse) = attention_ref(
-            &f64v(&c.q),
-            &f64v(&c.k),
-            &f64v(&c.v),
-            bias64.as_deref(),
-            mask,
-            d,
-            c.scale as f64,
-        );
-        assert_close(
-            &format!("{what}: out"),
-            &r.out.to_vec_f32().unwrap(),
-            &f32v(&want_o),
-            1e-4,
-            2e-5,
-        );
-        let want_lse: Vec<f32> = want_lse
-            .iter()
-            .map(|&x| if x.is_finite() { x as f32 } else { -f32::MAX })
-            .collect();
-        assert_close(
-            &format!("{what}: lse"),
-            &r.lse.to_vec_f32().unwrap(),
-            &want_lse,
-            1e-5,
-            1e-5,
-        );
+        let (want_o, want_lse) =
+            attention_ref(&f64v(&c.q), &f64v(&c.k), &f64v(&c.v), bias64.as_deref(), mask, d, c.scale as f64);
+        assert_close(&format!("{what}: out"), &r.out.to_vec_f32().unwrap(), &f32v(&want_o), 1e-4, 2e-5);
+        let want_lse: Vec<f32> = want_lse.iter().map(|&x| if x.is_finite() { x as f32 } else { -f32::MAX }).collect();
+        assert_close(&format!("{what}: lse"), &r.lse.to_vec_f32().unwrap(), &want_lse, 1e-5, 1e-5);
 
         let dy = rand_vec(99, want_o.len(), 1.0);
         let dout = Tensor::from_f32(q.gpu(), &dy, q.shape()).unwrap();
-        let g = attention_backward(
-            &dout,
-            &q,
-            &k,
-            &v,
-            &r.out,
-            &r.lse,
-            bias.as_ref(),
-            &m,
-            c.scale,
-            bias.is_some(),
-        )
-        .unwrap();
+        let g =
+            attention_backward(&dout, &q, &k, &v, &r.out, &r.lse, bias.as_ref(), &m, c.scale, bias.is_some()).unwrap();
         let (dq, dk, dv, db) = attention_backward_ref(
             &f64v(&dy),
             &f64v(&c.q),
@@ -922,47 +768,16 @@ mod tests {
             d,
             c.scale as f64,
         );
-        assert_close(
-            &format!("{what}: dq"),
-            &g.dq.to_vec_f32().unwrap(),
-            &f32v(&dq),
-            1e-3,
-            1e-4,
-        );
-        assert_close(
-            &format!("{what}: dk"),
-            &g.dk.to_vec_f32().unwrap(),
-            &f32v(&dk),
-            1e-3,
-            1e-4,
-        );
-        assert_close(
-            &format!("{what}: dv"),
-            &g.dv.to_vec_f32().unwrap(),
-            &f32v(&dv),
-            1e-3,
-            1e-4,
-        );
+        assert_close(&format!("{what}: dq"), &g.dq.to_vec_f32().unwrap(), &f32v(&dq), 1e-3, 1e-4);
+        assert_close(&format!("{what}: dk"), &g.dk.to_vec_f32().unwrap(), &f32v(&dk), 1e-3, 1e-4);
+        assert_close(&format!("{what}: dv"), &g.dv.to_vec_f32().unwrap(), &f32v(&dv), 1e-3, 1e-4);
         if let Some(gb) = g.dbias {
-            assert_close(
-                &format!("{what}: dbias"),
-                &gb.to_vec_f32().unwrap(),
-                &f32v(&db),
-                1e-3,
-                1e-4,
-            );
+            assert_close(&format!("{what}: dbias"), &gb.to_vec_f32().unwrap(), &f32v(&db), 1e-3, 1e-4);
         }
     }
 
     fn dims(b: usize, hq: usize, hkv: usize, tq: usize, tk: usize, dh: usize) -> AttnDims {
-        AttnDims {
-            b,
-            hq,
-            hkv,
-            tq,
-            tk,
-            dh,
-        }
+        AttnDims { b, hq, hkv, tq, tk, dh }
     }
 
     #[test]
@@ -970,19 +785,11 @@ mod tests {
         for (t, dh) in [(1, 8), (7, 16), (33, 64), (65, 32)] {
             let c = case(dims(2, 2, 2, t, t, dh), t as u64, false);
             check_case(&format!("full T={t}"), &c, &MaskSpec::full(t, t));
-            check_case(
-                &format!("causal T={t}"),
-                &c,
-                &MaskSpec::causal(t, t).unwrap(),
-            );
+            check_case(&format!("causal T={t}"), &c, &MaskSpec::causal(t, t).unwrap());
         }
         // Dh = 128 uses the 2-rows-per-invocation variant.
         let c = case(dims(1, 2, 1, 9, 9, 128), 5, true);
-        check_case(
-            "causal dh=128 gqa bias",
-            &c,
-            &MaskSpec::causal(9, 9).unwrap(),
-        );
+        check_case("causal dh=128 gqa bias", &c, &MaskSpec::causal(9, 9).unwrap());
     }
 
     #[test]
@@ -990,9 +797,7 @@ mod tests {
         // 6 query heads over 2 KV heads, T5-style scale 1 with a bias, left padding.
         let mut c = case(dims(3, 6, 2, 33, 33, 16), 11, true);
         c.scale = 1.0;
-        let valid: Vec<Vec<bool>> = (0..3)
-            .map(|b| (0..33).map(|j| j >= 5 * b).collect())
-            .collect();
+        let valid: Vec<Vec<bool>> = (0..3).map(|b| (0..33).map(|j| j >= 5 * b).collect()).collect();
         let m = MaskSpec::full(33, 33).pad_keys(&valid).unwrap();
         check_case("full gqa bias pad", &c, &m);
         let m = MaskSpec::causal(33, 33).unwrap().pad_keys(&valid).unwrap();
@@ -1018,24 +823,12 @@ mod tests {
         let mut c2 = case(dims(5, 6, 2, 1, 65, 64), 31, false);
         c2.k = full.k.clone();
         c2.v = full.v.clone();
-        c2.q = (0..5 * 6)
-            .flat_map(|bh| full.q[(bh * 65 + 64) * 64..(bh * 65 + 65) * 64].to_vec())
-            .collect();
+        c2.q = (0..5 * 6).flat_map(|bh| full.q[(bh * 65 + 64) * 64..(bh * 65 + 65) * 64].to_vec()).collect();
         let (q, k, v, _, mf) = upload(&full, &MaskSpec::causal(65, 65).unwrap());
-        let pre = attention(&q, &k, &v, None, &mf, full.scale)
-            .unwrap()
-            .out
-            .to_vec_f32()
-            .unwrap();
+        let pre = attention(&q, &k, &v, None, &mf, full.scale).unwrap().out.to_vec_f32().unwrap();
         let (q2, k2, v2, _, m2) = upload(&c2, &m);
-        let dec = attention(&q2, &k2, &v2, None, &m2, c2.scale)
-            .unwrap()
-            .out
-            .to_vec_f32()
-            .unwrap();
-        let last: Vec<f32> = (0..30)
-            .flat_map(|bh| pre[(bh * 65 + 64) * 64..(bh * 65 + 65) * 64].to_vec())
-            .collect();
+        let dec = attention(&q2, &k2, &v2, None, &m2, c2.scale).unwrap().out.to_vec_f32().unwrap();
+        let last: Vec<f32> = (0..30).flat_map(|bh| pre[(bh * 65 + 64) * 64..(bh * 65 + 65) * 64].to_vec()).collect();
         assert_close("decode == last prefill row", &dec, &last, 1e-5, 1e-6);
     }
 
@@ -1093,37 +886,16 @@ mod tests {
             }
             y
         };
-        let c2 = Case {
-            d,
-            q: permute(&c.q),
-            k: permute(&c.k),
-            v: permute(&c.v),
-            bias: None,
-            scale: c.scale,
-        };
+        let c2 = Case { d, q: permute(&c.q), k: permute(&c.k), v: permute(&c.v), bias: None, scale: c.scale };
         let (q, k, v, _, mm) = upload(&c, &m);
-        let a = attention(&q, &k, &v, None, &mm, c.scale)
-            .unwrap()
-            .out
-            .to_vec_f32()
-            .unwrap();
+        let a = attention(&q, &k, &v, None, &mm, c.scale).unwrap().out.to_vec_f32().unwrap();
         let (q, k, v, _, mm) = upload(&c2, &m);
-        let b = attention(&q, &k, &v, None, &mm, c.scale)
-            .unwrap()
-            .out
-            .to_vec_f32()
-            .unwrap();
+        let b = attention(&q, &k, &v, None, &mm, c.scale).unwrap().out.to_vec_f32().unwrap();
         let nq = 3;
         for h in 0..2 {
             let s = (h * t + t - nq) * 8;
             let e = (h * t + t) * 8;
-            assert_close(
-                "query outputs after permutation",
-                &b[s..e],
-                &a[s..e],
-                1e-5,
-                1e-6,
-            );
+            assert_close("query outputs after permutation", &b[s..e], &a[s..e], 1e-5, 1e-6);
         }
     }
 
@@ -1148,15 +920,12 @@ mod tests {
             "......11111",
         ];
         for (i, row) in want.iter().enumerate() {
-            let got: String = (0..t)
-                .map(|j| if m.visible(0, i, j) { '1' } else { '.' })
-                .collect();
+            let got: String = (0..t).map(|j| if m.visible(0, i, j) { '1' } else { '.' }).collect();
             assert_eq!(&got, row, "cascaded row {i}");
         }
         let c = case(dims(2, 2, 1, t, t, 8), 61, false);
         blocks[0] = -1;
-        let mrows =
-            MaskSpec::cascaded(&[vec![0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3], blocks], t).unwrap();
+        let mrows = MaskSpec::cascaded(&[vec![0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3], blocks], t).unwrap();
         check_case("cascaded", &c, &mrows);
     }
 
@@ -1164,26 +933,17 @@ mod tests {
     fn ordered_and_table_masks() {
         let t = 33;
         let seg: Vec<i32> = (0..t as i32).map(|p| p / 5).collect();
-        let block_causal = MaskKind::Ordered {
-            earlier: Rel::All,
-            same: Rel::Causal,
-            later: Rel::None,
-        };
+        let block_causal = MaskKind::Ordered { earlier: Rel::All, same: Rel::Causal, later: Rel::None };
         let m = MaskSpec::from_sequence(block_causal, &[seg.clone()], t).unwrap();
         let c = case(dims(2, 2, 2, t, t, 16), 71, true);
         check_case("ordered block-causal", &c, &m);
-        let prefix_lm = MaskKind::Ordered {
-            earlier: Rel::All,
-            same: Rel::Before,
-            later: Rel::All,
-        };
+        let prefix_lm = MaskKind::Ordered { earlier: Rel::All, same: Rel::Before, later: Rel::All };
         let m = MaskSpec::from_sequence(prefix_lm, &[seg.clone()], t).unwrap();
         check_case("ordered mixed", &c, &m);
         let mut tab = [[Rel::None; TABLE_SEGMENTS]; TABLE_SEGMENTS];
         for (a, row) in tab.iter_mut().enumerate() {
             for (b, r) in row.iter_mut().enumerate() {
-                *r = [Rel::None, Rel::All, Rel::Causal, Rel::SelfOnly, Rel::Before]
-                    [(a * 7 + b * 3) % 5];
+                *r = [Rel::None, Rel::All, Rel::Causal, Rel::SelfOnly, Rel::Before][(a * 7 + b * 3) % 5];
             }
         }
         let segs: Vec<i32> = (0..t as i32).map(|p| (p * 5) % 7).collect();
@@ -1197,10 +957,7 @@ mod tests {
         let t = 7;
         let mut m = MaskSpec::causal(t, t)
             .unwrap()
-            .pad_keys(&[
-                vec![false, true, true, true, true, true, true],
-                vec![true; 7],
-            ])
+            .pad_keys(&[vec![false, true, true, true, true, true, true], vec![true; 7]])
             .unwrap();
         m.q_seg[t + 3] = -1;
         let c = case(dims(2, 2, 1, t, t, 8), 81, true);
@@ -1209,11 +966,7 @@ mod tests {
         let r = attention(&q, &k, &v, bias.as_ref(), &mm, c.scale).unwrap();
         let o = r.out.to_vec_f32().unwrap();
         assert!(o.iter().all(|x| x.is_finite()));
-        assert!(
-            o[0..8].iter().all(|&x| x == 0.0),
-            "empty row must be zero: {:?}",
-            &o[0..8]
-        );
+        assert!(o[0..8].iter().all(|&x| x == 0.0), "empty row must be zero: {:?}", &o[0..8]);
         let row = ((1 * 2) * t + 3) * 8;
         assert!(o[row..row + 8].iter().all(|&x| x == 0.0));
     }
@@ -1226,27 +979,14 @@ mod tests {
         let m = MaskSpec::set(&groups, 5).unwrap();
         let dy = rand_vec(92, d.b * d.hq * d.tq * d.dh, 1.0);
         let dy64 = f64v(&dy);
-        let (q, k, v, b) = (
-            f64v(&c.q),
-            f64v(&c.k),
-            f64v(&c.v),
-            f64v(c.bias.as_ref().unwrap()),
-        );
+        let (q, k, v, b) = (f64v(&c.q), f64v(&c.k), f64v(&c.v), f64v(c.bias.as_ref().unwrap()));
         let s = c.scale as f64;
         let loss = |o: &[f64]| o.iter().zip(&dy64).map(|(a, b)| a * b).sum::<f64>();
         let (dq, dk, dv, db) = attention_backward_ref(&dy64, &q, &k, &v, Some(&b), &m, d, s);
-        let fq = finite_diff(&c.q, 1e-5, |x| {
-            loss(&attention_ref(x, &k, &v, Some(&b), &m, d, s).0)
-        });
-        let fk = finite_diff(&c.k, 1e-5, |x| {
-            loss(&attention_ref(&q, x, &v, Some(&b), &m, d, s).0)
-        });
-        let fv = finite_diff(&c.v, 1e-5, |x| {
-            loss(&attention_ref(&q, &k, x, Some(&b), &m, d, s).0)
-        });
-        let fb = finite_diff(c.bias.as_ref().unwrap(), 1e-5, |x| {
-            loss(&attention_ref(&q, &k, &v, Some(x), &m, d, s).0)
-        });
+        let fq = finite_diff(&c.q, 1e-5, |x| loss(&attention_ref(x, &k, &v, Some(&b), &m, d, s).0));
+        let fk = finite_diff(&c.k, 1e-5, |x| loss(&attention_ref(&q, x, &v, Some(&b), &m, d, s).0));
+        let fv = finite_diff(&c.v, 1e-5, |x| loss(&attention_ref(&q, &k, x, Some(&b), &m, d, s).0));
+        let fb = finite_diff(c.bias.as_ref().unwrap(), 1e-5, |x| loss(&attention_ref(&q, &k, &v, Some(x), &m, d, s).0));
         assert_close("ref dq vs fd", &f32v(&dq), &fq, 1e-4, 1e-6);
         assert_close("ref dk vs fd", &f32v(&dk), &fk, 1e-4, 1e-6);
         assert_close("ref dv vs fd", &f32v(&dv), &fv, 1e-4, 1e-6);
@@ -1256,29 +996,11 @@ mod tests {
         let (qt, kt, vt, bt, mm) = upload(&c, &m);
         let r = attention(&qt, &kt, &vt, bt.as_ref(), &mm, c.scale).unwrap();
         let dout = Tensor::from_f32(qt.gpu(), &dy, qt.shape()).unwrap();
-        let g = attention_backward(
-            &dout,
-            &qt,
-            &kt,
-            &vt,
-            &r.out,
-            &r.lse,
-            bt.as_ref(),
-            &mm,
-            c.scale,
-            true,
-        )
-        .unwrap();
+        let g = attention_backward(&dout, &qt, &kt, &vt, &r.out, &r.lse, bt.as_ref(), &mm, c.scale, true).unwrap();
         assert_close("gpu dq vs fd", &g.dq.to_vec_f32().unwrap(), &fq, 1e-3, 1e-4);
         assert_close("gpu dk vs fd", &g.dk.to_vec_f32().unwrap(), &fk, 1e-3, 1e-4);
         assert_close("gpu dv vs fd", &g.dv.to_vec_f32().unwrap(), &fv, 1e-3, 1e-4);
-        assert_close(
-            "gpu dbias vs fd",
-            &g.dbias.unwrap().to_vec_f32().unwrap(),
-            &fb,
-            1e-3,
-            1e-4,
-        );
+        assert_close("gpu dbias vs fd", &g.dbias.unwrap().to_vec_f32().unwrap(), &fb, 1e-3, 1e-4);
     }
 
     #[test]
@@ -1293,23 +1015,9 @@ mod tests {
         };
         let q = t(&[1, 4, 4, 8]);
         let kv = t(&[1, 2, 4, 8]);
-        err(attention(
-            &q,
-            &t(&[1, 3, 4, 8]),
-            &t(&[1, 3, 4, 8]),
-            None,
-            &m,
-            1.0,
-        )); // 4 % 3
+        err(attention(&q, &t(&[1, 3, 4, 8]), &t(&[1, 3, 4, 8]), None, &m, 1.0)); // 4 % 3
         err(attention(&q, &kv, &t(&[1, 2, 5, 8]), None, &m, 1.0)); // k != v
-        err(attention(
-            &t(&[1, 4, 4, 6]),
-            &t(&[1, 2, 4, 6]),
-            &t(&[1, 2, 4, 6]),
-            None,
-            &m,
-            1.0,
-        )); // dh % 4
+        err(attention(&t(&[1, 4, 4, 6]), &t(&[1, 2, 4, 6]), &t(&[1, 2, 4, 6]), None, &m, 1.0)); // dh % 4
         err(attention(&t(&[4, 4, 8]), &kv, &kv, None, &m, 1.0)); // rank
         err(attention(&q, &kv, &kv, Some(&t(&[4, 4, 5])), &m, 1.0)); // bias shape
         let m5 = MaskSpec::full(5, 4).upload(&gpu).unwrap();
@@ -1320,15 +1028,9 @@ mod tests {
         let bad_table = MaskSpec::from_sequence(MaskKind::cascaded(), &[vec![0, 16]], 2);
         assert!(bad_table.unwrap_err().to_string().contains("attention"));
         let r = attention(&q, &kv, &kv, None, &m, 1.0).unwrap();
-        let e = attention_backward(&q, &q, &kv, &kv, &r.out, &r.lse, None, &m, 1.0, true)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = attention_backward(&q, &q, &kv, &kv, &r.out, &r.lse, None, &m, 1.0, true).err().unwrap().to_string();
         assert!(e.contains("attention_backward"), "{e}");
-        let e = attention_backward(&q, &q, &kv, &kv, &r.out, &kv, None, &m, 1.0, false)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = attention_backward(&q, &q, &kv, &kv, &r.out, &kv, None, &m, 1.0, false).err().unwrap().to_string();
         assert!(e.contains("attention_backward") && e.contains("lse"), "{e}");
     }
 }
@@ -1342,26 +1044,12 @@ mod bench {
 
     fn time(label: &str, d: AttnDims, mask: MaskSpec) {
         let gpu = Gpu::shared().unwrap();
-        let q = Tensor::from_f32(
-            &gpu,
-            &rand_vec(1, d.b * d.hq * d.tq * d.dh, 1.0),
-            &[d.b, d.hq, d.tq, d.dh],
-        )
-        .unwrap();
-        let k = Tensor::from_f32(
-            &gpu,
-            &rand_vec(2, d.b * d.hkv * d.tk * d.dh, 1.0),
-            &[d.b, d.hkv, d.tk, d.dh],
-        )
-        .unwrap();
-        let v = Tensor::from_f32(
-            &gpu,
-            &rand_vec(3, d.b * d.hkv * d.tk * d.dh, 1.0),
-            &[d.b, d.hkv, d.tk, d.dh],
-        )
-        .unwrap();
-        let dy =
-            Tensor::from_f32(&gpu, &rand_vec(4, d.b * d.hq * d.tq * d.dh, 1.0), q.shape()).unwrap();
+        let q = Tensor::from_f32(&gpu, &rand_vec(1, d.b * d.hq * d.tq * d.dh, 1.0), &[d.b, d.hq, d.tq, d.dh]).unwrap();
+        let k =
+            Tensor::from_f32(&gpu, &rand_vec(2, d.b * d.hkv * d.tk * d.dh, 1.0), &[d.b, d.hkv, d.tk, d.dh]).unwrap();
+        let v =
+            Tensor::from_f32(&gpu, &rand_vec(3, d.b * d.hkv * d.tk * d.dh, 1.0), &[d.b, d.hkv, d.tk, d.dh]).unwrap();
+        let dy = Tensor::from_f32(&gpu, &rand_vec(4, d.b * d.hq * d.tq * d.dh, 1.0), q.shape()).unwrap();
         let m = mask.upload(&gpu).unwrap();
         let scale = 1.0 / (d.dh as f32).sqrt();
         let fwd = attention(&q, &k, &v, None, &m, scale).unwrap();
@@ -1376,8 +1064,7 @@ mod bench {
         let tf = t0.elapsed().as_secs_f64() / iters as f64;
         let t0 = std::time::Instant::now();
         for _ in 0..iters {
-            attention_backward(&dy, &q, &k, &v, &fwd.out, &fwd.lse, None, &m, scale, false)
-                .unwrap();
+            attention_backward(&dy, &q, &k, &v, &fwd.out, &fwd.lse, None, &m, scale, false).unwrap();
             gpu.sync().unwrap();
         }
         let tb = t0.elapsed().as_secs_f64() / iters as f64;
@@ -1395,37 +1082,12 @@ mod bench {
     #[test]
     #[ignore]
     fn bench_attention() {
-        let tiger = AttnDims {
-            b: 16,
-            hq: 6,
-            hkv: 6,
-            tq: 64,
-            tk: 64,
-            dh: 64,
-        };
+        let tiger = AttnDims { b: 16, hq: 6, hkv: 6, tq: 64, tk: 64, dh: 64 };
         time("TIGER full", tiger, MaskSpec::full(64, 64));
-        let smol = AttnDims {
-            b: 1,
-            hq: 9,
-            hkv: 3,
-            tq: 512,
-            tk: 512,
-            dh: 64,
-        };
+        let smol = AttnDims { b: 1, hq: 9, hkv: 3, tq: 512, tk: 512, dh: 64 };
         time("SmolLM2 full", smol, MaskSpec::full(512, 512));
         time("SmolLM2 causal", smol, MaskSpec::causal(512, 512).unwrap());
-        let dec = AttnDims {
-            b: 20,
-            hq: 9,
-            hkv: 3,
-            tq: 1,
-            tk: 512,
-            dh: 64,
-        };
-        time(
-            "SmolLM2 decode (20 beams)",
-            dec,
-            MaskSpec::causal(1, 512).unwrap(),
-        );
+        let dec = AttnDims { b: 20, hq: 9, hkv: 3, tq: 1, tk: 512, dh: 64 };
+        time("SmolLM2 decode (20 beams)", dec, MaskSpec::causal(1, 512).unwrap());
     }
 }

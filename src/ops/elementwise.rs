@@ -70,17 +70,7 @@ fn kernel(entry: &'static str) -> Kernel {
 
 /// Every kernel variant in this family.
 pub fn kernels() -> Vec<Kernel> {
-    [
-        "binary_same",
-        "binary_bcast",
-        "affine",
-        "add_scaled",
-        "fill",
-        "copy",
-    ]
-    .into_iter()
-    .map(kernel)
-    .collect()
+    ["binary_same", "binary_bcast", "affine", "add_scaled", "fill", "copy"].into_iter().map(kernel).collect()
 }
 
 /// Numpy broadcast of two shapes (aligned on trailing dims); `None` if incompatible.
@@ -88,16 +78,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for k in 0..rank {
-        let da = if k < rank - a.len() {
-            1
-        } else {
-            a[k - (rank - a.len())]
-        };
-        let db = if k < rank - b.len() {
-            1
-        } else {
-            b[k - (rank - b.len())]
-        };
+        let da = if k < rank - a.len() { 1 } else { a[k - (rank - a.len())] };
+        let db = if k < rank - b.len() { 1 } else { b[k - (rank - b.len())] };
         out[k] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -116,11 +98,7 @@ fn bcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let mut strides = vec![0; out.len()];
     let mut s = 1;
     for k in (0..shape.len()).rev() {
-        strides[k + pad] = if shape[k] == 1 && out[k + pad] != 1 {
-            0
-        } else {
-            s
-        };
+        strides[k + pad] = if shape[k] == 1 && out[k + pad] != 1 { 0 } else { s };
         s *= shape[k];
     }
     strides
@@ -140,11 +118,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
     check_f32(name, &[("a", a), ("b", b)])?;
     check::same_device(name, &[a, b])?;
     let Some(out_shape) = broadcast_shape(a.shape(), b.shape()) else {
-        bail!(
-            "{name}: shapes {} and {} do not broadcast",
-            shape_str(a.shape()),
-            shape_str(b.shape())
-        );
+        bail!("{name}: shapes {} and {} do not broadcast", shape_str(a.shape()), shape_str(b.shape()));
     };
     let gpu = a.gpu();
     let out = Tensor::empty(gpu, &out_shape, DType::F32)?;
@@ -198,12 +172,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
             p = p.u(v);
         }
     }
-    gpu.dispatch(
-        &kernel("binary_bcast"),
-        p.bytes(),
-        &[a.buffer(), b.buffer(), out.buffer()],
-        grid(n.div_ceil(WG)),
-    )?;
+    gpu.dispatch(&kernel("binary_bcast"), p.bytes(), &[a.buffer(), b.buffer(), out.buffer()], grid(n.div_ceil(WG)))?;
     Ok(out)
 }
 
@@ -240,12 +209,7 @@ fn affine_named(op: &str, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let n4 = x.numel().div_ceil(4);
     let p = Params::new().u(n4).f(mul).f(add);
-    x.gpu().dispatch(
-        &kernel("affine"),
-        p.bytes(),
-        &[x.buffer(), y.buffer()],
-        grid(n4.div_ceil(WG)),
-    )?;
+    x.gpu().dispatch(&kernel("affine"), p.bytes(), &[x.buffer(), y.buffer()], grid(n4.div_ceil(WG)))?;
     Ok(y)
 }
 
@@ -257,19 +221,11 @@ pub fn add_scaled(y: &Tensor, x: &Tensor, alpha: f32) -> Result<()> {
     check::same_shape(op, ("y", y), ("x", x))?;
     check::same_device(op, &[y, x])?;
     if y.same_buffer(x) {
-        bail!(
-            "{op}: y and x share a buffer (shape {}); use scale instead",
-            shape_str(y.shape())
-        );
+        bail!("{op}: y and x share a buffer (shape {}); use scale instead", shape_str(y.shape()));
     }
     let n4 = y.numel().div_ceil(4);
     let p = Params::new().u(n4).f(alpha);
-    y.gpu().dispatch(
-        &kernel("add_scaled"),
-        p.bytes(),
-        &[y.buffer(), x.buffer()],
-        grid(n4.div_ceil(WG)),
-    )
+    y.gpu().dispatch(&kernel("add_scaled"), p.bytes(), &[y.buffer(), x.buffer()], grid(n4.div_ceil(WG)))
 }
 
 /// In place `x[..] = value`.
@@ -277,12 +233,7 @@ pub fn fill(x: &Tensor, value: f32) -> Result<()> {
     check_f32("fill", &[("x", x)])?;
     let n4 = x.numel().div_ceil(4);
     let p = Params::new().u(n4).f(value);
-    x.gpu().dispatch(
-        &kernel("fill"),
-        p.bytes(),
-        &[x.buffer()],
-        grid(n4.div_ceil(WG)),
-    )
+    x.gpu().dispatch(&kernel("fill"), p.bytes(), &[x.buffer()], grid(n4.div_ceil(WG)))
 }
 
 /// `y = x` through a shader (vec4 loads and stores): the bandwidth baseline the
@@ -292,23 +243,12 @@ pub fn copy_kernel(x: &Tensor) -> Result<Tensor> {
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let n4 = x.numel().div_ceil(4);
     let p = Params::new().u(n4).f(1.0).f(0.0);
-    x.gpu().dispatch(
-        &kernel("copy"),
-        p.bytes(),
-        &[x.buffer(), y.buffer()],
-        grid(n4.div_ceil(WG)),
-    )?;
+    x.gpu().dispatch(&kernel("copy"), p.bytes(), &[x.buffer(), y.buffer()], grid(n4.div_ceil(WG)))?;
     Ok(y)
 }
 
 /// CPU reference of `binary`: returns (out shape, values).
-pub fn binary_ref(
-    a: &[f32],
-    a_shape: &[usize],
-    b: &[f32],
-    b_shape: &[usize],
-    op: BinOp,
-) -> (Vec<usize>, Vec<f32>) {
+pub fn binary_ref(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], op: BinOp) -> (Vec<usize>, Vec<f32>) {
     let out = broadcast_shape(a_shape, b_shape).expect("shapes broadcast");
     let sa = bcast_strides(a_shape, &out);
     let sb = bcast_strides(b_shape, &out);
@@ -350,22 +290,13 @@ mod tests {
         let nb: usize = b_shape.iter().product();
         let a = rand_vec(1 + na as u64, na, 2.0);
         // Keep divisors away from 0.
-        let b: Vec<f32> = rand_vec(7 + nb as u64, nb, 2.0)
-            .iter()
-            .map(|v| v + 3.0f32.copysign(*v))
-            .collect();
+        let b: Vec<f32> = rand_vec(7 + nb as u64, nb, 2.0).iter().map(|v| v + 3.0f32.copysign(*v)).collect();
         let ta = Tensor::from_f32(&g, &a, a_shape).unwrap();
         let tb = Tensor::from_f32(&g, &b, b_shape).unwrap();
         let out = binary(&ta, &tb, op).unwrap();
         let (shape, want) = binary_ref(&a, a_shape, &b, b_shape, op);
         assert_eq!(out.shape(), &shape[..], "{a_shape:?} {op:?} {b_shape:?}");
-        assert_close(
-            &format!("{a_shape:?} {op:?} {b_shape:?}"),
-            &out.to_vec_f32().unwrap(),
-            &want,
-            1e-6,
-            1e-6,
-        );
+        assert_close(&format!("{a_shape:?} {op:?} {b_shape:?}"), &out.to_vec_f32().unwrap(), &want, 1e-6, 1e-6);
     }
 
     #[test]
@@ -413,10 +344,7 @@ mod tests {
         let a = Tensor::from_f32(&g, &[0.0; 6], &[2, 3]).unwrap();
         let b = Tensor::from_f32(&g, &[0.0; 2], &[2]).unwrap();
         let e = binary(&a, &b, BinOp::Mul).unwrap_err().to_string();
-        assert!(
-            e.contains("mul") && e.contains("[2, 3]") && e.contains("[2]"),
-            "{e}"
-        );
+        assert!(e.contains("mul") && e.contains("[2, 3]") && e.contains("[2]"), "{e}");
         let e = add_scaled(&a, &b, 1.0).unwrap_err().to_string();
         assert!(e.contains("add_scaled") && e.contains("[2, 3]"), "{e}");
         let empty = Tensor::empty(&g, &[0, 3], DType::F32).unwrap();
@@ -424,10 +352,7 @@ mod tests {
         let u = Tensor::from_u32(&g, &[1; 6], &[2, 3]).unwrap();
         assert!(sub(&a, &u).unwrap_err().to_string().contains("sub"));
         assert!(scale(&u, 2.0).unwrap_err().to_string().contains("scale"));
-        assert!(add_scaled(&a, &a, 1.0)
-            .unwrap_err()
-            .to_string()
-            .contains("add_scaled"));
+        assert!(add_scaled(&a, &a, 1.0).unwrap_err().to_string().contains("add_scaled"));
     }
 
     #[test]
@@ -438,24 +363,14 @@ mod tests {
             let y0 = rand_vec(n as u64 + 100, n, 3.0);
             let tx = Tensor::from_f32(&g, &x, &[n]).unwrap();
             let s = scale(&tx, -1.5).unwrap().to_vec_f32().unwrap();
-            assert_close(
-                "scale",
-                &s,
-                &x.iter().map(|v| v * -1.5).collect::<Vec<_>>(),
-                1e-6,
-                0.0,
-            );
+            assert_close("scale", &s, &x.iter().map(|v| v * -1.5).collect::<Vec<_>>(), 1e-6, 0.0);
             let a = affine(&tx, 0.5, 2.0).unwrap().to_vec_f32().unwrap();
             let want: Vec<f32> = x.iter().map(|&v| (v as f64 * 0.5 + 2.0) as f32).collect();
             assert_close("affine", &a, &want, 1e-6, 1e-6);
             let ty = Tensor::from_f32(&g, &y0, &[n]).unwrap();
             add_scaled(&ty, &tx, 0.25).unwrap();
             add_scaled(&ty, &tx, 0.25).unwrap();
-            let want: Vec<f32> = y0
-                .iter()
-                .zip(&x)
-                .map(|(&y, &x)| (y as f64 + 0.5 * x as f64) as f32)
-                .collect();
+            let want: Vec<f32> = y0.iter().zip(&x).map(|(&y, &x)| (y as f64 + 0.5 * x as f64) as f32).collect();
             assert_close("add_scaled", &ty.to_vec_f32().unwrap(), &want, 1e-6, 1e-6);
             fill(&ty, 7.5).unwrap();
             assert_eq!(ty.to_vec_f32().unwrap(), vec![7.5; n]);

@@ -87,27 +87,14 @@ impl Plan {
     /// The plan for an adapter: register blocking on CPU adapters, tiling otherwise.
     pub fn for_gpu(gpu: &Gpu) -> Plan {
         if gpu.is_cpu() {
-            Plan {
-                subgroup: subgroup_kernel_ok(gpu),
-                ..Self::with_path(Path::Register)
-            }
+            Plan { subgroup: subgroup_kernel_ok(gpu), ..Self::with_path(Path::Register) }
         } else {
             Self::with_path(Path::Tiled)
         }
     }
     /// The tile shapes used for a given path.
     pub fn with_path(path: Path) -> Plan {
-        Plan {
-            path,
-            rm: 8,
-            cn: 2,
-            wg: 8,
-            tm: 64,
-            tn: 64,
-            tk: 16,
-            unrolled: true,
-            subgroup: false,
-        }
+        Plan { path, rm: 8, cn: 2, wg: 8, tm: 64, tn: 64, tk: 16, unrolled: true, subgroup: false }
     }
     /// Output rows x columns covered by one workgroup.
     pub fn tile(&self) -> (usize, usize) {
@@ -154,15 +141,8 @@ fn rowsum_kernel() -> Kernel {
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
     let mut v = Vec::new();
-    let generic = Plan {
-        unrolled: false,
-        ..Plan::with_path(Path::Register)
-    };
-    for plan in [
-        Plan::with_path(Path::Register),
-        generic,
-        Plan::with_path(Path::Tiled),
-    ] {
+    let generic = Plan { unrolled: false, ..Plan::with_path(Path::Register) };
+    for plan in [Plan::with_path(Path::Register), generic, Plan::with_path(Path::Tiled)] {
         for ta in [false, true] {
             for tb in [false, true] {
                 for f16 in [false, true] {
@@ -214,10 +194,7 @@ pub fn dims(op: &str, a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) ->
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
     let (kb, n) = if trans_b { (bc, br) } else { (br, bc) };
     if k != kb {
-        bail!(
-            "{op}: inner dimensions differ (K = {k} for A, {kb} for B): {}",
-            what()
-        );
+        bail!("{op}: inner dimensions differ (K = {k} for A, {kb} for B): {}", what());
     }
     let batch = match (ba, bb) {
         (Some(x), Some(y)) if x != y => bail!("{op}: batch sizes differ ({x} vs {y}): {}", what()),
@@ -227,11 +204,7 @@ pub fn dims(op: &str, a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) ->
     if m == 0 || n == 0 || k == 0 || batch == 0 {
         bail!("{op}: empty operand: {}", what());
     }
-    let out_shape = if ba.is_some() || bb.is_some() {
-        vec![batch, m, n]
-    } else {
-        vec![m, n]
-    };
+    let out_shape = if ba.is_some() || bb.is_some() { vec![batch, m, n] } else { vec![m, n] };
     Ok(Dims {
         batch,
         m,
@@ -259,11 +232,7 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     check::same_device(OP, &[a, b])?;
     check::dtype(OP, "A", a, DType::F32)?;
     if b.dtype() != DType::F32 && b.dtype() != DType::F16 {
-        bail!(
-            "{OP}: B has dtype {:?}, expected F32 or F16 (shape {})",
-            b.dtype(),
-            shape_str(b.shape())
-        );
+        bail!("{OP}: B has dtype {:?}, expected F32 or F16 (shape {})", b.dtype(), shape_str(b.shape()));
     }
     let d = dims(OP, a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
     if let Some(bias) = opts.bias {
@@ -289,17 +258,10 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         && d.k % 4 == 0
         && d.n % 4 == 0
         && subgroup_kernel_ok(gpu);
-    let (tile_m, tile_n) = if use_sg {
-        (SG_ROWS, SG_LANES * 4)
-    } else {
-        plan.tile()
-    };
+    let (tile_m, tile_n) = if use_sg { (SG_ROWS, SG_LANES * 4) } else { plan.tile() };
     let edge = d.m % tile_m != 0 || d.n % tile_n != 0;
-    let kernel = if use_sg {
-        sg_kernel()
-    } else {
-        plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge)
-    };
+    let kernel =
+        if use_sg { sg_kernel() } else { plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge) };
     let nx = div_ceil(d.n, tile_n);
     let ny = div_ceil(d.m, tile_m);
     let fold = ny.div_ceil(65535);
@@ -326,22 +288,14 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         .u(ny as usize)
         .u(fold as usize);
     let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
-    gpu.dispatch(
-        &kernel,
-        params.bytes(),
-        &[a.buffer(), b.buffer(), bias_buf, out.buffer()],
-        [nx, wy, wz as u32],
-    )?;
+    gpu.dispatch(&kernel, params.bytes(), &[a.buffer(), b.buffer(), bias_buf, out.buffer()], [nx, wy, wz as u32])?;
     Ok(out)
 }
 
 /// Sum over rows: `x` viewed as `[rows, cols]` -> `[cols]`.
 fn rowsum(op: &str, x: &Tensor, rows: usize, cols: usize, out_shape: &[usize]) -> Result<Tensor> {
     if rows * cols != x.numel() {
-        bail!(
-            "{op}: cannot sum {} as [{rows}, {cols}]",
-            shape_str(x.shape())
-        );
+        bail!("{op}: cannot sum {} as [{rows}, {cols}]", shape_str(x.shape()));
     }
     let gpu = x.gpu();
     let out = Tensor::empty(gpu, out_shape, DType::F32)?;
@@ -349,12 +303,7 @@ fn rowsum(op: &str, x: &Tensor, rows: usize, cols: usize, out_shape: &[usize]) -
     let gx = groups.min(65535);
     let gy = groups.div_ceil(gx);
     let params = Params::new().u(rows).u(cols).u(gx);
-    gpu.dispatch(
-        &rowsum_kernel(),
-        params.bytes(),
-        &[x.buffer(), out.buffer()],
-        [gx as u32, gy as u32, 1],
-    )?;
+    gpu.dispatch(&rowsum_kernel(), params.bytes(), &[x.buffer(), out.buffer()], [gx as u32, gy as u32, 1])?;
     Ok(out)
 }
 
@@ -383,11 +332,7 @@ pub fn matmul_backward(
     check::dtype(OP, "A", a, DType::F32)?;
     check::dtype(OP, "dy", dy, DType::F32)?;
     if b.dtype() != DType::F32 && b.dtype() != DType::F16 {
-        bail!(
-            "{OP}: B has dtype {:?}, expected F32 or F16 (shape {})",
-            b.dtype(),
-            shape_str(b.shape())
-        );
+        bail!("{OP}: B has dtype {:?}, expected F32 or F16 (shape {})", b.dtype(), shape_str(b.shape()));
     }
     let d = dims(OP, a.shape(), b.shape(), trans_a, trans_b)?;
     if dy.shape() != d.out_shape.as_slice() {
@@ -399,22 +344,14 @@ pub fn matmul_backward(
             shape_str(b.shape())
         );
     }
-    let plain = |ta: bool, tb: bool| MatmulOpts {
-        trans_a: ta,
-        trans_b: tb,
-        bias: None,
-        act: Act::None,
-    };
+    let plain = |ta: bool, tb: bool| MatmulOpts { trans_a: ta, trans_b: tb, bias: None, act: Act::None };
     let a_shared = a.rank() == 2 && d.batch > 1 && dy.rank() == 3;
     let b_shared = b.rank() == 2 && d.batch > 1 && dy.rank() == 3;
     let batched = d.out_shape.len() == 3;
 
     let da = if need_da {
         if trans_a && b.dtype() == DType::F16 {
-            bail!(
-                "{OP}: dA with trans_a needs an f32 B (B {} is f16)",
-                shape_str(b.shape())
-            );
+            bail!("{OP}: dA with trans_a needs an f32 B (B {} is f16)", shape_str(b.shape()));
         }
         let g = if a_shared && !trans_a && b.rank() == 3 {
             // dA = sum_b dY_b @ op(B_b)^T: a shared A means B is batched; reduce below.
@@ -425,11 +362,7 @@ pub fn matmul_backward(
             // A stored [K, M]: dA = op(B) @ dY^T.
             matmul(b, dy, &plain(trans_b, true))?
         };
-        Some(if a_shared {
-            rowsum(OP, &g, d.batch, d.m * d.k, a.shape())?
-        } else {
-            g.reshape(a.shape())?
-        })
+        Some(if a_shared { rowsum(OP, &g, d.batch, d.m * d.k, a.shape())? } else { g.reshape(a.shape())? })
     } else {
         None
     };
@@ -445,11 +378,8 @@ pub fn matmul_backward(
                 matmul(&a2, &dy2, &plain(true, false))?
             }
         } else {
-            let g = if trans_b {
-                matmul(dy, a, &plain(true, trans_a))?
-            } else {
-                matmul(a, dy, &plain(!trans_a, false))?
-            };
+            let g =
+                if trans_b { matmul(dy, a, &plain(true, trans_a))? } else { matmul(a, dy, &plain(!trans_a, false))? };
             if b_shared {
                 rowsum(OP, &g, d.batch, d.k * d.n, b.shape())?
             } else {
@@ -491,16 +421,8 @@ pub fn matmul_ref(
             for j in 0..d.n {
                 let mut s = 0f64;
                 for k in 0..d.k {
-                    let av = if trans_a {
-                        a[ab + k * d.m + i]
-                    } else {
-                        a[ab + i * d.k + k]
-                    };
-                    let bv = if trans_b {
-                        b[bb + j * d.k + k]
-                    } else {
-                        b[bb + k * d.n + j]
-                    };
+                    let av = if trans_a { a[ab + k * d.m + i] } else { a[ab + i * d.k + k] };
+                    let bv = if trans_b { b[bb + j * d.k + k] } else { b[bb + k * d.n + j] };
                     s += av * bv;
                 }
                 if let Some(bias) = bias {
@@ -556,25 +478,12 @@ mod tests {
         let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
         let biasv = rand_vec(seed + 2, d.n, 1.0);
         let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
-        let opts = MatmulOpts {
-            trans_a: ta,
-            trans_b: tb,
-            bias: with_bias.then_some(&bias),
-            act,
-        };
+        let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: with_bias.then_some(&bias), act };
         let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
         assert_eq!(got.shape(), d.out_shape.as_slice());
-        let want = matmul_ref(
-            &f64s(&av),
-            a_shape,
-            &f64s(&bv),
-            b_shape,
-            ta,
-            tb,
-            with_bias.then_some(&f64s(&biasv)[..]),
-            act,
-        )
-        .unwrap();
+        let want =
+            matmul_ref(&f64s(&av), a_shape, &f64s(&bv), b_shape, ta, tb, with_bias.then_some(&f64s(&biasv)[..]), act)
+                .unwrap();
         let what = format!("{plan:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
         // Sums of K products of values in [-1, 1]: absolute error grows ~ sqrt(K) eps.
         let atol = 2e-6 * (d.k as f32).sqrt().max(1.0);
@@ -585,19 +494,9 @@ mod tests {
     /// adapter allows it) and tiled.
     fn plans() -> Vec<Plan> {
         let reg = Plan::with_path(Path::Register);
-        let mut v = vec![
-            reg,
-            Plan {
-                unrolled: false,
-                ..reg
-            },
-            Plan::with_path(Path::Tiled),
-        ];
+        let mut v = vec![reg, Plan { unrolled: false, ..reg }, Plan::with_path(Path::Tiled)];
         if subgroup_kernel_ok(&Gpu::shared().unwrap()) {
-            v.push(Plan {
-                subgroup: true,
-                ..reg
-            });
+            v.push(Plan { subgroup: true, ..reg });
         }
         v
     }
@@ -612,14 +511,7 @@ mod tests {
 
     #[test]
     fn all_transposes_awkward_sizes_both_paths() {
-        let sizes = [
-            (1, 1, 1),
-            (7, 33, 5),
-            (33, 7, 257),
-            (1, 257, 7),
-            (65, 20, 129),
-            (9, 4, 70),
-        ];
+        let sizes = [(1, 1, 1), (7, 33, 5), (33, 7, 257), (1, 257, 7), (65, 20, 129), (9, 4, 70)];
         for plan in plans() {
             for (i, &(m, k, n)) in sizes.iter().enumerate() {
                 for ta in [false, true] {
@@ -649,30 +541,10 @@ mod tests {
             assert_eq!((64 % tm, 128 % tn), (0, 0));
             for ta in [false, true] {
                 for tb in [false, true] {
-                    check_case(
-                        plan,
-                        &shape2(64, 36, ta),
-                        &shape2(36, 128, tb),
-                        ta,
-                        tb,
-                        false,
-                        Act::None,
-                        false,
-                        11,
-                    );
+                    check_case(plan, &shape2(64, 36, ta), &shape2(36, 128, tb), ta, tb, false, Act::None, false, 11);
                 }
             }
-            check_case(
-                plan,
-                &[128, 256],
-                &[256, 64],
-                false,
-                false,
-                true,
-                Act::Relu,
-                false,
-                12,
-            );
+            check_case(plan, &[128, 256], &[256, 64], false, false, true, Act::Relu, false, 12);
         }
     }
 
@@ -684,42 +556,12 @@ mod tests {
                     let a3 = [vec![3], shape2(7, 10, ta)].concat();
                     let b3 = [vec![3], shape2(10, 33, tb)].concat();
                     check_case(plan, &a3, &b3, ta, tb, true, Act::None, false, 20);
-                    check_case(
-                        plan,
-                        &a3,
-                        &shape2(10, 33, tb),
-                        ta,
-                        tb,
-                        true,
-                        Act::None,
-                        false,
-                        21,
-                    );
-                    check_case(
-                        plan,
-                        &shape2(7, 10, ta),
-                        &b3,
-                        ta,
-                        tb,
-                        false,
-                        Act::None,
-                        false,
-                        22,
-                    );
+                    check_case(plan, &a3, &shape2(10, 33, tb), ta, tb, true, Act::None, false, 21);
+                    check_case(plan, &shape2(7, 10, ta), &b3, ta, tb, false, Act::None, false, 22);
                 }
             }
             // Aligned batched shapes.
-            check_case(
-                plan,
-                &[2, 64, 16],
-                &[16, 128],
-                false,
-                false,
-                false,
-                Act::None,
-                false,
-                23,
-            );
+            check_case(plan, &[2, 64, 16], &[16, 128], false, false, false, Act::None, false, 23);
         }
     }
 
@@ -732,98 +574,21 @@ mod tests {
             eprintln!("adapter subgroups are not {SG_LANES} wide: mm_sg not tested");
             return;
         }
-        let plan = Plan {
-            subgroup: true,
-            ..Plan::with_path(Path::Register)
-        };
-        for &(m, k, n) in &[
-            (1, 4, 4),
-            (33, 36, 12),
-            (70, 100, 44),
-            (32, 64, 32),
-            (65, 260, 96),
-        ] {
-            check_case(
-                plan,
-                &[m, k],
-                &[k, n],
-                false,
-                false,
-                true,
-                Act::Gelu,
-                false,
-                90,
-            );
+        let plan = Plan { subgroup: true, ..Plan::with_path(Path::Register) };
+        for &(m, k, n) in &[(1, 4, 4), (33, 36, 12), (70, 100, 44), (32, 64, 32), (65, 260, 96)] {
+            check_case(plan, &[m, k], &[k, n], false, false, true, Act::Gelu, false, 90);
         }
-        check_case(
-            plan,
-            &[3, 9, 40],
-            &[3, 40, 20],
-            false,
-            false,
-            true,
-            Act::None,
-            false,
-            91,
-        );
-        check_case(
-            plan,
-            &[3, 9, 40],
-            &[40, 20],
-            false,
-            false,
-            false,
-            Act::Relu,
-            false,
-            92,
-        );
-        check_case(
-            plan,
-            &[9, 40],
-            &[3, 40, 20],
-            false,
-            false,
-            true,
-            Act::None,
-            false,
-            93,
-        );
+        check_case(plan, &[3, 9, 40], &[3, 40, 20], false, false, true, Act::None, false, 91);
+        check_case(plan, &[3, 9, 40], &[40, 20], false, false, false, Act::Relu, false, 92);
+        check_case(plan, &[9, 40], &[3, 40, 20], false, false, true, Act::None, false, 93);
     }
 
     #[test]
     fn bias_and_every_activation() {
         for plan in plans() {
-            for act in [
-                Act::None,
-                Act::Relu,
-                Act::Gelu,
-                Act::GeluTanh,
-                Act::Silu,
-                Act::Sigmoid,
-                Act::Tanh,
-            ] {
-                check_case(
-                    plan,
-                    &[17, 12],
-                    &[12, 9],
-                    false,
-                    false,
-                    true,
-                    act,
-                    false,
-                    30,
-                );
-                check_case(
-                    plan,
-                    &[2, 8, 12],
-                    &[12, 64],
-                    false,
-                    false,
-                    true,
-                    act,
-                    false,
-                    31,
-                );
+            for act in [Act::None, Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Sigmoid, Act::Tanh] {
+                check_case(plan, &[17, 12], &[12, 9], false, false, true, act, false, 30);
+                check_case(plan, &[2, 8, 12], &[12, 64], false, false, true, act, false, 31);
             }
         }
     }
@@ -833,40 +598,10 @@ mod tests {
         for plan in plans() {
             for tb in [false, true] {
                 for ta in [false, true] {
-                    check_case(
-                        plan,
-                        &shape2(33, 7, ta),
-                        &shape2(7, 5, tb),
-                        ta,
-                        tb,
-                        true,
-                        Act::Silu,
-                        true,
-                        40,
-                    );
-                    check_case(
-                        plan,
-                        &shape2(16, 24, ta),
-                        &shape2(24, 128, tb),
-                        ta,
-                        tb,
-                        false,
-                        Act::None,
-                        true,
-                        41,
-                    );
+                    check_case(plan, &shape2(33, 7, ta), &shape2(7, 5, tb), ta, tb, true, Act::Silu, true, 40);
+                    check_case(plan, &shape2(16, 24, ta), &shape2(24, 128, tb), ta, tb, false, Act::None, true, 41);
                 }
-                check_case(
-                    plan,
-                    &[2, 5, 257],
-                    &shape2(257, 33, tb),
-                    false,
-                    tb,
-                    true,
-                    Act::None,
-                    true,
-                    42,
-                );
+                check_case(plan, &[2, 5, 257], &shape2(257, 33, tb), false, tb, true, Act::None, true, 42);
             }
         }
     }
@@ -881,31 +616,15 @@ mod tests {
         let a = Tensor::from_f32(&gpu, &av, &[m, 1]).unwrap();
         let b = Tensor::from_f32(&gpu, &bv, &[1, 3]).unwrap();
         for plan in plans() {
-            let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan)
-                .unwrap()
-                .to_vec_f32()
-                .unwrap();
-            let want: Vec<f32> = av
-                .iter()
-                .flat_map(|&x| bv.iter().map(move |&y| x * y))
-                .collect();
+            let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan).unwrap().to_vec_f32().unwrap();
+            let want: Vec<f32> = av.iter().flat_map(|&x| bv.iter().map(move |&y| x * y)).collect();
             assert_close(&format!("{plan:?} fold"), &got, &want, 1e-6, 0.0);
         }
     }
 
     #[test]
     fn auto_path_matches_reference() {
-        check_case(
-            Plan::for_gpu(&Gpu::shared().unwrap()),
-            &[5, 6],
-            &[7, 6],
-            false,
-            true,
-            true,
-            Act::Gelu,
-            false,
-            60,
-        );
+        check_case(Plan::for_gpu(&Gpu::shared().unwrap()), &[5, 6], &[7, 6], false, true, true, Act::Gelu, false, 60);
     }
 
     /// FD check of matmul_backward for one configuration.
@@ -936,27 +655,9 @@ mod tests {
         let what = format!("A{a_shape:?} B{b_shape:?} ta={ta} tb={tb}");
         assert_eq!(da.shape(), a_shape);
         assert_eq!(db.shape(), b_shape);
-        assert_close(
-            &format!("dA {what}"),
-            &da.to_vec_f32().unwrap(),
-            &want_da,
-            1e-3,
-            1e-4,
-        );
-        assert_close(
-            &format!("dB {what}"),
-            &db.to_vec_f32().unwrap(),
-            &want_db,
-            1e-3,
-            1e-4,
-        );
-        assert_close(
-            &format!("dbias {what}"),
-            &dbias.to_vec_f32().unwrap(),
-            &want_dbias,
-            1e-3,
-            1e-4,
-        );
+        assert_close(&format!("dA {what}"), &da.to_vec_f32().unwrap(), &want_da, 1e-3, 1e-4);
+        assert_close(&format!("dB {what}"), &db.to_vec_f32().unwrap(), &want_db, 1e-3, 1e-4);
+        assert_close(&format!("dbias {what}"), &dbias.to_vec_f32().unwrap(), &want_dbias, 1e-3, 1e-4);
     }
 
     #[test]
@@ -984,8 +685,7 @@ mod tests {
         let b16 = Tensor::from_f32_as_f16(&gpu, &bv, &[6, 9]).unwrap();
         let b32 = Tensor::from_f32(&gpu, &bv, &[6, 9]).unwrap();
         let dy = Tensor::from_f32(&gpu, &r, &[2, 4, 6]).unwrap();
-        let (da16, db16, dbias) =
-            matmul_backward(&a, &b16, &dy, false, true, true, false, false).unwrap();
+        let (da16, db16, dbias) = matmul_backward(&a, &b16, &dy, false, true, true, false, false).unwrap();
         assert!(db16.is_none() && dbias.is_none());
         let (da32, _, _) = matmul_backward(&a, &b32, &dy, false, true, true, false, false).unwrap();
         assert_close(
@@ -996,16 +696,7 @@ mod tests {
             1e-6,
         );
         let at = Tensor::from_f32(&gpu, &av[..36], &[9, 4]).unwrap();
-        let e = matmul_backward(
-            &at,
-            &b16,
-            &dy.reshape(&[2, 4, 6]).unwrap(),
-            true,
-            true,
-            true,
-            false,
-            false,
-        );
+        let e = matmul_backward(&at, &b16, &dy.reshape(&[2, 4, 6]).unwrap(), true, true, true, false, false);
         assert!(e.is_err());
     }
 
@@ -1014,56 +705,35 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let a = Tensor::from_f32(&gpu, &[0.0; 12], &[3, 4]).unwrap();
         let b = Tensor::from_f32(&gpu, &[0.0; 10], &[5, 2]).unwrap();
-        let e = matmul(&a, &b, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("matmul") && e.contains("[3, 4]") && e.contains("[5, 2]"),
-            "{e}"
-        );
+        let e = matmul(&a, &b, &MatmulOpts::default()).unwrap_err().to_string();
+        assert!(e.contains("matmul") && e.contains("[3, 4]") && e.contains("[5, 2]"), "{e}");
 
         let b = Tensor::from_f32(&gpu, &[0.0; 8], &[4, 2]).unwrap();
         let bad_bias = Tensor::from_f32(&gpu, &[0.0; 3], &[3]).unwrap();
-        let opts = MatmulOpts {
-            bias: Some(&bad_bias),
-            ..Default::default()
-        };
+        let opts = MatmulOpts { bias: Some(&bad_bias), ..Default::default() };
         let e = matmul(&a, &b, &opts).unwrap_err().to_string();
         assert!(e.contains("matmul") && e.contains("bias"), "{e}");
 
         let bu = Tensor::from_u32(&gpu, &[0; 8], &[4, 2]).unwrap();
-        let e = matmul(&a, &bu, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string();
+        let e = matmul(&a, &bu, &MatmulOpts::default()).unwrap_err().to_string();
         assert!(e.contains("matmul") && e.contains("U32"), "{e}");
         let a16 = Tensor::from_f32_as_f16(&gpu, &[0.0; 12], &[3, 4]).unwrap();
-        let e = matmul(&a16, &b, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string();
+        let e = matmul(&a16, &b, &MatmulOpts::default()).unwrap_err().to_string();
         assert!(e.contains("matmul") && e.contains("F16"), "{e}");
 
         let empty = Tensor::empty(&gpu, &[0, 4], DType::F32).unwrap();
-        let e = matmul(&empty, &b, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string();
+        let e = matmul(&empty, &b, &MatmulOpts::default()).unwrap_err().to_string();
         assert!(e.contains("matmul") && e.contains("empty"), "{e}");
 
         let a3 = Tensor::from_f32(&gpu, &[0.0; 24], &[2, 3, 4]).unwrap();
         let b3 = Tensor::from_f32(&gpu, &[0.0; 24], &[3, 4, 2]).unwrap();
-        let e = matmul(&a3, &b3, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string();
+        let e = matmul(&a3, &b3, &MatmulOpts::default()).unwrap_err().to_string();
         assert!(e.contains("matmul") && e.contains("batch"), "{e}");
         let v = Tensor::from_f32(&gpu, &[0.0; 4], &[4]).unwrap();
-        assert!(matmul(&v, &b, &MatmulOpts::default())
-            .unwrap_err()
-            .to_string()
-            .contains("matmul"));
+        assert!(matmul(&v, &b, &MatmulOpts::default()).unwrap_err().to_string().contains("matmul"));
 
         let dy = Tensor::from_f32(&gpu, &[0.0; 6], &[2, 3]).unwrap();
-        let e = matmul_backward(&a, &b, &dy, false, false, true, true, true)
-            .unwrap_err()
-            .to_string();
+        let e = matmul_backward(&a, &b, &dy, false, false, true, true, true).unwrap_err().to_string();
         assert!(e.contains("matmul_backward") && e.contains("dy"), "{e}");
     }
 }

@@ -23,10 +23,10 @@ pub mod matmul;
 pub mod norm;
 pub mod permute;
 pub mod reduce;
-pub mod softmax;
-pub mod spmm;
 pub mod relbias;
 pub mod rope;
+pub mod softmax;
+pub mod spmm;
 
 #[cfg(test)]
 pub mod testing;
@@ -162,15 +162,9 @@ mod tests {
 
     #[test]
     fn every_shader_file_is_covered_by_a_kernel() {
-        let used: std::collections::HashSet<&str> =
-            all_kernels().iter().map(|k| k.shader).collect();
+        let used: std::collections::HashSet<&str> = all_kernels().iter().map(|k| k.shader).collect();
         // Snippet files (only included by others) start with an underscore.
-        let missing: Vec<&str> = shader_files()
-            .filter(|s| !s.starts_with('_') && !used.contains(s))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "shaders not listed in ops::all_kernels(): {missing:?}"
-        );
+        let missing: Vec<&str> = shader_files().filter(|s| !s.starts_with('_') && !used.contains(s)).collect();
+        assert!(missing.is_empty(), "shaders not listed in ops::all_kernels(): {missing:?}");
     }
 }

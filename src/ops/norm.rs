@@ -47,15 +47,8 @@ fn forward_kernel(x: &Tensor) -> (Kernel, [u32; 3]) {
     let aligned = cols % 4 == 0;
     match cached_shape(cpu_shapes(x.gpu()), cols) {
         Some((wg, per)) => {
-            let r = if rows >= 64 * CACHED_ROWS {
-                CACHED_ROWS
-            } else {
-                1
-            };
-            (
-                kernel_sized("forward_cached", wg, per, r, aligned),
-                grid(rows.div_ceil(r)),
-            )
+            let r = if rows >= 64 * CACHED_ROWS { CACHED_ROWS } else { 1 };
+            (kernel_sized("forward_cached", wg, per, r, aligned), grid(rows.div_ceil(r)))
         }
         None => (kernel("forward", aligned), grid(rows)),
     }
@@ -105,12 +98,7 @@ pub struct NormGrads {
     pub dbias: Option<Tensor>,
 }
 
-fn check_common(
-    op: &str,
-    x: &Tensor,
-    params: &[(&str, &Tensor)],
-    rows: &[(&str, &Tensor)],
-) -> Result<()> {
+fn check_common(op: &str, x: &Tensor, params: &[(&str, &Tensor)], rows: &[(&str, &Tensor)]) -> Result<()> {
     check::nonempty(op, &[("x", x)])?;
     check::dtype(op, "x", x, DType::F32)?;
     let c = x.last_dim();
@@ -141,12 +129,7 @@ fn check_common(
 }
 
 fn params(x: &Tensor, mode: usize, eps: f32) -> Params {
-    Params::new()
-        .u(x.rows())
-        .u(x.last_dim())
-        .u(mode)
-        .f(eps)
-        .u(SEG_ROWS)
+    Params::new().u(x.rows()).u(x.last_dim()).u(mode).f(eps).u(SEG_ROWS)
 }
 
 /// RMSNorm: `y = x / sqrt(mean(x^2) + eps) * weight` over the last axis.
@@ -157,14 +140,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<RmsNormOut> {
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let unused_mean = Tensor::empty(gpu, &[1], DType::F32)?;
     let (k, groups) = forward_kernel(x);
-    let bufs = [
-        x.buffer(),
-        weight.buffer(),
-        weight.buffer(),
-        y.buffer(),
-        unused_mean.buffer(),
-        rstd.buffer(),
-    ];
+    let bufs = [x.buffer(), weight.buffer(), weight.buffer(), y.buffer(), unused_mean.buffer(), rstd.buffer()];
     gpu.dispatch(&k, params(x, RMS, eps).bytes(), &bufs, groups)?;
     Ok(RmsNormOut { y, rstd })
 }
@@ -178,50 +154,21 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     let mean = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let rstd = Tensor::empty(gpu, &[x.rows()], DType::F32)?;
     let (k, groups) = forward_kernel(x);
-    let bufs = [
-        x.buffer(),
-        weight.buffer(),
-        bias.buffer(),
-        y.buffer(),
-        mean.buffer(),
-        rstd.buffer(),
-    ];
+    let bufs = [x.buffer(), weight.buffer(), bias.buffer(), y.buffer(), mean.buffer(), rstd.buffer()];
     gpu.dispatch(&k, params(x, LAYER, eps).bytes(), &bufs, groups)?;
     Ok(LayerNormOut { y, mean, rstd })
 }
 
 /// Column sums of dy * xhat (and of dy for LayerNorm) over all rows.
-fn dweight(
-    x: &Tensor,
-    dy: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
-    mode: usize,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn dweight(x: &Tensor, dy: &Tensor, mean: &Tensor, rstd: &Tensor, mode: usize) -> Result<(Tensor, Option<Tensor>)> {
     let gpu = x.gpu();
     let (rows, c) = (x.rows(), x.last_dim());
     let nseg = rows.div_ceil(SEG_ROWS);
     let dw = Tensor::empty(gpu, &[nseg, c], DType::F32)?;
-    let db_shape = if mode == LAYER {
-        vec![nseg, c]
-    } else {
-        vec![1]
-    };
+    let db_shape = if mode == LAYER { vec![nseg, c] } else { vec![1] };
     let db = Tensor::empty(gpu, &db_shape, DType::F32)?;
-    let bufs = [
-        x.buffer(),
-        dy.buffer(),
-        mean.buffer(),
-        rstd.buffer(),
-        dw.buffer(),
-        db.buffer(),
-    ];
-    gpu.dispatch(
-        &kernel("dweight", false),
-        params(x, mode, 0.0).bytes(),
-        &bufs,
-        [div_ceil(c, WG), nseg as u32, 1],
-    )?;
+    let bufs = [x.buffer(), dy.buffer(), mean.buffer(), rstd.buffer(), dw.buffer(), db.buffer()];
+    gpu.dispatch(&kernel("dweight", false), params(x, mode, 0.0).bytes(), &bufs, [div_ceil(c, WG), nseg as u32, 1])?;
     let finish = |t: Tensor| {
         if nseg == 1 {
             t.reshape(&[c])
@@ -230,22 +177,13 @@ fn dweight(
         }
     };
     let dw = finish(dw)?;
-    let db = if mode == LAYER {
-        Some(finish(db)?)
-    } else {
-        None
-    };
+    let db = if mode == LAYER { Some(finish(db)?) } else { None };
     Ok((dw, db))
 }
 
 /// Backward of `rms_norm` given its input `x`, `weight`, the forward's `rstd`
 /// and the output gradient `dy`: dx, dweight (dbias is `None`).
-pub fn rms_norm_backward(
-    x: &Tensor,
-    weight: &Tensor,
-    rstd: &Tensor,
-    dy: &Tensor,
-) -> Result<NormGrads> {
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, rstd: &Tensor, dy: &Tensor) -> Result<NormGrads> {
     let op = "rms_norm_backward";
     check_common(op, x, &[("weight", weight)], &[("rstd", rstd)])?;
     check::same_shape(op, ("x", x), ("dy", dy))?;
@@ -253,21 +191,10 @@ pub fn rms_norm_backward(
     let gpu = x.gpu();
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let k = kernel("backward", x.last_dim() % 4 == 0);
-    let bufs = [
-        x.buffer(),
-        weight.buffer(),
-        dy.buffer(),
-        rstd.buffer(),
-        rstd.buffer(),
-        dx.buffer(),
-    ];
+    let bufs = [x.buffer(), weight.buffer(), dy.buffer(), rstd.buffer(), rstd.buffer(), dx.buffer()];
     gpu.dispatch(&k, params(x, RMS, 0.0).bytes(), &bufs, grid(x.rows()))?;
     let (dweight, _) = dweight(x, dy, rstd, rstd, RMS)?;
-    Ok(NormGrads {
-        dx,
-        dweight,
-        dbias: None,
-    })
+    Ok(NormGrads { dx, dweight, dbias: None })
 }
 
 /// Backward of `layer_norm` given its input `x`, `weight`, the forward's `mean`
@@ -280,25 +207,13 @@ pub fn layer_norm_backward(
     dy: &Tensor,
 ) -> Result<NormGrads> {
     let op = "layer_norm_backward";
-    check_common(
-        op,
-        x,
-        &[("weight", weight)],
-        &[("mean", mean), ("rstd", rstd)],
-    )?;
+    check_common(op, x, &[("weight", weight)], &[("mean", mean), ("rstd", rstd)])?;
     check::same_shape(op, ("x", x), ("dy", dy))?;
     check::dtype(op, "dy", dy, DType::F32)?;
     let gpu = x.gpu();
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
     let k = kernel("backward", x.last_dim() % 4 == 0);
-    let bufs = [
-        x.buffer(),
-        weight.buffer(),
-        dy.buffer(),
-        mean.buffer(),
-        rstd.buffer(),
-        dx.buffer(),
-    ];
+    let bufs = [x.buffer(), weight.buffer(), dy.buffer(), mean.buffer(), rstd.buffer(), dx.buffer()];
     gpu.dispatch(&k, params(x, LAYER, 0.0).bytes(), &bufs, grid(x.rows()))?;
     let (dweight, dbias) = dweight(x, dy, mean, rstd, LAYER)?;
     Ok(NormGrads { dx, dweight, dbias })
@@ -306,21 +221,11 @@ pub fn layer_norm_backward(
 
 /// CPU reference (f64): RMSNorm (`bias = None`, `layer = false`) or LayerNorm
 /// over rows of length `w.len()`. Returns (y, mean, rstd); mean is 0 for RMSNorm.
-pub fn norm_ref(
-    x: &[f64],
-    w: &[f64],
-    b: Option<&[f64]>,
-    eps: f64,
-    layer: bool,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn norm_ref(x: &[f64], w: &[f64], b: Option<&[f64]>, eps: f64, layer: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let c = w.len();
     let (mut y, mut means, mut rstds) = (Vec::with_capacity(x.len()), Vec::new(), Vec::new());
     for row in x.chunks(c) {
-        let mean = if layer {
-            row.iter().sum::<f64>() / c as f64
-        } else {
-            0.0
-        };
+        let mean = if layer { row.iter().sum::<f64>() / c as f64 } else { 0.0 };
         let ms = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / c as f64;
         let rstd = 1.0 / (ms + eps).sqrt();
         for k in 0..c {
@@ -389,44 +294,14 @@ mod tests {
             );
             let out = rms_norm(&tx, &tw, 1e-5).unwrap();
             let (y, _, r) = norm_ref(&f64s(&x), &f64s(&w), None, 1e-5, false);
-            assert_close(
-                &format!("rms y {rows}x{c}"),
-                &out.y.to_vec_f32().unwrap(),
-                &f32s(&y),
-                1e-5,
-                1e-5,
-            );
-            assert_close(
-                &format!("rms rstd {rows}x{c}"),
-                &out.rstd.to_vec_f32().unwrap(),
-                &f32s(&r),
-                1e-5,
-                0.0,
-            );
+            assert_close(&format!("rms y {rows}x{c}"), &out.y.to_vec_f32().unwrap(), &f32s(&y), 1e-5, 1e-5);
+            assert_close(&format!("rms rstd {rows}x{c}"), &out.rstd.to_vec_f32().unwrap(), &f32s(&r), 1e-5, 0.0);
             let out = layer_norm(&tx, &tw, &tb, 1e-5).unwrap();
             let (y, m, r) = norm_ref(&f64s(&x), &f64s(&w), Some(&f64s(&b)), 1e-5, true);
             // rstd of a near-constant 1-column row is 1/sqrt(eps): compare relative.
-            assert_close(
-                &format!("ln y {rows}x{c}"),
-                &out.y.to_vec_f32().unwrap(),
-                &f32s(&y),
-                1e-4,
-                1e-4,
-            );
-            assert_close(
-                &format!("ln mean {rows}x{c}"),
-                &out.mean.to_vec_f32().unwrap(),
-                &f32s(&m),
-                1e-5,
-                1e-6,
-            );
-            assert_close(
-                &format!("ln rstd {rows}x{c}"),
-                &out.rstd.to_vec_f32().unwrap(),
-                &f32s(&r),
-                1e-4,
-                0.0,
-            );
+            assert_close(&format!("ln y {rows}x{c}"), &out.y.to_vec_f32().unwrap(), &f32s(&y), 1e-4, 1e-4);
+            assert_close(&format!("ln mean {rows}x{c}"), &out.mean.to_vec_f32().unwrap(), &f32s(&m), 1e-5, 1e-6);
+            assert_close(&format!("ln rstd {rows}x{c}"), &out.rstd.to_vec_f32().unwrap(), &f32s(&r), 1e-4, 0.0);
         }
     }
 
@@ -459,39 +334,18 @@ mod tests {
                     let o = rms_norm(&tx, &tw, eps as f32).unwrap();
                     rms_norm_backward(&tx, &tw, &o.rstd, &tdy).unwrap()
                 };
-                let what = format!(
-                    "{} {rows}x{c}",
-                    if layer { "layer_norm" } else { "rms_norm" }
-                );
+                let what = format!("{} {rows}x{c}", if layer { "layer_norm" } else { "rms_norm" });
                 // Single-column LayerNorm rows are constant: dx = 0 and FD agrees.
                 let fd_x = finite_diff(&x, 1e-5, |xs| loss(xs, &w64, &b64, layer));
-                assert_close(
-                    &format!("{what} dx"),
-                    &grads.dx.to_vec_f32().unwrap(),
-                    &fd_x,
-                    2e-3,
-                    2e-4,
-                );
+                assert_close(&format!("{what} dx"), &grads.dx.to_vec_f32().unwrap(), &fd_x, 2e-3, 2e-4);
                 let fd_w = finite_diff(&w, 1e-5, |ws| loss(&x64, ws, &b64, layer));
-                assert_close(
-                    &format!("{what} dweight"),
-                    &grads.dweight.to_vec_f32().unwrap(),
-                    &fd_w,
-                    1e-3,
-                    1e-4,
-                );
+                assert_close(&format!("{what} dweight"), &grads.dweight.to_vec_f32().unwrap(), &fd_w, 1e-3, 1e-4);
                 assert_eq!(grads.dweight.shape(), &[c]);
                 if layer {
                     let fd_b = finite_diff(&b, 1e-5, |bs| loss(&x64, &w64, bs, layer));
                     let db = grads.dbias.as_ref().unwrap();
                     assert_eq!(db.shape(), &[c]);
-                    assert_close(
-                        &format!("{what} dbias"),
-                        &db.to_vec_f32().unwrap(),
-                        &fd_b,
-                        1e-3,
-                        1e-4,
-                    );
+                    assert_close(&format!("{what} dbias"), &db.to_vec_f32().unwrap(), &fd_b, 1e-3, 1e-4);
                 } else {
                     assert!(grads.dbias.is_none());
                 }
@@ -506,30 +360,17 @@ mod tests {
         let w2 = Tensor::from_f32(&g, &[1.0; 2], &[2]).unwrap();
         let w3 = Tensor::from_f32(&g, &[1.0; 3], &[3]).unwrap();
         let e = rms_norm(&x, &w2, 1e-5).err().unwrap().to_string();
-        assert!(
-            e.contains("rms_norm") && e.contains("[2]") && e.contains("[2, 3]"),
-            "{e}"
-        );
+        assert!(e.contains("rms_norm") && e.contains("[2]") && e.contains("[2, 3]"), "{e}");
         let e = layer_norm(&x, &w3, &w2, 1e-5).err().unwrap().to_string();
         assert!(e.contains("layer_norm") && e.contains("bias"), "{e}");
         let r3 = Tensor::from_f32(&g, &[1.0; 3], &[3]).unwrap();
-        let e = rms_norm_backward(&x, &w3, &r3, &x)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = rms_norm_backward(&x, &w3, &r3, &x).err().unwrap().to_string();
         assert!(e.contains("rms_norm_backward") && e.contains("rstd"), "{e}");
         let r2 = Tensor::from_f32(&g, &[1.0; 2], &[2]).unwrap();
         let dy = Tensor::from_f32(&g, &[0.0; 6], &[3, 2]).unwrap();
-        let e = layer_norm_backward(&x, &w3, &r2, &r2, &dy)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = layer_norm_backward(&x, &w3, &r2, &r2, &dy).err().unwrap().to_string();
         assert!(e.contains("layer_norm_backward") && e.contains("dy"), "{e}");
         let empty = Tensor::empty(&g, &[0, 3], DType::F32).unwrap();
-        assert!(rms_norm(&empty, &w3, 1e-5)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("rms_norm"));
+        assert!(rms_norm(&empty, &w3, 1e-5).err().unwrap().to_string().contains("rms_norm"));
     }
 }

@@ -23,17 +23,8 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let shape = x.shape();
     let r = shape.len();
     let mut seen = [false; 4];
-    if r == 0
-        || r > 4
-        || perm.len() != r
-        || perm
-            .iter()
-            .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
-    {
-        bail!(
-            "{OP}: {perm:?} is not a permutation of the axes of {}",
-            shape_str(shape)
-        );
+    if r == 0 || r > 4 || perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
+        bail!("{OP}: {perm:?} is not a permutation of the axes of {}", shape_str(shape));
     }
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let y = Tensor::empty(x.gpu(), &out_shape, DType::F32)?;
@@ -56,23 +47,8 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let groups = n.div_ceil(WG);
     let gx = groups.min(65535);
     let gy = groups.div_ceil(gx);
-    let p = Params::new()
-        .u(n)
-        .u(o[0])
-        .u(o[1])
-        .u(o[2])
-        .u(o[3])
-        .u(s[0])
-        .u(s[1])
-        .u(s[2])
-        .u(s[3])
-        .u(gx * WG);
-    x.gpu().dispatch(
-        &kernel(),
-        p.bytes(),
-        &[x.buffer(), y.buffer()],
-        [gx as u32, gy as u32, 1],
-    )?;
+    let p = Params::new().u(n).u(o[0]).u(o[1]).u(o[2]).u(o[3]).u(s[0]).u(s[1]).u(s[2]).u(s[3]).u(gx * WG);
+    x.gpu().dispatch(&kernel(), p.bytes(), &[x.buffer(), y.buffer()], [gx as u32, gy as u32, 1])?;
     Ok(y)
 }
 
@@ -131,11 +107,7 @@ mod tests {
             let t = Tensor::from_f32(&gpu, &x, shape).unwrap();
             let y = permute(&t, perm).unwrap();
             let want = permute_ref(&x, shape, perm);
-            assert_eq!(
-                y.to_vec_f32().unwrap(),
-                want,
-                "shape {shape:?} perm {perm:?}"
-            );
+            assert_eq!(y.to_vec_f32().unwrap(), want, "shape {shape:?} perm {perm:?}");
             let back = permute(&y, &inverse(perm)).unwrap();
             assert_eq!(back.shape(), *shape);
             assert_eq!(back.to_vec_f32().unwrap(), x);

@@ -47,25 +47,10 @@ pub fn kernels() -> Vec<Kernel> {
 
 /// Record the reduction of `x` viewed as [outer, len, inner] over `len`;
 /// returns [outer * inner] values times `scale` (not applied to max).
-fn reduce3(
-    x: &Tensor,
-    outer: usize,
-    len: usize,
-    inner: usize,
-    op: Op,
-    scale: f32,
-) -> Result<Tensor> {
+fn reduce3(x: &Tensor, outer: usize, len: usize, inner: usize, op: Op, scale: f32) -> Result<Tensor> {
     let gpu = x.gpu();
     let params = |seg: usize, nseg: usize, op: Op, scale: f32| {
-        Params::new()
-            .u(outer)
-            .u(len)
-            .u(inner)
-            .u(seg)
-            .u(nseg)
-            .u(op.code())
-            .f(scale)
-            .f(f32::NEG_INFINITY)
+        Params::new().u(outer).u(len).u(inner).u(seg).u(nseg).u(op.code()).f(scale).f(f32::NEG_INFINITY)
     };
     if inner > 1 && len <= THREAD_LEN {
         let out = Tensor::empty(gpu, &[outer * inner], DType::F32)?;
@@ -83,12 +68,7 @@ fn reduce3(
     let out = Tensor::empty(gpu, &[outer * nseg * inner], DType::F32)?;
     let first_scale = if nseg == 1 { scale } else { 1.0 };
     let p = params(seg, nseg, op, first_scale);
-    gpu.dispatch(
-        &kernel("reduce_wg"),
-        p.bytes(),
-        &[x.buffer(), out.buffer()],
-        grid(outer * nseg * inner),
-    )?;
+    gpu.dispatch(&kernel("reduce_wg"), p.bytes(), &[x.buffer(), out.buffer()], grid(outer * nseg * inner))?;
     if nseg == 1 {
         return Ok(out);
     }
@@ -105,10 +85,7 @@ fn reduce_axis(name: &str, x: &Tensor, axis: usize, op: Op, mean: bool) -> Resul
     check_input(name, x)?;
     let shape = x.shape();
     if axis >= shape.len() {
-        bail!(
-            "{name}: axis {axis} out of range for shape {}",
-            shape_str(shape)
-        );
+        bail!("{name}: axis {axis} out of range for shape {}", shape_str(shape));
     }
     let outer: usize = shape[..axis].iter().product();
     let len = shape[axis];
@@ -158,13 +135,7 @@ pub fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
     let op = "sum_to_shape";
     check_input(op, g)?;
     let shape = g.shape();
-    let bad = || {
-        format!(
-            "{op}: cannot sum {} down to {}",
-            shape_str(shape),
-            shape_str(target)
-        )
-    };
+    let bad = || format!("{op}: cannot sum {} down to {}", shape_str(shape), shape_str(target));
     if target.len() > shape.len() {
         // Allow extra leading 1s in the target.
         if target[..target.len() - shape.len()].iter().any(|&d| d != 1) {
@@ -250,11 +221,7 @@ mod tests {
         let x = rand_vec(n as u64 + axis as u64, n, 1.0);
         let t = Tensor::from_f32(&g, &x, shape).unwrap();
         let len = shape[axis] as f32;
-        for (name, got) in [
-            ("sum", sum(&t, axis)),
-            ("mean", mean(&t, axis)),
-            ("max", max(&t, axis)),
-        ] {
+        for (name, got) in [("sum", sum(&t, axis)), ("mean", mean(&t, axis)), ("max", max(&t, axis))] {
             let got = got.unwrap();
             let mut want_shape = shape.to_vec();
             want_shape.remove(axis);
@@ -264,18 +231,8 @@ mod tests {
             assert_eq!(got.shape(), &want_shape[..]);
             let want = reduce_ref(&x, shape, axis, name);
             // f32 accumulation over `len` terms of magnitude <= 1.
-            let atol = if name == "max" {
-                0.0
-            } else {
-                2e-7 * len.sqrt() + 1e-6
-            };
-            assert_close(
-                &format!("{name} {shape:?} axis {axis}"),
-                &got.to_vec_f32().unwrap(),
-                &want,
-                1e-5,
-                atol,
-            );
+            let atol = if name == "max" { 0.0 } else { 2e-7 * len.sqrt() + 1e-6 };
+            assert_close(&format!("{name} {shape:?} axis {axis}"), &got.to_vec_f32().unwrap(), &want, 1e-5, atol);
         }
     }
 
@@ -319,20 +276,8 @@ mod tests {
             let want: f64 = x.iter().map(|&v| v as f64).sum();
             let want2: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
             let tol = 1e-6 * (n as f32).sqrt() + 1e-6;
-            assert_close(
-                "sum_all",
-                &[sum_all(&t).unwrap().to_scalar().unwrap()],
-                &[want as f32],
-                1e-5,
-                tol,
-            );
-            assert_close(
-                "sum_squares",
-                &[sum_squares(&t).unwrap().to_scalar().unwrap()],
-                &[want2 as f32],
-                1e-5,
-                tol,
-            );
+            assert_close("sum_all", &[sum_all(&t).unwrap().to_scalar().unwrap()], &[want as f32], 1e-5, tol);
+            assert_close("sum_squares", &[sum_squares(&t).unwrap().to_scalar().unwrap()], &[want2 as f32], 1e-5, tol);
         }
     }
 
@@ -360,14 +305,8 @@ mod tests {
             let tn: usize = to.iter().product();
             let mut want = vec![0f64; tn];
             let rank = from.len().max(to.len());
-            let f: Vec<usize> = std::iter::repeat(1)
-                .take(rank - from.len())
-                .chain(from.iter().copied())
-                .collect();
-            let tt: Vec<usize> = std::iter::repeat(1)
-                .take(rank - to.len())
-                .chain(to.iter().copied())
-                .collect();
+            let f: Vec<usize> = std::iter::repeat(1).take(rank - from.len()).chain(from.iter().copied()).collect();
+            let tt: Vec<usize> = std::iter::repeat(1).take(rank - to.len()).chain(to.iter().copied()).collect();
             for (i, &v) in x.iter().enumerate() {
                 let (mut rem, mut ti, mut stride) = (i, 0, 1);
                 for k in (0..rank).rev() {
@@ -381,13 +320,7 @@ mod tests {
                 want[ti] += v as f64;
             }
             let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-            assert_close(
-                &format!("sum_to_shape {from:?} -> {to:?}"),
-                &got.to_vec_f32().unwrap(),
-                &want,
-                1e-5,
-                1e-5,
-            );
+            assert_close(&format!("sum_to_shape {from:?} -> {to:?}"), &got.to_vec_f32().unwrap(), &want, 1e-5, 1e-5);
         }
     }
 
@@ -399,10 +332,7 @@ mod tests {
         assert!(max(&t, 5).unwrap_err().to_string().contains("max"));
         let e = sum_to_shape(&t, &[2]).unwrap_err().to_string();
         assert!(e.contains("sum_to_shape") && e.contains("[2, 3]"), "{e}");
-        assert!(sum_to_shape(&t, &[2, 2, 3])
-            .unwrap_err()
-            .to_string()
-            .contains("sum_to_shape"));
+        assert!(sum_to_shape(&t, &[2, 2, 3]).unwrap_err().to_string().contains("sum_to_shape"));
         let empty = Tensor::empty(&g, &[0], DType::F32).unwrap();
         assert!(sum_all(&empty).unwrap_err().to_string().contains("sum_all"));
         let u = Tensor::from_u32(&g, &[1; 6], &[2, 3]).unwrap();

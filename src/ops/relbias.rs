@@ -32,19 +32,11 @@ pub struct RelBiasCfg {
 impl RelBiasCfg {
     /// T5 encoder self-attention: bidirectional, 32 buckets, max distance 128.
     pub fn t5_encoder() -> RelBiasCfg {
-        RelBiasCfg {
-            bidirectional: true,
-            num_buckets: 32,
-            max_distance: 128,
-        }
+        RelBiasCfg { bidirectional: true, num_buckets: 32, max_distance: 128 }
     }
     /// T5 decoder self-attention: causal, 32 buckets, max distance 128.
     pub fn t5_decoder() -> RelBiasCfg {
-        RelBiasCfg {
-            bidirectional: false,
-            num_buckets: 32,
-            max_distance: 128,
-        }
+        RelBiasCfg { bidirectional: false, num_buckets: 32, max_distance: 128 }
     }
     fn half(&self) -> usize {
         if self.bidirectional {
@@ -82,24 +74,16 @@ pub fn relative_position_bucket(rel: i64, cfg: RelBiasCfg) -> usize {
 pub fn bucket_lut(cfg: RelBiasCfg) -> Vec<u32> {
     let len = cfg.max_distance.max(cfg.half() / 2).max(1);
     // -n lands in the lower half for both directions.
-    (0..len)
-        .map(|n| relative_position_bucket(-(n as i64), cfg) as u32)
-        .collect()
+    (0..len).map(|n| relative_position_bucket(-(n as i64), cfg) as u32).collect()
 }
 
 fn kernel(entry: &'static str) -> Kernel {
-    Kernel::new(OP, "relbias", entry)
-        .define("WG", format!("{WG}u"))
-        .define("MAX_BUCKETS", format!("{MAX_BUCKETS}u"))
+    Kernel::new(OP, "relbias", entry).define("WG", format!("{WG}u")).define("MAX_BUCKETS", format!("{MAX_BUCKETS}u"))
 }
 
 /// Every relbias kernel variant (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
-    vec![
-        kernel("relbias_fwd"),
-        kernel("relbias_bwd_rows"),
-        kernel("relbias_bwd_table"),
-    ]
+    vec![kernel("relbias_fwd"), kernel("relbias_bwd_rows"), kernel("relbias_bwd_table")]
 }
 
 /// i32 positions `start, start + 1, ..` (length `len`) for `relbias`.
@@ -109,14 +93,8 @@ pub fn positions(gpu: &Gpu, start: i32, len: usize) -> Result<Tensor> {
 }
 
 fn check_cfg(cfg: RelBiasCfg) -> Result<()> {
-    if cfg.num_buckets < 2
-        || cfg.num_buckets > MAX_BUCKETS
-        || (cfg.bidirectional && cfg.num_buckets % 2 != 0)
-    {
-        bail!(
-            "{OP}: num_buckets {} must be in 2..={MAX_BUCKETS} (even when bidirectional)",
-            cfg.num_buckets
-        );
+    if cfg.num_buckets < 2 || cfg.num_buckets > MAX_BUCKETS || (cfg.bidirectional && cfg.num_buckets % 2 != 0) {
+        bail!("{OP}: num_buckets {} must be in 2..={MAX_BUCKETS} (even when bidirectional)", cfg.num_buckets);
     }
     if cfg.half() < 2 || cfg.max_distance == 0 {
         bail!("{OP}: {cfg:?} leaves no logarithmic range");
@@ -138,24 +116,11 @@ fn check_pos(q_pos: &Tensor, k_pos: &Tensor) -> Result<(usize, usize)> {
     Ok((q_pos.numel(), k_pos.numel()))
 }
 
-fn params(
-    heads: usize,
-    tq: usize,
-    tk: usize,
-    cfg: RelBiasCfg,
-    lut_len: usize,
-    n: usize,
-) -> (Params, [u32; 3]) {
+fn params(heads: usize, tq: usize, tk: usize, cfg: RelBiasCfg, lut_len: usize, n: usize) -> (Params, [u32; 3]) {
     let groups = div_ceil(n, WG as usize).max(1);
     let gx = groups.min(65535);
-    let p = Params::new()
-        .u(heads)
-        .u(tq)
-        .u(tk)
-        .u(cfg.num_buckets)
-        .u(cfg.bidirectional as usize)
-        .u(lut_len)
-        .u(gx as usize);
+    let p =
+        Params::new().u(heads).u(tq).u(tk).u(cfg.num_buckets).u(cfg.bidirectional as usize).u(lut_len).u(gx as usize);
     (p, [gx, groups.div_ceil(gx), 1])
 }
 
@@ -166,11 +131,7 @@ pub fn relbias(table: &Tensor, q_pos: &Tensor, k_pos: &Tensor, cfg: RelBiasCfg) 
     check::nonempty(OP, &[("table", table)])?;
     check::dtype(OP, "table", table, DType::F32)?;
     if table.rank() != 2 || table.shape()[0] != cfg.num_buckets {
-        bail!(
-            "{OP}: table must be [num_buckets = {}, H], got {}",
-            cfg.num_buckets,
-            shape_str(table.shape())
-        );
+        bail!("{OP}: table must be [num_buckets = {}, H], got {}", cfg.num_buckets, shape_str(table.shape()));
     }
     check::same_device(OP, &[table, q_pos, k_pos])?;
     let h = table.shape()[1];
@@ -182,34 +143,20 @@ pub fn relbias(table: &Tensor, q_pos: &Tensor, k_pos: &Tensor, cfg: RelBiasCfg) 
     gpu.dispatch(
         &kernel("relbias_fwd"),
         p.bytes(),
-        &[
-            table.buffer(),
-            q_pos.buffer(),
-            k_pos.buffer(),
-            lut_t.buffer(),
-            bias.buffer(),
-        ],
+        &[table.buffer(), q_pos.buffer(), k_pos.buffer(), lut_t.buffer(), bias.buffer()],
         grid,
     )?;
     Ok(bias)
 }
 
 /// Gradient of the bucket table `[num_buckets, H]` from dbias `[H, Tq, Tk]` (deterministic).
-pub fn relbias_backward(
-    dbias: &Tensor,
-    q_pos: &Tensor,
-    k_pos: &Tensor,
-    cfg: RelBiasCfg,
-) -> Result<Tensor> {
+pub fn relbias_backward(dbias: &Tensor, q_pos: &Tensor, k_pos: &Tensor, cfg: RelBiasCfg) -> Result<Tensor> {
     check_cfg(cfg)?;
     let (tq, tk) = check_pos(q_pos, k_pos)?;
     check::nonempty(OP, &[("dbias", dbias)])?;
     check::dtype(OP, "dbias", dbias, DType::F32)?;
     if dbias.rank() != 3 || dbias.shape()[1] != tq || dbias.shape()[2] != tk {
-        bail!(
-            "{OP}: dbias must be [H, Tq = {tq}, Tk = {tk}], got {}",
-            shape_str(dbias.shape())
-        );
+        bail!("{OP}: dbias must be [H, Tq = {tq}, Tk = {tk}], got {}", shape_str(dbias.shape()));
     }
     check::same_device(OP, &[dbias, q_pos, k_pos])?;
     let h = dbias.shape()[0];
@@ -221,34 +168,17 @@ pub fn relbias_backward(
     gpu.dispatch(
         &kernel("relbias_bwd_rows"),
         p.bytes(),
-        &[
-            dbias.buffer(),
-            q_pos.buffer(),
-            k_pos.buffer(),
-            lut_t.buffer(),
-            partial.buffer(),
-        ],
+        &[dbias.buffer(), q_pos.buffer(), k_pos.buffer(), lut_t.buffer(), partial.buffer()],
         grid,
     )?;
     let dtable = Tensor::empty(gpu, &[cfg.num_buckets, h], DType::F32)?;
     let (p, grid) = params(h, tq, tk, cfg, lut.len(), cfg.num_buckets * h);
-    gpu.dispatch(
-        &kernel("relbias_bwd_table"),
-        p.bytes(),
-        &[partial.buffer(), dtable.buffer()],
-        grid,
-    )?;
+    gpu.dispatch(&kernel("relbias_bwd_table"), p.bytes(), &[partial.buffer(), dtable.buffer()], grid)?;
     Ok(dtable)
 }
 
 /// CPU reference: bias `[H, Tq, Tk]` in f64 from table `[nb, H]`.
-pub fn relbias_ref(
-    table: &[f64],
-    heads: usize,
-    q_pos: &[i32],
-    k_pos: &[i32],
-    cfg: RelBiasCfg,
-) -> Vec<f64> {
+pub fn relbias_ref(table: &[f64], heads: usize, q_pos: &[i32], k_pos: &[i32], cfg: RelBiasCfg) -> Vec<f64> {
     let (tq, tk) = (q_pos.len(), k_pos.len());
     let mut out = vec![0.0; heads * tq * tk];
     for h in 0..heads {
@@ -296,11 +226,7 @@ mod tests {
             (-1000, 15),
             (1000, 31),
         ] {
-            assert_eq!(
-                relative_position_bucket(rel, enc),
-                want,
-                "bidirectional rel {rel}"
-            );
+            assert_eq!(relative_position_bucket(rel, enc), want, "bidirectional rel {rel}");
         }
         let dec = RelBiasCfg::t5_decoder();
         for (rel, want) in [
@@ -329,17 +255,7 @@ mod tests {
             (RelBiasCfg::t5_decoder(), 7, 7, 0, 8),
             (RelBiasCfg::t5_decoder(), 1, 300, 299, 3), // decoding step with a long cache
             (RelBiasCfg::t5_encoder(), 65, 257, -50, 2),
-            (
-                RelBiasCfg {
-                    bidirectional: false,
-                    num_buckets: 16,
-                    max_distance: 20,
-                },
-                9,
-                40,
-                30,
-                2,
-            ),
+            (RelBiasCfg { bidirectional: false, num_buckets: 16, max_distance: 20 }, 9, 40, 30, 2),
         ] {
             let table = rand_vec(tq as u64 + tk as u64, cfg.num_buckets * h, 1.0);
             let tt = Tensor::from_f32(&gpu, &table, &[cfg.num_buckets, h]).unwrap();
@@ -349,10 +265,7 @@ mod tests {
             let qv: Vec<i32> = (0..tq as i32).map(|i| q0 + i).collect();
             let kv: Vec<i32> = (0..tk as i32).collect();
             let t64: Vec<f64> = table.iter().map(|&x| x as f64).collect();
-            let want: Vec<f32> = relbias_ref(&t64, h, &qv, &kv, cfg)
-                .iter()
-                .map(|&x| x as f32)
-                .collect();
+            let want: Vec<f32> = relbias_ref(&t64, h, &qv, &kv, cfg).iter().map(|&x| x as f32).collect();
             assert_close(&format!("relbias {cfg:?} {tq}x{tk}"), &got, &want, 0.0, 0.0);
         }
     }
@@ -368,18 +281,11 @@ mod tests {
             let table = rand_vec(5, cfg.num_buckets * h, 1.0);
             let dy = rand_vec(6, h * t * t, 1.0);
             let fd = finite_diff(&table, 1e-3, |tb| {
-                relbias_ref(tb, h, &pos, &pos, cfg)
-                    .iter()
-                    .zip(&dy)
-                    .map(|(a, &b)| a * b as f64)
-                    .sum()
+                relbias_ref(tb, h, &pos, &pos, cfg).iter().zip(&dy).map(|(a, &b)| a * b as f64).sum()
             });
             let pt = Tensor::from_i32(&gpu, &pos, &[t]).unwrap();
             let dyt = Tensor::from_f32(&gpu, &dy, &[h, t, t]).unwrap();
-            let g = relbias_backward(&dyt, &pt, &pt, cfg)
-                .unwrap()
-                .to_vec_f32()
-                .unwrap();
+            let g = relbias_backward(&dyt, &pt, &pt, cfg).unwrap().to_vec_f32().unwrap();
             assert_close(&format!("relbias dtable {cfg:?}"), &g, &fd, 1e-4, 1e-5);
         }
     }
@@ -394,47 +300,11 @@ mod tests {
             let s = r.err().expect("expected an error").to_string();
             assert!(s.contains("relbias"), "{s}");
         };
-        e(relbias(
-            &Tensor::zeros(&gpu, &[16, 4], DType::F32).unwrap(),
-            &p,
-            &p,
-            cfg,
-        ));
-        e(relbias(
-            &table,
-            &Tensor::zeros(&gpu, &[5], DType::F32).unwrap(),
-            &p,
-            cfg,
-        ));
-        e(relbias(
-            &table,
-            &p,
-            &p,
-            RelBiasCfg {
-                num_buckets: 33,
-                ..cfg
-            },
-        ));
-        e(relbias(
-            &table,
-            &p,
-            &p,
-            RelBiasCfg {
-                num_buckets: 128,
-                ..cfg
-            },
-        ));
-        e(relbias_backward(
-            &Tensor::zeros(&gpu, &[4, 5, 6], DType::F32).unwrap(),
-            &p,
-            &p,
-            cfg,
-        ));
-        e(relbias_backward(
-            &Tensor::zeros(&gpu, &[4, 5, 0], DType::F32).unwrap(),
-            &p,
-            &p,
-            cfg,
-        ));
+        e(relbias(&Tensor::zeros(&gpu, &[16, 4], DType::F32).unwrap(), &p, &p, cfg));
+        e(relbias(&table, &Tensor::zeros(&gpu, &[5], DType::F32).unwrap(), &p, cfg));
+        e(relbias(&table, &p, &p, RelBiasCfg { num_buckets: 33, ..cfg }));
+        e(relbias(&table, &p, &p, RelBiasCfg { num_buckets: 128, ..cfg }));
+        e(relbias_backward(&Tensor::zeros(&gpu, &[4, 5, 6], DType::F32).unwrap(), &p, &p, cfg));
+        e(relbias_backward(&Tensor::zeros(&gpu, &[4, 5, 0], DType::F32).unwrap(), &p, &p, cfg));
     }
 }

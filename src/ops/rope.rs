@@ -28,9 +28,7 @@ pub fn kernels() -> Vec<Kernel> {
 
 /// `theta^(-2d/dh)` for d in 0..dh/2, as f32.
 pub fn inv_freq(dh: usize, theta: f32) -> Vec<f32> {
-    (0..dh / 2)
-        .map(|d| (theta as f64).powf(-((2 * d) as f64) / dh as f64) as f32)
-        .collect()
+    (0..dh / 2).map(|d| (theta as f64).powf(-((2 * d) as f64) / dh as f64) as f32).collect()
 }
 
 fn launch(
@@ -44,16 +42,10 @@ fn launch(
     check::nonempty(OP, &[("x", x)])?;
     check::dtype(OP, "x", x, DType::F32)?;
     if x.rank() != 4 || x.shape()[3] % 2 != 0 {
-        bail!(
-            "{OP}: x must be [B, H, T, Dh] with Dh even, got {}",
-            shape_str(x.shape())
-        );
+        bail!("{OP}: x must be [B, H, T, Dh] with Dh even, got {}", shape_str(x.shape()));
     }
     if !(theta > 1.0) {
-        bail!(
-            "{OP}: theta must be > 1, got {theta} (x {})",
-            shape_str(x.shape())
-        );
+        bail!("{OP}: theta must be > 1, got {theta} (x {})", shape_str(x.shape()));
     }
     let (b, h, t, dh) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let gpu = x.gpu();
@@ -83,30 +75,14 @@ fn launch(
     let n = b * h * t * (dh / 2);
     let groups = div_ceil(n, WG as usize);
     let gx = groups.min(65535);
-    let p = Params::new()
-        .u(b)
-        .u(h)
-        .u(t)
-        .u(dh)
-        .u(positions.is_some() as usize)
-        .u(bstride)
-        .i(offset)
-        .f(sgn)
-        .u(gx as usize);
+    let p =
+        Params::new().u(b).u(h).u(t).u(dh).u(positions.is_some() as usize).u(bstride).i(offset).f(sgn).u(gx as usize);
     let grid = [gx, groups.div_ceil(gx), 1];
     match out {
-        Some(y) => gpu.dispatch(
-            &kernel("rope"),
-            p.bytes(),
-            &[x.buffer(), pos_t.buffer(), freq.buffer(), y.buffer()],
-            grid,
-        ),
-        None => gpu.dispatch(
-            &kernel("rope_inplace"),
-            p.bytes(),
-            &[x.buffer(), pos_t.buffer(), freq.buffer()],
-            grid,
-        ),
+        Some(y) => {
+            gpu.dispatch(&kernel("rope"), p.bytes(), &[x.buffer(), pos_t.buffer(), freq.buffer(), y.buffer()], grid)
+        }
+        None => gpu.dispatch(&kernel("rope_inplace"), p.bytes(), &[x.buffer(), pos_t.buffer(), freq.buffer()], grid),
     }
 }
 
@@ -124,24 +100,14 @@ pub fn rope_inplace(x: &Tensor, positions: Option<&Tensor>, theta: f32, offset: 
 }
 
 /// Backward of `rope`: dx = inverse rotation of dy (same positions).
-pub fn rope_backward(
-    dy: &Tensor,
-    positions: Option<&Tensor>,
-    theta: f32,
-    offset: i32,
-) -> Result<Tensor> {
+pub fn rope_backward(dy: &Tensor, positions: Option<&Tensor>, theta: f32, offset: i32) -> Result<Tensor> {
     let dx = Tensor::empty(dy.gpu(), dy.shape(), DType::F32)?;
     launch(dy, Some(&dx), positions, theta, offset, -1.0)?;
     Ok(dx)
 }
 
 /// In-place backward of `rope` (see `rope_backward`).
-pub fn rope_backward_inplace(
-    dy: &Tensor,
-    positions: Option<&Tensor>,
-    theta: f32,
-    offset: i32,
-) -> Result<()> {
+pub fn rope_backward_inplace(dy: &Tensor, positions: Option<&Tensor>, theta: f32, offset: i32) -> Result<()> {
     launch(dy, None, positions, theta, offset, -1.0)
 }
 
@@ -182,56 +148,27 @@ mod tests {
     #[test]
     fn forward_matches_reference_with_offsets_and_positions() {
         let gpu = Gpu::shared().unwrap();
-        for &(b, h, t, dh, theta, offset) in &[
-            (1, 1, 1, 2, 10000.0, 0),
-            (2, 3, 7, 8, 10000.0, 5),
-            (2, 2, 33, 64, 1e6, 0),
-            (1, 2, 65, 128, 1e4, 500),
-        ] {
+        for &(b, h, t, dh, theta, offset) in
+            &[(1, 1, 1, 2, 10000.0, 0), (2, 3, 7, 8, 10000.0, 5), (2, 2, 33, 64, 1e6, 0), (1, 2, 65, 128, 1e4, 500)]
+        {
             let shape = [b, h, t, dh];
             let x = rand_vec(t as u64, b * h * t * dh, 1.0);
             let xt = Tensor::from_f32(&gpu, &x, &shape).unwrap();
-            let pos: Vec<i64> = (0..b)
-                .flat_map(|_| (0..t).map(|ti| (offset + ti) as i64))
-                .collect();
-            let want: Vec<f32> = rope_ref(&f64v(&x), &pos, shape, theta)
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
+            let pos: Vec<i64> = (0..b).flat_map(|_| (0..t).map(|ti| (offset + ti) as i64)).collect();
+            let want: Vec<f32> = rope_ref(&f64v(&x), &pos, shape, theta).iter().map(|&v| v as f32).collect();
             let y = rope(&xt, None, theta as f32, offset as i32).unwrap();
-            assert_close(
-                &format!("rope {shape:?}"),
-                &y.to_vec_f32().unwrap(),
-                &want,
-                1e-4,
-                2e-5,
-            );
+            assert_close(&format!("rope {shape:?}"), &y.to_vec_f32().unwrap(), &want, 1e-4, 2e-5);
             rope_inplace(&xt, None, theta as f32, offset as i32).unwrap();
-            assert_close(
-                &format!("rope inplace {shape:?}"),
-                &xt.to_vec_f32().unwrap(),
-                &want,
-                1e-4,
-                2e-5,
-            );
+            assert_close(&format!("rope inplace {shape:?}"), &xt.to_vec_f32().unwrap(), &want, 1e-4, 2e-5);
 
             // Per-token positions [B, T] (item-shared, like SETRec) plus an offset.
             let ids: Vec<i32> = (0..b * t).map(|i| ((i % t) / 3 + i / t) as i32).collect();
             let pt = Tensor::from_i32(&gpu, &ids, &[b, t]).unwrap();
             let pos: Vec<i64> = ids.iter().map(|&p| p as i64 + offset as i64).collect();
-            let want: Vec<f32> = rope_ref(&f64v(&x), &pos, shape, theta)
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
+            let want: Vec<f32> = rope_ref(&f64v(&x), &pos, shape, theta).iter().map(|&v| v as f32).collect();
             let xt = Tensor::from_f32(&gpu, &x, &shape).unwrap();
             let y = rope(&xt, Some(&pt), theta as f32, offset as i32).unwrap();
-            assert_close(
-                &format!("rope positions {shape:?}"),
-                &y.to_vec_f32().unwrap(),
-                &want,
-                1e-4,
-                2e-5,
-            );
+            assert_close(&format!("rope positions {shape:?}"), &y.to_vec_f32().unwrap(), &want, 1e-4, 2e-5);
         }
     }
 
@@ -240,20 +177,10 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let (t, dh) = (9, 16);
         let x = rand_vec(3, t * dh, 1.0);
-        let full = rope(
-            &Tensor::from_f32(&gpu, &x, &[1, 1, t, dh]).unwrap(),
-            None,
-            1e4,
-            0,
-        )
-        .unwrap()
-        .to_vec_f32()
-        .unwrap();
+        let full =
+            rope(&Tensor::from_f32(&gpu, &x, &[1, 1, t, dh]).unwrap(), None, 1e4, 0).unwrap().to_vec_f32().unwrap();
         let last = Tensor::from_f32(&gpu, &x[(t - 1) * dh..], &[1, 1, 1, dh]).unwrap();
-        let dec = rope(&last, None, 1e4, (t - 1) as i32)
-            .unwrap()
-            .to_vec_f32()
-            .unwrap();
+        let dec = rope(&last, None, 1e4, (t - 1) as i32).unwrap().to_vec_f32().unwrap();
         assert_close("decode step", &dec, &full[(t - 1) * dh..], 1e-6, 1e-6);
     }
 
@@ -265,28 +192,16 @@ mod tests {
         let x = rand_vec(7, n, 1.0);
         let dy = rand_vec(8, n, 1.0);
         let ids: Vec<i32> = vec![0, 1, 1, 1, 2, 2, 3];
-        let pos: Vec<i64> = (0..2)
-            .flat_map(|_| ids.iter().map(|&p| p as i64 + 3))
-            .collect();
+        let pos: Vec<i64> = (0..2).flat_map(|_| ids.iter().map(|&p| p as i64 + 3)).collect();
         let fd = finite_diff(&x, 1e-6, |xs| {
-            rope_ref(xs, &pos, shape, 1e4)
-                .iter()
-                .zip(&dy)
-                .map(|(a, &b)| a * b as f64)
-                .sum()
+            rope_ref(xs, &pos, shape, 1e4).iter().zip(&dy).map(|(a, &b)| a * b as f64).sum()
         });
         let pt = Tensor::from_i32(&gpu, &ids, &[7]).unwrap();
         let dyt = Tensor::from_f32(&gpu, &dy, &shape).unwrap();
         let dx = rope_backward(&dyt, Some(&pt), 1e4, 3).unwrap();
         assert_close("rope dx vs fd", &dx.to_vec_f32().unwrap(), &fd, 1e-3, 1e-4);
         rope_backward_inplace(&dyt, Some(&pt), 1e4, 3).unwrap();
-        assert_close(
-            "rope dx inplace",
-            &dyt.to_vec_f32().unwrap(),
-            &fd,
-            1e-3,
-            1e-4,
-        );
+        assert_close("rope dx inplace", &dyt.to_vec_f32().unwrap(), &fd, 1e-3, 1e-4);
         // Backward of forward is the identity.
         let xt = Tensor::from_f32(&gpu, &x, &shape).unwrap();
         let back = rope_backward(&rope(&xt, None, 1e4, 0).unwrap(), None, 1e4, 0).unwrap();
@@ -303,30 +218,10 @@ mod tests {
             assert!(s.contains("rope"), "{s}");
         };
         e(rope(&odd, None, 1e4, 0));
-        e(rope(
-            &Tensor::zeros(&gpu, &[2, 4, 8], DType::F32).unwrap(),
-            None,
-            1e4,
-            0,
-        ));
-        e(rope(
-            &Tensor::zeros(&gpu, &[1, 2, 0, 8], DType::F32).unwrap(),
-            None,
-            1e4,
-            0,
-        ));
+        e(rope(&Tensor::zeros(&gpu, &[2, 4, 8], DType::F32).unwrap(), None, 1e4, 0));
+        e(rope(&Tensor::zeros(&gpu, &[1, 2, 0, 8], DType::F32).unwrap(), None, 1e4, 0));
         e(rope(&x, None, 0.5, 0));
-        e(rope(
-            &x,
-            Some(&Tensor::zeros(&gpu, &[5], DType::I32).unwrap()),
-            1e4,
-            0,
-        ));
-        e(rope(
-            &x,
-            Some(&Tensor::zeros(&gpu, &[4], DType::F32).unwrap()),
-            1e4,
-            0,
-        ));
+        e(rope(&x, Some(&Tensor::zeros(&gpu, &[5], DType::I32).unwrap()), 1e4, 0));
+        e(rope(&x, Some(&Tensor::zeros(&gpu, &[4], DType::F32).unwrap()), 1e4, 0));
     }
 }

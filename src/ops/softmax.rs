@@ -99,11 +99,7 @@ fn check_f32(op: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
 }
 
 fn params(t: &Tensor, op: usize) -> Params {
-    Params::new()
-        .u(t.rows())
-        .u(t.last_dim())
-        .u(op)
-        .f(f32::NEG_INFINITY)
+    Params::new().u(t.rows()).u(t.last_dim()).u(op).f(f32::NEG_INFINITY)
 }
 
 fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
@@ -114,12 +110,7 @@ fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
         Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
         None => kernel("forward", WG, 1, aligned),
     };
-    x.gpu().dispatch(
-        &k,
-        params(x, op).bytes(),
-        &[x.buffer(), y.buffer()],
-        grid(x.rows()),
-    )?;
+    x.gpu().dispatch(&k, params(x, op).bytes(), &[x.buffer(), y.buffer()], grid(x.rows()))?;
     Ok(y)
 }
 
@@ -127,12 +118,7 @@ fn backward(name: &str, y: &Tensor, dy: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("y", y), ("dy", dy)])?;
     let dx = Tensor::empty(y.gpu(), y.shape(), DType::F32)?;
     let k = kernel("backward", WG, 1, y.last_dim() % 4 == 0);
-    y.gpu().dispatch(
-        &k,
-        params(y, op).bytes(),
-        &[y.buffer(), dy.buffer(), dx.buffer()],
-        grid(y.rows()),
-    )?;
+    y.gpu().dispatch(&k, params(y, op).bytes(), &[y.buffer(), dy.buffer(), dx.buffer()], grid(y.rows()))?;
     Ok(dx)
 }
 
@@ -160,10 +146,7 @@ pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// rows of length `cols`, with the all -inf row convention above.
 pub fn softmax_ref(x: &[f32], cols: usize, log: bool) -> Vec<f32> {
     let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    softmax_ref64(&x64, cols, log)
-        .iter()
-        .map(|&v| v as f32)
-        .collect()
+    softmax_ref64(&x64, cols, log).iter().map(|&v| v as f32).collect()
 }
 
 fn softmax_ref64(x: &[f64], cols: usize, log: bool) -> Vec<f64> {
@@ -176,11 +159,7 @@ fn softmax_ref64(x: &[f64], cols: usize, log: bool) -> Vec<f64> {
         }
         let s: f64 = row.iter().map(|&v| (v - m).exp()).sum();
         for &v in row {
-            out.push(if log {
-                v - m - s.ln()
-            } else {
-                (v - m).exp() / s
-            });
+            out.push(if log { v - m - s.ln() } else { (v - m).exp() / s });
         }
     }
     out
@@ -206,33 +185,13 @@ mod tests {
 
     fn forward_matches_reference_with() {
         let g = gpu();
-        for (rows, cols) in [
-            (1, 1),
-            (3, 7),
-            (2, 33),
-            (5, 257),
-            (2, 4099),
-            (4, 64),
-            (1, 4096),
-        ] {
+        for (rows, cols) in [(1, 1), (3, 7), (2, 33), (5, 257), (2, 4099), (4, 64), (1, 4096)] {
             let x = rand_vec((rows * cols) as u64, rows * cols, 8.0);
             let t = Tensor::from_f32(&g, &x, &[rows, cols]).unwrap();
             let y = softmax(&t).unwrap().to_vec_f32().unwrap();
-            assert_close(
-                &format!("softmax {rows}x{cols}"),
-                &y,
-                &softmax_ref(&x, cols, false),
-                1e-5,
-                1e-7,
-            );
+            assert_close(&format!("softmax {rows}x{cols}"), &y, &softmax_ref(&x, cols, false), 1e-5, 1e-7);
             let l = log_softmax(&t).unwrap().to_vec_f32().unwrap();
-            assert_close(
-                &format!("log_softmax {rows}x{cols}"),
-                &l,
-                &softmax_ref(&x, cols, true),
-                1e-5,
-                1e-5,
-            );
+            assert_close(&format!("log_softmax {rows}x{cols}"), &l, &softmax_ref(&x, cols, true), 1e-5, 1e-5);
         }
     }
 
@@ -279,28 +238,12 @@ mod tests {
             let t = Tensor::from_f32(&g, &x, &[4, cols]).unwrap();
             let y = softmax(&t).unwrap().to_vec_f32().unwrap();
             assert!(y.iter().all(|v| v.is_finite()), "softmax non-finite: {y:?}");
-            assert_close(
-                "softmax masked",
-                &y,
-                &softmax_ref(&x, cols, false),
-                1e-5,
-                1e-7,
-            );
+            assert_close("softmax masked", &y, &softmax_ref(&x, cols, false), 1e-5, 1e-7);
             assert_eq!(y[cols + cols / 2], 1.0);
-            assert_eq!(
-                &y[3 * cols..],
-                &vec![0.0; cols][..],
-                "all-masked row must give zeros"
-            );
+            assert_eq!(&y[3 * cols..], &vec![0.0; cols][..], "all-masked row must give zeros");
             let l = log_softmax(&t).unwrap().to_vec_f32().unwrap();
             assert!(l.iter().all(|v| !v.is_nan()), "log_softmax NaN: {l:?}");
-            assert_close(
-                "log_softmax masked",
-                &l,
-                &softmax_ref(&x, cols, true),
-                1e-5,
-                1e-5,
-            );
+            assert_close("log_softmax masked", &l, &softmax_ref(&x, cols, true), 1e-5, 1e-5);
             // Backward of the masked rows stays finite (dy = 0 on the all-masked row).
             let mut dy = rand_vec(9, 4 * cols, 1.0);
             dy[3 * cols..].iter_mut().for_each(|v| *v = 0.0);
@@ -309,10 +252,7 @@ mod tests {
             let dx = softmax_backward(&ty, &tdy).unwrap().to_vec_f32().unwrap();
             assert!(dx.iter().all(|v| v.is_finite()));
             let tl = Tensor::from_f32(&g, &l, &[4, cols]).unwrap();
-            let dx = log_softmax_backward(&tl, &tdy)
-                .unwrap()
-                .to_vec_f32()
-                .unwrap();
+            let dx = log_softmax_backward(&tl, &tdy).unwrap().to_vec_f32().unwrap();
             assert!(dx.iter().all(|v| v.is_finite()));
             assert_eq!(&dx[3 * cols..], &vec![0.0; cols][..]);
         }
@@ -329,24 +269,13 @@ mod tests {
             let tdy = Tensor::from_f32(&g, &dy, &[rows, cols]).unwrap();
             for log in [false, true] {
                 let y = if log { log_softmax(&tx) } else { softmax(&tx) }.unwrap();
-                let dx = if log {
-                    log_softmax_backward(&y, &tdy)
-                } else {
-                    softmax_backward(&y, &tdy)
-                };
+                let dx = if log { log_softmax_backward(&y, &tdy) } else { softmax_backward(&y, &tdy) };
                 let dx = dx.unwrap().to_vec_f32().unwrap();
                 let fd = finite_diff(&x, 1e-4, |xs| {
-                    softmax_ref64(xs, cols, log)
-                        .iter()
-                        .zip(&dy)
-                        .map(|(a, &b)| a * b as f64)
-                        .sum()
+                    softmax_ref64(xs, cols, log).iter().zip(&dy).map(|(a, &b)| a * b as f64).sum()
                 });
                 assert_close(
-                    &format!(
-                        "{} backward {rows}x{cols}",
-                        if log { "log_softmax" } else { "softmax" }
-                    ),
+                    &format!("{} backward {rows}x{cols}", if log { "log_softmax" } else { "softmax" }),
                     &dx,
                     &fd,
                     1e-3,
@@ -362,20 +291,11 @@ mod tests {
         let a = Tensor::from_f32(&g, &[0.0; 6], &[2, 3]).unwrap();
         let b = Tensor::from_f32(&g, &[0.0; 6], &[3, 2]).unwrap();
         let e = softmax_backward(&a, &b).unwrap_err().to_string();
-        assert!(
-            e.contains("softmax_backward") && e.contains("[2, 3]") && e.contains("[3, 2]"),
-            "{e}"
-        );
-        assert!(log_softmax_backward(&a, &b)
-            .unwrap_err()
-            .to_string()
-            .contains("log_softmax_backward"));
+        assert!(e.contains("softmax_backward") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        assert!(log_softmax_backward(&a, &b).unwrap_err().to_string().contains("log_softmax_backward"));
         let u = Tensor::from_u32(&g, &[1; 6], &[2, 3]).unwrap();
         assert!(softmax(&u).unwrap_err().to_string().contains("softmax"));
         let empty = Tensor::empty(&g, &[3, 0], DType::F32).unwrap();
-        assert!(log_softmax(&empty)
-            .unwrap_err()
-            .to_string()
-            .contains("log_softmax"));
+        assert!(log_softmax(&empty).unwrap_err().to_string().contains("log_softmax"));
     }
 }

@@ -38,11 +38,7 @@ pub struct Csr {
 }
 
 /// Host CSR: (row_ptr, col, val), sorted by row then column.
-fn host_csr(
-    rows: usize,
-    cols: usize,
-    triples: &[(u32, u32, f32)],
-) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
+fn host_csr(rows: usize, cols: usize, triples: &[(u32, u32, f32)]) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
     let mut t = triples.to_vec();
     for &(r, c, v) in &t {
         if r as usize >= rows || c as usize >= cols {
@@ -60,11 +56,7 @@ fn host_csr(
     for i in 0..rows {
         row_ptr[i + 1] += row_ptr[i];
     }
-    Ok((
-        row_ptr,
-        t.iter().map(|x| x.1).collect(),
-        t.iter().map(|x| x.2).collect(),
-    ))
+    Ok((row_ptr, t.iter().map(|x| x.1).collect(), t.iter().map(|x| x.2).collect()))
 }
 
 impl CsrGpu {
@@ -72,11 +64,7 @@ impl CsrGpu {
         let (rp, c, v) = host_csr(rows, cols, triples)?;
         let nnz = c.len();
         // Zero-nnz matrices still need non-empty buffers to bind.
-        let (c, v) = if nnz == 0 {
-            (vec![0u32], vec![0f32])
-        } else {
-            (c, v)
-        };
+        let (c, v) = if nnz == 0 { (vec![0u32], vec![0f32]) } else { (c, v) };
         Ok(CsrGpu {
             rows,
             cols,
@@ -109,18 +97,8 @@ impl CsrGpu {
         x.gpu().dispatch(
             &kernel(),
             p.bytes(),
-            &[
-                self.row_ptr.buffer(),
-                self.col.buffer(),
-                self.val.buffer(),
-                x.buffer(),
-                y.buffer(),
-            ],
-            [
-                div_ceil(d.div_ceil(4), WG),
-                slice as u32,
-                div_ceil(self.rows, slice),
-            ],
+            &[self.row_ptr.buffer(), self.col.buffer(), self.val.buffer(), x.buffer(), y.buffer()],
+            [div_ceil(d.div_ceil(4), WG), slice as u32, div_ceil(self.rows, slice)],
         )?;
         Ok(y)
     }
@@ -128,17 +106,9 @@ impl CsrGpu {
 
 impl Csr {
     /// Build from (row, col, value) triples of a `rows x cols` matrix.
-    pub fn from_triples(
-        gpu: &Gpu,
-        rows: usize,
-        cols: usize,
-        triples: &[(u32, u32, f32)],
-    ) -> Result<Csr> {
+    pub fn from_triples(gpu: &Gpu, rows: usize, cols: usize, triples: &[(u32, u32, f32)]) -> Result<Csr> {
         let t: Vec<(u32, u32, f32)> = triples.iter().map(|&(r, c, v)| (c, r, v)).collect();
-        Ok(Csr {
-            a: CsrGpu::upload(gpu, rows, cols, triples)?,
-            at: CsrGpu::upload(gpu, cols, rows, &t)?,
-        })
+        Ok(Csr { a: CsrGpu::upload(gpu, rows, cols, triples)?, at: CsrGpu::upload(gpu, cols, rows, &t)? })
     }
 }
 
@@ -162,56 +132,25 @@ mod tests {
     fn random_triples(seed: u64, rows: usize, cols: usize, nnz: usize) -> Vec<(u32, u32, f32)> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..nnz)
-            .map(|_| {
-                (
-                    rng.gen_range(0..rows) as u32,
-                    rng.gen_range(0..cols) as u32,
-                    rng.gen_range(-1.0..1.0),
-                )
-            })
+            .map(|_| (rng.gen_range(0..rows) as u32, rng.gen_range(0..cols) as u32, rng.gen_range(-1.0..1.0)))
             .collect()
     }
 
     #[test]
     fn forward_and_transpose_match_reference() {
         let gpu = Gpu::shared().unwrap();
-        for (i, &(rows, cols, nnz, d)) in [
-            (1, 1, 1, 1),
-            (7, 5, 20, 3),
-            (33, 40, 300, 64),
-            (257, 100, 2000, 33),
-            (5, 9, 0, 4),
-        ]
-        .iter()
-        .enumerate()
+        for (i, &(rows, cols, nnz, d)) in
+            [(1, 1, 1, 1), (7, 5, 20, 3), (33, 40, 300, 64), (257, 100, 2000, 33), (5, 9, 0, 4)].iter().enumerate()
         {
             let t = random_triples(i as u64, rows, cols, nnz);
             let csr = Csr::from_triples(&gpu, rows, cols, &t).unwrap();
             let x = rand_vec(10 + i as u64, cols * d, 1.0);
-            let y = csr
-                .a
-                .matmul(&Tensor::from_f32(&gpu, &x, &[cols, d]).unwrap())
-                .unwrap();
-            assert_close(
-                "spmm",
-                &y.to_vec_f32().unwrap(),
-                &spmm_ref(rows, &t, &x, d),
-                1e-5,
-                1e-5,
-            );
+            let y = csr.a.matmul(&Tensor::from_f32(&gpu, &x, &[cols, d]).unwrap()).unwrap();
+            assert_close("spmm", &y.to_vec_f32().unwrap(), &spmm_ref(rows, &t, &x, d), 1e-5, 1e-5);
             let g = rand_vec(20 + i as u64, rows * d, 1.0);
             let tt: Vec<_> = t.iter().map(|&(r, c, v)| (c, r, v)).collect();
-            let yt = csr
-                .at
-                .matmul(&Tensor::from_f32(&gpu, &g, &[rows, d]).unwrap())
-                .unwrap();
-            assert_close(
-                "spmm transpose",
-                &yt.to_vec_f32().unwrap(),
-                &spmm_ref(cols, &tt, &g, d),
-                1e-5,
-                1e-5,
-            );
+            let yt = csr.at.matmul(&Tensor::from_f32(&gpu, &g, &[rows, d]).unwrap()).unwrap();
+            assert_close("spmm transpose", &yt.to_vec_f32().unwrap(), &spmm_ref(cols, &tt, &g, d), 1e-5, 1e-5);
         }
     }
 
@@ -226,26 +165,16 @@ mod tests {
         let w = rand_vec(5, rows * d, 1.0);
         let fd = finite_diff(&x, 1e-4, |xs| {
             let xf: Vec<f32> = xs.iter().map(|&v| v as f32).collect();
-            spmm_ref(rows, &t, &xf, d)
-                .iter()
-                .zip(&w)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum()
+            spmm_ref(rows, &t, &xf, d).iter().zip(&w).map(|(&a, &b)| a as f64 * b as f64).sum()
         });
-        let g = csr
-            .at
-            .matmul(&Tensor::from_f32(&gpu, &w, &[rows, d]).unwrap())
-            .unwrap();
+        let g = csr.at.matmul(&Tensor::from_f32(&gpu, &w, &[rows, d]).unwrap()).unwrap();
         assert_close("spmm grad", &g.to_vec_f32().unwrap(), &fd, 1e-3, 1e-3);
     }
 
     #[test]
     fn bad_input_is_an_error() {
         let gpu = Gpu::shared().unwrap();
-        assert!(Csr::from_triples(&gpu, 3, 3, &[(3, 0, 1.0)])
-            .unwrap_err()
-            .to_string()
-            .contains("outside"));
+        assert!(Csr::from_triples(&gpu, 3, 3, &[(3, 0, 1.0)]).unwrap_err().to_string().contains("outside"));
         assert!(Csr::from_triples(&gpu, 3, 3, &[(0, 0, f32::NAN)]).is_err());
         let csr = Csr::from_triples(&gpu, 3, 4, &[(0, 1, 1.0)]).unwrap();
         let x = Tensor::from_f32(&gpu, &[0.0; 6], &[3, 2]).unwrap();

@@ -12,19 +12,10 @@ pub fn rand_vec(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 /// Assert |got - want| <= atol + rtol * |want| elementwise; names the first
 /// offending index.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     let mut worst = (0usize, 0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.is_finite() || !w.is_finite(),
-            "{what}[{i}]: got {g}, want {w}"
-        );
+        assert!(g.is_finite() || !w.is_finite(), "{what}[{i}]: got {g}, want {w}");
         let err = (g - w).abs() - (atol + rtol * w.abs());
         if err > worst.1 {
             worst = (i, err);
@@ -32,10 +23,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32)
     }
     if worst.1 > 0.0 {
         let i = worst.0;
-        panic!(
-            "{what}[{i}]: got {}, want {} (rtol {rtol}, atol {atol})",
-            got[i], want[i]
-        );
+        panic!("{what}[{i}]: got {}, want {} (rtol {rtol}, atol {atol})", got[i], want[i]);
     }
 }
 

@@ -41,13 +41,7 @@ pub struct ConstrainedOpts {
 impl ConstrainedOpts {
     /// LETTER's solver settings with the given size bounds.
     pub fn letter(size_min: usize, size_max: usize) -> ConstrainedOpts {
-        ConstrainedOpts {
-            size_min,
-            size_max,
-            max_iter: 10,
-            n_init: 10,
-            seed: 42,
-        }
+        ConstrainedOpts { size_min, size_max, max_iter: 10, n_init: 10, seed: 42 }
     }
 }
 
@@ -75,13 +69,7 @@ fn check_bounds(op: &str, n: usize, k: usize, lo: usize, hi: usize) -> Result<()
 /// Exact min-cost assignment of `n` points to `k` clusters with every cluster
 /// size in `[size_min, size_max]`. `cost: [n, k]` row-major. Ties resolve
 /// deterministically (lowest indices first).
-pub fn constrained_assign(
-    cost: &[f64],
-    n: usize,
-    k: usize,
-    size_min: usize,
-    size_max: usize,
-) -> Result<Vec<u32>> {
+pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, size_max: usize) -> Result<Vec<u32>> {
     let op = "constrained_assign";
     if cost.len() != n * k {
         bail!("{op}: cost has {} values, expected [{n}, {k}]", cost.len());
@@ -190,11 +178,7 @@ fn sq(a: &[f32], b: &[f64]) -> f64 {
 /// `[opts.size_min, opts.size_max]`: k-means++ init (seed + run), then rounds
 /// of GPU distances + exact constrained assignment + mean update until the
 /// assignment stops changing or `max_iter`; best of `n_init` runs.
-pub fn constrained_kmeans(
-    x: &Tensor,
-    k: usize,
-    opts: ConstrainedOpts,
-) -> Result<ConstrainedResult> {
+pub fn constrained_kmeans(x: &Tensor, k: usize, opts: ConstrainedOpts) -> Result<ConstrainedResult> {
     let op = "constrained_kmeans";
     let (n, d) = matrix(op, "x", x)?;
     check_bounds(op, n, k, opts.size_min, opts.size_max)
@@ -208,23 +192,12 @@ pub fn constrained_kmeans(
     let mut best: Option<ConstrainedResult> = None;
     for run in 0..opts.n_init {
         let idx = kmeans_pp_indices(x, k, opts.seed.wrapping_add(run as u64))?;
-        let mut cent: Vec<f64> = idx
-            .iter()
-            .flat_map(|&i| xh[i * d..(i + 1) * d].iter().map(|&v| v as f64))
-            .collect();
+        let mut cent: Vec<f64> = idx.iter().flat_map(|&i| xh[i * d..(i + 1) * d].iter().map(|&v| v as f64)).collect();
         let mut assign: Vec<u32> = Vec::new();
         let mut history = Vec::new();
         for _ in 0..opts.max_iter {
-            let ct = Tensor::from_f32(
-                gpu,
-                &cent.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                &[k, d],
-            )?;
-            let dm: Vec<f64> = pairwise_sqdist(x, &ct)?
-                .to_vec_f32()?
-                .into_iter()
-                .map(|v| v as f64)
-                .collect();
+            let ct = Tensor::from_f32(gpu, &cent.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[k, d])?;
+            let dm: Vec<f64> = pairwise_sqdist(x, &ct)?.to_vec_f32()?.into_iter().map(|v| v as f64).collect();
             let a = constrained_assign(&dm, n, k, opts.size_min, opts.size_max)?;
             history.push((0..n).map(|i| dm[i * k + a[i] as usize]).sum::<f64>());
             let done = a == assign;
@@ -251,12 +224,7 @@ pub fn constrained_kmeans(
             }
         }
         let objective: f64 = (0..n)
-            .map(|i| {
-                sq(
-                    &xh[i * d..(i + 1) * d],
-                    &cent[assign[i] as usize * d..(assign[i] as usize + 1) * d],
-                )
-            })
+            .map(|i| sq(&xh[i * d..(i + 1) * d], &cent[assign[i] as usize * d..(assign[i] as usize + 1) * d]))
             .sum();
         if best.as_ref().map_or(true, |b| objective < b.objective) {
             best = Some(ConstrainedResult {
@@ -297,14 +265,9 @@ mod tests {
 
     #[test]
     fn assignment_is_the_brute_force_optimum() {
-        for (seed, n, k, lo, hi) in [
-            (1u64, 7, 3, 1, 3),
-            (2, 7, 3, 2, 3),
-            (3, 8, 2, 4, 4),
-            (4, 7, 3, 0, 7),
-            (5, 8, 3, 0, 3),
-            (6, 6, 3, 2, 2),
-        ] {
+        for (seed, n, k, lo, hi) in
+            [(1u64, 7, 3, 1, 3), (2, 7, 3, 2, 3), (3, 8, 2, 4, 4), (4, 7, 3, 0, 7), (5, 8, 3, 0, 3), (6, 6, 3, 2, 2)]
+        {
             for rep in 0..4u64 {
                 // Skewed costs so the unconstrained argmin violates the bounds.
                 let cost: Vec<f64> = rand_vec(seed * 10 + rep, n * k, 1.0)
@@ -320,10 +283,7 @@ mod tests {
                     .filter(|l| sizes_ok(l, k, lo, hi))
                     .map(|l| (0..n).map(|i| cost[i * k + l[i]]).sum::<f64>())
                     .fold(f64::INFINITY, f64::min);
-                assert!(
-                    (got - want).abs() < 1e-9,
-                    "seed {seed} rep {rep}: got {got}, optimum {want}"
-                );
+                assert!((got - want).abs() < 1e-9, "seed {seed} rep {rep}: got {got}, optimum {want}");
             }
         }
     }
@@ -341,13 +301,7 @@ mod tests {
         let r = constrained_kmeans(
             &xt,
             k,
-            ConstrainedOpts {
-                size_min: lo,
-                size_max: hi,
-                max_iter: 10,
-                n_init: 10,
-                seed: 1,
-            },
+            ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init: 10, seed: 1 },
         )
         .unwrap();
         let a: Vec<usize> = r.assign.iter().map(|&c| c as usize).collect();
@@ -357,27 +311,16 @@ mod tests {
                 .map(|c| {
                     let m: Vec<usize> = (0..n).filter(|&i| l[i] == c).collect();
                     let mean: Vec<f64> = (0..d)
-                        .map(|t| {
-                            m.iter().map(|&i| x[i * d + t] as f64).sum::<f64>()
-                                / m.len().max(1) as f64
-                        })
+                        .map(|t| m.iter().map(|&i| x[i * d + t] as f64).sum::<f64>() / m.len().max(1) as f64)
                         .collect();
-                    m.iter()
-                        .map(|&i| sq(&x[i * d..(i + 1) * d], &mean))
-                        .sum::<f64>()
+                    m.iter().map(|&i| sq(&x[i * d..(i + 1) * d], &mean)).sum::<f64>()
                 })
                 .sum::<f64>()
         };
-        let best = labellings(n, k)
-            .filter(|l| sizes_ok(l, k, lo, hi))
-            .map(|l| inertia(&l))
-            .fold(f64::INFINITY, f64::min);
+        let best =
+            labellings(n, k).filter(|l| sizes_ok(l, k, lo, hi)).map(|l| inertia(&l)).fold(f64::INFINITY, f64::min);
         assert!((r.objective - inertia(&a)).abs() < 1e-6);
-        assert!(
-            r.objective <= best * 1.02 + 1e-9,
-            "objective {} vs brute-force optimum {best}",
-            r.objective
-        );
+        assert!(r.objective <= best * 1.02 + 1e-9, "objective {} vs brute-force optimum {best}", r.objective);
         for w in r.history.windows(2) {
             assert!(w[1] <= w[0] + 1e-6, "objective increased: {:?}", r.history);
         }
@@ -406,27 +349,16 @@ mod tests {
     fn bad_inputs_are_errors() {
         let gpu = Gpu::shared().unwrap();
         let x = Tensor::from_f32(&gpu, &rand_vec(1, 10 * 2, 1.0), &[10, 2]).unwrap();
-        let e = constrained_kmeans(&x, 3, ConstrainedOpts::letter(4, 5))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("constrained_kmeans") && e.contains("[4, 5]") && e.contains("[10, 2]"),
-            "{e}"
-        );
-        let e = constrained_kmeans(&x, 11, ConstrainedOpts::letter(0, 5))
-            .unwrap_err()
-            .to_string();
+        let e = constrained_kmeans(&x, 3, ConstrainedOpts::letter(4, 5)).unwrap_err().to_string();
+        assert!(e.contains("constrained_kmeans") && e.contains("[4, 5]") && e.contains("[10, 2]"), "{e}");
+        let e = constrained_kmeans(&x, 11, ConstrainedOpts::letter(0, 5)).unwrap_err().to_string();
         assert!(e.contains("11 clusters from 10 points"), "{e}");
-        let e = constrained_assign(&[0.0; 6], 3, 2, 2, 1)
-            .unwrap_err()
-            .to_string();
+        let e = constrained_assign(&[0.0; 6], 3, 2, 2, 1).unwrap_err().to_string();
         assert!(e.contains("constrained_assign"), "{e}");
         let mut v = rand_vec(2, 20, 1.0);
         v[3] = f32::NAN;
         let xb = Tensor::from_f32(&gpu, &v, &[10, 2]).unwrap();
-        let e = constrained_kmeans(&xb, 2, ConstrainedOpts::letter(1, 9))
-            .unwrap_err()
-            .to_string();
+        let e = constrained_kmeans(&xb, 2, ConstrainedOpts::letter(1, 9)).unwrap_err().to_string();
         assert!(e.contains("non-finite"), "{e}");
     }
 }

@@ -50,11 +50,7 @@ pub struct KmeansOpts {
 
 impl Default for KmeansOpts {
     fn default() -> Self {
-        KmeansOpts {
-            max_iter: 100,
-            tol: 1e-4,
-            seed: 42,
-        }
+        KmeansOpts { max_iter: 100, tol: 1e-4, seed: 42 }
     }
 }
 
@@ -77,15 +73,7 @@ fn params(
     center: usize,
     first: bool,
 ) -> Params {
-    Params::new()
-        .u(n)
-        .u(d)
-        .u(kc)
-        .u(chunk)
-        .u(nchunks)
-        .u(gx)
-        .u(center)
-        .u(first as usize)
+    Params::new().u(n).u(d).u(kc).u(chunk).u(nchunks).u(gx).u(center).u(first as usize)
 }
 
 /// Draw an index with probability proportional to `w` (k-means++ D^2
@@ -94,11 +82,7 @@ fn pp_pick(w: &[f64], chosen: &[usize], rng: &mut rand::rngs::StdRng) -> usize {
     let total: f64 = w.iter().sum();
     if !(total > 0.0) {
         let free: Vec<usize> = (0..w.len()).filter(|i| !chosen.contains(i)).collect();
-        return if free.is_empty() {
-            rng.gen_range(0..w.len())
-        } else {
-            free[rng.gen_range(0..free.len())]
-        };
+        return if free.is_empty() { rng.gen_range(0..w.len()) } else { free[rng.gen_range(0..free.len())] };
     }
     let r = rng.gen::<f64>() * total;
     let mut cum = 0.0;
@@ -117,10 +101,7 @@ fn pp_pick(w: &[f64], chosen: &[usize], rng: &mut rand::rngs::StdRng) -> usize {
 
 fn check_k(op: &str, x: &Tensor, n: usize, k: usize) -> Result<()> {
     if k == 0 || k > n {
-        bail!(
-            "{op}: cannot make {k} clusters from x {} ({n} points); need 1 <= k <= points",
-            shape_str(x.shape())
-        );
+        bail!("{op}: cannot make {k} clusters from x {} ({n} points); need 1 <= k <= points", shape_str(x.shape()));
     }
     Ok(())
 }
@@ -157,10 +138,7 @@ pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
     let out = Tensor::empty(x.gpu(), &[idx.len(), d], DType::F32)?;
     for (r, &i) in idx.iter().enumerate() {
         if i >= n {
-            bail!(
-                "gather_rows: row {i} out of range for x {}",
-                shape_str(x.shape())
-            );
+            bail!("gather_rows: row {i} out of range for x {}", shape_str(x.shape()));
         }
         copy_row(x, i, &out, r, d);
     }
@@ -170,13 +148,7 @@ pub fn gather_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
 fn copy_row(src: &Tensor, i: usize, dst: &Tensor, r: usize, d: usize) {
     let bytes = (d * 4) as u64;
     src.gpu().with_encoder(|e| {
-        e.copy_buffer_to_buffer(
-            src.buffer(),
-            i as u64 * bytes,
-            dst.buffer(),
-            r as u64 * bytes,
-            bytes,
-        )
+        e.copy_buffer_to_buffer(src.buffer(), i as u64 * bytes, dst.buffer(), r as u64 * bytes, bytes)
     });
 }
 
@@ -249,48 +221,25 @@ pub fn lloyd(x: &Tensor, init: &Tensor, opts: KmeansOpts) -> Result<KmeansResult
         gpu.dispatch(
             &kernel("finalize"),
             params(n, d, k, chunk, nchunks, fgx, 0, false).bytes(),
-            &[
-                partial.buffer(),
-                pcount.buffer(),
-                cur.buffer(),
-                next.buffer(),
-                counts.buffer(),
-            ],
+            &[partial.buffer(), pcount.buffer(), cur.buffer(), next.buffer(), counts.buffer()],
             fgrid,
         )?;
         let st = stats.to_vec_f32()?;
         let obj: f64 = st.iter().step_by(2).map(|&v| v as f64).sum();
         let changed: f64 = st.iter().skip(1).step_by(2).map(|&v| v as f64).sum();
         if !obj.is_finite() {
-            bail!(
-                "{op}: objective became non-finite at iteration {} (x {})",
-                objective.len(),
-                shape_str(x.shape())
-            );
+            bail!("{op}: objective became non-finite at iteration {} (x {})", objective.len(), shape_str(x.shape()));
         }
         objective.push(obj);
         let t = objective.len();
-        let stop =
-            t > 1 && (changed == 0.0 || objective[t - 2] - obj <= opts.tol * objective[t - 2]);
+        let stop = t > 1 && (changed == 0.0 || objective[t - 2] - obj <= opts.tol * objective[t - 2]);
         if stop || t >= opts.max_iter {
-            return Ok(KmeansResult {
-                centroids: cur,
-                assign: near.idx,
-                objective,
-            });
+            return Ok(KmeansResult { centroids: cur, assign: near.idx, objective });
         }
         let cnt = counts.to_vec_u32()?;
         let empties: Vec<usize> = (0..k).filter(|&c| cnt[c] == 0).collect();
         if !empties.is_empty() {
-            let far = farthest(
-                &near
-                    .dist
-                    .to_vec_f32()?
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect::<Vec<_>>(),
-                empties.len(),
-            );
+            let far = farthest(&near.dist.to_vec_f32()?.iter().map(|&v| v as f64).collect::<Vec<_>>(), empties.len());
             for (&c, &i) in empties.iter().zip(&far) {
                 copy_row(x, i, &next, c, d);
             }
@@ -317,9 +266,7 @@ pub fn kmeans_pp_cpu(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<usize> {
     while chosen.len() < k {
         let c = *chosen.last().unwrap();
         for i in 0..n {
-            let s: f64 = (0..d)
-                .map(|t| (x[i * d + t] as f64 - x[c * d + t] as f64).powi(2))
-                .sum();
+            let s: f64 = (0..d).map(|t| (x[i * d + t] as f64 - x[c * d + t] as f64).powi(2)).sum();
             mind[i] = mind[i].min(s);
         }
         chosen.push(pp_pick(&mind, &chosen, &mut rng));
@@ -330,13 +277,7 @@ pub fn kmeans_pp_cpu(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<usize> {
 /// CPU reference of [`lloyd`] in f64 with the same rules. `x: [n, d]`,
 /// `init: [k, d]`. Returns (centroids [k, d], assignment [n], objective per
 /// iteration).
-pub fn lloyd_cpu(
-    x: &[f32],
-    init: &[f32],
-    d: usize,
-    max_iter: usize,
-    tol: f64,
-) -> (Vec<f64>, Vec<u32>, Vec<f64>) {
+pub fn lloyd_cpu(x: &[f32], init: &[f32], d: usize, max_iter: usize, tol: f64) -> (Vec<f64>, Vec<u32>, Vec<f64>) {
     let n = x.len() / d;
     let k = init.len() / d;
     let mut cur: Vec<f64> = init.iter().map(|&v| v as f64).collect();
@@ -348,9 +289,7 @@ pub fn lloyd_cpu(
         for i in 0..n {
             let mut best = (f64::INFINITY, 0u32);
             for c in 0..k {
-                let s: f64 = (0..d)
-                    .map(|t| (x[i * d + t] as f64 - cur[c * d + t]).powi(2))
-                    .sum();
+                let s: f64 = (0..d).map(|t| (x[i * d + t] as f64 - cur[c * d + t]).powi(2)).sum();
                 if s < best.0 {
                     best = (s, c as u32);
                 }
@@ -361,9 +300,7 @@ pub fn lloyd_cpu(
         let changed = assign.iter().zip(&prev).filter(|(a, b)| a != b).count();
         objective.push(obj);
         let t = objective.len();
-        if (t > 1 && (changed == 0 || objective[t - 2] - obj <= tol * objective[t - 2]))
-            || t >= max_iter
-        {
+        if (t > 1 && (changed == 0 || objective[t - 2] - obj <= tol * objective[t - 2])) || t >= max_iter {
             return (cur, assign, objective);
         }
         let mut sum = vec![0f64; k * d];
@@ -416,59 +353,26 @@ mod tests {
         let k = init.len() / d;
         let xt = Tensor::from_f32(&gpu, x, &[n, d]).unwrap();
         let it = Tensor::from_f32(&gpu, init, &[k, d]).unwrap();
-        let r = lloyd(
-            &xt,
-            &it,
-            KmeansOpts {
-                max_iter,
-                tol: 0.0,
-                seed: 0,
-            },
-        )
-        .unwrap();
+        let r = lloyd(&xt, &it, KmeansOpts { max_iter, tol: 0.0, seed: 0 }).unwrap();
         let (cc, ca, co) = lloyd_cpu(x, init, d, max_iter, 0.0);
-        assert_eq!(
-            r.objective.len(),
-            co.len(),
-            "iterations: gpu {:?} cpu {:?}",
-            r.objective,
-            co
-        );
+        assert_eq!(r.objective.len(), co.len(), "iterations: gpu {:?} cpu {:?}", r.objective, co);
         for w in r.objective.windows(2) {
-            assert!(
-                w[1] <= w[0] * (1.0 + 1e-6),
-                "objective increased: {:?}",
-                r.objective
-            );
+            assert!(w[1] <= w[0] * (1.0 + 1e-6), "objective increased: {:?}", r.objective);
         }
         let go: Vec<f32> = r.objective.iter().map(|&v| v as f32).collect();
         let wo: Vec<f32> = co.iter().map(|&v| v as f32).collect();
         assert_close("objective", &go, &wo, 1e-5, 1e-5);
         assert_eq!(r.assign.to_vec_u32().unwrap(), ca);
         let wc: Vec<f32> = cc.iter().map(|&v| v as f32).collect();
-        assert_close(
-            "centroids",
-            &r.centroids.to_vec_f32().unwrap(),
-            &wc,
-            1e-5,
-            1e-5,
-        );
+        assert_close("centroids", &r.centroids.to_vec_f32().unwrap(), &wc, 1e-5, 1e-5);
     }
 
     #[test]
     fn lloyd_matches_cpu_from_same_init() {
-        for &(n, d, k, seed) in &[
-            (257, 7, 5, 1u64),
-            (33, 3, 4, 2),
-            (300, 33, 16, 3),
-            (1, 2, 1, 4),
-        ] {
+        for &(n, d, k, seed) in &[(257, 7, 5, 1u64), (33, 3, 4, 2), (300, 33, 16, 3), (1, 2, 1, 4)] {
             let x = blobs(seed, n, d, k.max(2));
             let idx = kmeans_pp_cpu(&x, d, k, seed);
-            let init: Vec<f32> = idx
-                .iter()
-                .flat_map(|&i| x[i * d..(i + 1) * d].to_vec())
-                .collect();
+            let init: Vec<f32> = idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].to_vec()).collect();
             run_both(&x, d, &init, 20);
         }
     }
@@ -488,16 +392,7 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let xt = Tensor::from_f32(&gpu, &x, &[120, d]).unwrap();
         let it = Tensor::from_f32(&gpu, &init, &[5, d]).unwrap();
-        let r = lloyd(
-            &xt,
-            &it,
-            KmeansOpts {
-                max_iter: 15,
-                tol: 0.0,
-                seed: 0,
-            },
-        )
-        .unwrap();
+        let r = lloyd(&xt, &it, KmeansOpts { max_iter: 15, tol: 0.0, seed: 0 }).unwrap();
         let a = r.assign.to_vec_u32().unwrap();
         for c in 0..5u32 {
             assert!(a.contains(&c), "cluster {c} still empty: {:?}", r.objective);
@@ -525,27 +420,15 @@ mod tests {
     fn bad_inputs_are_errors() {
         let gpu = Gpu::shared().unwrap();
         let x = Tensor::from_f32(&gpu, &rand_vec(1, 5 * 3, 1.0), &[5, 3]).unwrap();
-        let e = kmeans(&x, 6, KmeansOpts::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("kmeans") && e.contains("6 clusters") && e.contains("[5, 3]"),
-            "{e}"
-        );
+        let e = kmeans(&x, 6, KmeansOpts::default()).unwrap_err().to_string();
+        assert!(e.contains("kmeans") && e.contains("6 clusters") && e.contains("[5, 3]"), "{e}");
         let init = Tensor::from_f32(&gpu, &rand_vec(2, 2 * 4, 1.0), &[2, 4]).unwrap();
-        let e = lloyd(&x, &init, KmeansOpts::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("kmeans") && e.contains("[5, 3]") && e.contains("[2, 4]"),
-            "{e}"
-        );
+        let e = lloyd(&x, &init, KmeansOpts::default()).unwrap_err().to_string();
+        assert!(e.contains("kmeans") && e.contains("[5, 3]") && e.contains("[2, 4]"), "{e}");
         let mut v = rand_vec(3, 15, 1.0);
         v[4] = f32::INFINITY;
         let xb = Tensor::from_f32(&gpu, &v, &[5, 3]).unwrap();
-        let e = kmeans(&xb, 2, KmeansOpts::default())
-            .unwrap_err()
-            .to_string();
+        let e = kmeans(&xb, 2, KmeansOpts::default()).unwrap_err().to_string();
         assert!(e.contains("kmeans") && e.contains("non-finite"), "{e}");
     }
 }

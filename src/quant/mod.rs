@@ -48,10 +48,7 @@ pub fn check_finite(op: &str, name: &str, t: &Tensor) -> Result<()> {
     )?;
     let bad = count.to_vec_u32()?[0];
     if bad > 0 {
-        bail!(
-            "{op}: {name} of shape {} holds {bad} non-finite values (NaN or inf)",
-            gpu::shape_str(t.shape())
-        );
+        bail!("{op}: {name} of shape {} holds {bad} non-finite values (NaN or inf)", gpu::shape_str(t.shape()));
     }
     Ok(())
 }
@@ -60,10 +57,7 @@ pub fn check_finite(op: &str, name: &str, t: &Tensor) -> Result<()> {
 pub fn check_finite_host(op: &str, name: &str, data: &[f32], shape: &[usize]) -> Result<()> {
     let bad = data.iter().filter(|v| !v.is_finite()).count();
     if bad > 0 {
-        bail!(
-            "{op}: {name} of shape {} holds {bad} non-finite values (NaN or inf)",
-            gpu::shape_str(shape)
-        );
+        bail!("{op}: {name} of shape {} holds {bad} non-finite values (NaN or inf)", gpu::shape_str(shape));
     }
     Ok(())
 }
@@ -72,10 +66,7 @@ pub fn check_finite_host(op: &str, name: &str, data: &[f32], shape: &[usize]) ->
 pub(crate) fn matrix(op: &str, name: &str, t: &Tensor) -> Result<(usize, usize)> {
     check::dtype(op, name, t, DType::F32)?;
     if t.rank() != 2 {
-        bail!(
-            "{op}: {name} must be a matrix [rows, cols], got shape {}",
-            gpu::shape_str(t.shape())
-        );
+        bail!("{op}: {name} must be a matrix [rows, cols], got shape {}", gpu::shape_str(t.shape()));
     }
     check::nonempty(op, &[(name, t)])?;
     Ok((t.shape()[0], t.shape()[1]))
@@ -104,13 +95,8 @@ mod tests {
         v[3] = f32::NEG_INFINITY;
         let bad = Tensor::from_f32(&gpu, &v, &[10, 100]).unwrap();
         let e = check_finite("kmeans", "x", &bad).unwrap_err().to_string();
-        assert!(
-            e.contains("kmeans") && e.contains("[10, 100]") && e.contains("2 non-finite"),
-            "{e}"
-        );
-        let e = check_finite_host("nearest", "x", &v, &[10, 100])
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("kmeans") && e.contains("[10, 100]") && e.contains("2 non-finite"), "{e}");
+        let e = check_finite_host("nearest", "x", &v, &[10, 100]).unwrap_err().to_string();
         assert!(e.contains("nearest") && e.contains("2 non-finite"), "{e}");
     }
 }

@@ -38,14 +38,10 @@ fn scan_kernel(kout: usize, vec4: bool) -> Kernel {
         .define("TOPR", format!("{}u", topr(kout)))
 }
 fn sqnorm_kernel() -> Kernel {
-    Kernel::new("nearest::sqnorm", "nearest", "sqnorm")
-        .define("WG", "64u")
-        .define("TOPR", "4u")
+    Kernel::new("nearest::sqnorm", "nearest", "sqnorm").define("WG", "64u").define("TOPR", "4u")
 }
 fn pairwise_kernel() -> Kernel {
-    Kernel::new("pairwise_sqdist", "nearest", "pairwise")
-        .define("WG", "64u")
-        .define("TOPR", "4u")
+    Kernel::new("pairwise_sqdist", "nearest", "pairwise").define("WG", "64u").define("TOPR", "4u")
 }
 
 /// Kernel variants for naga validation.
@@ -105,13 +101,7 @@ fn scan(op: &str, x: &Tensor, e: &Tensor, enorm: &Tensor, kout: usize) -> Result
     gpu.dispatch(
         &scan_kernel(kout, d % 4 == 0),
         Params::new().u(n).u(kc).u(d).u(kout).u(gx).bytes(),
-        &[
-            x.buffer(),
-            e.buffer(),
-            enorm.buffer(),
-            idx.buffer(),
-            dist.buffer(),
-        ],
+        &[x.buffer(), e.buffer(), enorm.buffer(), idx.buffer(), dist.buffer()],
         grid,
     )?;
     Ok(Nearest { idx, dist })
@@ -126,11 +116,7 @@ pub fn nearest(x: &Tensor, codebook: &Tensor) -> Result<Nearest> {
 
 /// [`nearest`] with precomputed codeword norms (`[kc]`, from
 /// [`codeword_sqnorms`]) so a fixed codebook is not re-normed per call.
-pub fn nearest_with_norms(
-    x: &Tensor,
-    codebook: &Tensor,
-    enorm: Option<&Tensor>,
-) -> Result<Nearest> {
+pub fn nearest_with_norms(x: &Tensor, codebook: &Tensor, enorm: Option<&Tensor>) -> Result<Nearest> {
     let (n, _, kc) = check_pair("nearest", x, codebook)?;
     let owned;
     let enorm = match enorm {
@@ -151,10 +137,7 @@ pub fn nearest_with_norms(
         }
     };
     let r = scan("nearest", x, codebook, enorm, 1)?;
-    Ok(Nearest {
-        idx: r.idx.reshape(&[n])?,
-        dist: r.dist.reshape(&[n])?,
-    })
+    Ok(Nearest { idx: r.idx.reshape(&[n])?, dist: r.dist.reshape(&[n])? })
 }
 
 /// The `k` nearest codewords of every row, sorted by distance (ties by index):
@@ -162,11 +145,7 @@ pub fn nearest_with_norms(
 pub fn nearest_topk(x: &Tensor, codebook: &Tensor, k: usize) -> Result<Nearest> {
     let (_, _, kc) = check_pair("nearest_topk", x, codebook)?;
     if k == 0 || k > kc || k > MAX_TOPK {
-        bail!(
-            "nearest_topk: k = {k} must be in 1..={} for codebook {}",
-            kc.min(MAX_TOPK),
-            shape_str(codebook.shape())
-        );
+        bail!("nearest_topk: k = {k} must be in 1..={} for codebook {}", kc.min(MAX_TOPK), shape_str(codebook.shape()));
     }
     let enorm = codeword_sqnorms(codebook)?;
     scan("nearest_topk", x, codebook, &enorm, k)
@@ -186,10 +165,7 @@ pub fn nearest_host(
 ) -> Result<(Vec<u32>, Vec<f32>)> {
     let (kc, de) = matrix("nearest_host", "codebook", codebook)?;
     if d == 0 || x.is_empty() || x.len() % d != 0 {
-        bail!(
-            "nearest_host: {} values are not rows of dimension {d}",
-            x.len()
-        );
+        bail!("nearest_host: {} values are not rows of dimension {d}", x.len());
     }
     let n = x.len() / d;
     if d != de {
@@ -229,11 +205,7 @@ pub fn nearest_host(
 pub fn pairwise_sqdist(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let (n, d, kc) = check_pair("pairwise_sqdist", x, c)?;
     if n > 8 * 65535 {
-        bail!(
-            "pairwise_sqdist: x {} has more than {} rows; split it",
-            shape_str(x.shape()),
-            8 * 65535
-        );
+        bail!("pairwise_sqdist: x {} has more than {} rows; split it", shape_str(x.shape()), 8 * 65535);
     }
     let out = Tensor::empty(x.gpu(), &[n, kc], DType::F32)?;
     x.gpu().dispatch(
@@ -257,11 +229,7 @@ pub fn nearest_cpu(x: &[f32], e: &[f32], d: usize, k: usize) -> (Vec<u32>, Vec<f
             .chunks(d)
             .enumerate()
             .map(|(c, code)| {
-                let s: f64 = row
-                    .iter()
-                    .zip(code)
-                    .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-                    .sum();
+                let s: f64 = row.iter().zip(code).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
                 (s, c as u32)
             })
             .collect();
@@ -281,14 +249,7 @@ mod tests {
 
     /// Indices must match the reference except where the reference's own
     /// distances for the two choices are within `tie` (relative) of each other.
-    fn check_against_cpu(
-        x: &[f32],
-        e: &[f32],
-        d: usize,
-        k: usize,
-        got_idx: &[u32],
-        got_dist: &[f32],
-    ) {
+    fn check_against_cpu(x: &[f32], e: &[f32], d: usize, k: usize, got_idx: &[u32], got_dist: &[f32]) {
         let (want_idx, want_dist) = nearest_cpu(x, e, d, k);
         let kc = e.len() / d;
         let full = nearest_cpu(x, e, d, kc);
@@ -298,10 +259,7 @@ mod tests {
                 let (g, w) = (got_idx[i * k + m], want_idx[i * k + m]);
                 if g != w {
                     // Distance of the GPU's choice by the reference.
-                    let gd = full.0[i * kc..(i + 1) * kc]
-                        .iter()
-                        .position(|&c| c == g)
-                        .map(|p| full.1[i * kc + p]);
+                    let gd = full.0[i * kc..(i + 1) * kc].iter().position(|&c| c == g).map(|p| full.1[i * kc + p]);
                     let gd = gd.unwrap_or_else(|| panic!("row {i} rank {m}: invalid index {g}"));
                     let wd = want_dist[i * k + m];
                     assert!(
@@ -318,54 +276,28 @@ mod tests {
     #[test]
     fn argmin_matches_cpu_at_awkward_sizes() {
         let gpu = Gpu::shared().unwrap();
-        for &(n, d, kc) in &[
-            (1, 1, 1),
-            (7, 3, 5),
-            (33, 7, 257),
-            (257, 33, 64),
-            (130, 256, 9),
-            (5, 16, 1000),
-        ] {
+        for &(n, d, kc) in &[(1, 1, 1), (7, 3, 5), (33, 7, 257), (257, 33, 64), (130, 256, 9), (5, 16, 1000)] {
             let x = rand_vec(n as u64 * 31 + d as u64, n * d, 1.0);
             let e = rand_vec(kc as u64 * 17 + 1, kc * d, 1.0);
             let xt = Tensor::from_f32(&gpu, &x, &[n, d]).unwrap();
             let et = Tensor::from_f32(&gpu, &e, &[kc, d]).unwrap();
             let r = nearest(&xt, &et).unwrap();
             assert_eq!(r.idx.shape(), &[n]);
-            check_against_cpu(
-                &x,
-                &e,
-                d,
-                1,
-                &r.idx.to_vec_u32().unwrap(),
-                &r.dist.to_vec_f32().unwrap(),
-            );
+            check_against_cpu(&x, &e, d, 1, &r.idx.to_vec_u32().unwrap(), &r.dist.to_vec_f32().unwrap());
         }
     }
 
     #[test]
     fn topk_matches_cpu() {
         let gpu = Gpu::shared().unwrap();
-        for &(n, d, kc, k) in &[
-            (7, 5, 40, 3),
-            (33, 8, 257, 32),
-            (9, 3, 6, 6),
-            (65, 17, 100, 1),
-        ] {
+        for &(n, d, kc, k) in &[(7, 5, 40, 3), (33, 8, 257, 32), (9, 3, 6, 6), (65, 17, 100, 1)] {
             let x = rand_vec(n as u64 + 5, n * d, 2.0);
             let e = rand_vec(kc as u64 + 9, kc * d, 2.0);
             let xt = Tensor::from_f32(&gpu, &x, &[n, d]).unwrap();
             let et = Tensor::from_f32(&gpu, &e, &[kc, d]).unwrap();
             let r = nearest_topk(&xt, &et, k).unwrap();
             assert_eq!(r.idx.shape(), &[n, k]);
-            check_against_cpu(
-                &x,
-                &e,
-                d,
-                k,
-                &r.idx.to_vec_u32().unwrap(),
-                &r.dist.to_vec_f32().unwrap(),
-            );
+            check_against_cpu(&x, &e, d, k, &r.idx.to_vec_u32().unwrap(), &r.dist.to_vec_f32().unwrap());
         }
     }
 
@@ -404,29 +336,14 @@ mod tests {
         let (n, d) = (50, 4);
         let off = 500.0f32;
         // 3 close codewords among 40 far ones (the re-rank only sees the best 4 scores).
-        let mut e: Vec<f32> = (0..40)
-            .flat_map(|i| [off + 3.0 + i as f32, off - 2.0, off, off])
-            .collect();
-        e.extend(
-            [0.0f32, 0.05, 0.11]
-                .iter()
-                .flat_map(|&s| [off + s, off, off, off]),
-        );
+        let mut e: Vec<f32> = (0..40).flat_map(|i| [off + 3.0 + i as f32, off - 2.0, off, off]).collect();
+        e.extend([0.0f32, 0.05, 0.11].iter().flat_map(|&s| [off + s, off, off, off]));
         let kc = e.len() / d;
-        let x: Vec<f32> = (0..n)
-            .flat_map(|i| [off + 0.11 * i as f32 / n as f32, off, off, off])
-            .collect();
+        let x: Vec<f32> = (0..n).flat_map(|i| [off + 0.11 * i as f32 / n as f32, off, off, off]).collect();
         let xt = Tensor::from_f32(&gpu, &x, &[n, d]).unwrap();
         let et = Tensor::from_f32(&gpu, &e, &[kc, d]).unwrap();
         let r = nearest(&xt, &et).unwrap();
-        check_against_cpu(
-            &x,
-            &e,
-            d,
-            1,
-            &r.idx.to_vec_u32().unwrap(),
-            &r.dist.to_vec_f32().unwrap(),
-        );
+        check_against_cpu(&x, &e, d, 1, &r.idx.to_vec_u32().unwrap(), &r.dist.to_vec_f32().unwrap());
     }
 
     #[test]
@@ -470,35 +387,18 @@ mod tests {
         let idx = nearest(&xt, &et).unwrap().idx.to_vec_u32().unwrap();
         assert_eq!(idx[1], u32::MAX);
         assert!(idx[0] < 6 && idx[2] < 6);
-        let err = nearest_host(&gpu, &x, 4, &et, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("nearest_host") && err.contains("non-finite"),
-            "{err}"
-        );
+        let err = nearest_host(&gpu, &x, 4, &et, None).unwrap_err().to_string();
+        assert!(err.contains("nearest_host") && err.contains("non-finite"), "{err}");
 
         let e5 = Tensor::from_f32(&gpu, &rand_vec(6, 6 * 5, 1.0), &[6, 5]).unwrap();
         let err = nearest(&xt, &e5).unwrap_err().to_string();
-        assert!(
-            err.contains("nearest") && err.contains("[3, 4]") && err.contains("[6, 5]"),
-            "{err}"
-        );
+        assert!(err.contains("nearest") && err.contains("[3, 4]") && err.contains("[6, 5]"), "{err}");
         let err = nearest_topk(&xt, &et, 7).unwrap_err().to_string();
-        assert!(
-            err.contains("nearest_topk") && err.contains("k = 7"),
-            "{err}"
-        );
+        assert!(err.contains("nearest_topk") && err.contains("k = 7"), "{err}");
         let empty = Tensor::empty(&gpu, &[0, 4], DType::F32).unwrap();
-        assert!(nearest(&empty, &et)
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
+        assert!(nearest(&empty, &et).unwrap_err().to_string().contains("empty"));
         let v = Tensor::from_f32(&gpu, &[1.0; 4], &[4]).unwrap();
         assert!(nearest(&v, &et).unwrap_err().to_string().contains("matrix"));
-        assert!(pairwise_sqdist(&xt, &e5)
-            .unwrap_err()
-            .to_string()
-            .contains("pairwise_sqdist"));
+        assert!(pairwise_sqdist(&xt, &e5).unwrap_err().to_string().contains("pairwise_sqdist"));
     }
 }

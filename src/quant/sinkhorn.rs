@@ -25,10 +25,7 @@ fn kernel(entry: &'static str) -> Kernel {
 
 /// Kernel variants for naga validation.
 pub fn kernels() -> Vec<Kernel> {
-    ["minmax", "logk", "rows", "cols", "plan", "argmax"]
-        .into_iter()
-        .map(kernel)
-        .collect()
+    ["minmax", "logk", "rows", "cols", "plan", "argmax"].into_iter().map(kernel).collect()
 }
 
 /// Sinkhorn options.
@@ -45,11 +42,7 @@ pub struct SinkhornOpts {
 impl SinkhornOpts {
     /// LETTER's last-level settings: eps = 0.003, 50 iterations, centred cost.
     pub fn letter() -> SinkhornOpts {
-        SinkhornOpts {
-            epsilon: 0.003,
-            iters: 50,
-            center: true,
-        }
+        SinkhornOpts { epsilon: 0.003, iters: 50, center: true }
     }
 }
 
@@ -67,17 +60,10 @@ pub fn sinkhorn(cost: &Tensor, opts: SinkhornOpts, want_plan: bool) -> Result<Si
     let op = "sinkhorn";
     let (n, kc) = matrix(op, "cost", cost)?;
     if !(opts.epsilon > 0.0 && opts.epsilon.is_finite()) {
-        bail!(
-            "{op}: epsilon must be positive and finite, got {} (cost {})",
-            opts.epsilon,
-            shape_str(cost.shape())
-        );
+        bail!("{op}: epsilon must be positive and finite, got {} (cost {})", opts.epsilon, shape_str(cost.shape()));
     }
     if opts.iters == 0 {
-        bail!(
-            "{op}: iters must be at least 1 (cost {})",
-            shape_str(cost.shape())
-        );
+        bail!("{op}: iters must be at least 1 (cost {})", shape_str(cost.shape()));
     }
     check_finite(op, "cost", cost)?;
     let gpu = cost.gpu();
@@ -87,49 +73,22 @@ pub fn sinkhorn(cost: &Tensor, opts: SinkhornOpts, want_plan: bool) -> Result<Si
     let v = Tensor::zeros(gpu, &[kc], DType::F32)?;
     let (rgrid, rgx) = fold_grid(n.div_ceil(WG));
     let (cgrid, cgx) = fold_grid(kc.div_ceil(WG));
-    let params = |gx: usize| {
-        Params::new()
-            .u(n)
-            .u(kc)
-            .f(1.0 / opts.epsilon)
-            .u(opts.center as usize)
-            .u(gx)
-    };
+    let params = |gx: usize| Params::new().u(n).u(kc).f(1.0 / opts.epsilon).u(opts.center as usize).u(gx);
     if opts.center {
-        gpu.dispatch(
-            &kernel("minmax"),
-            params(1).bytes(),
-            &[cost.buffer(), mm.buffer()],
-            [1, 1, 1],
-        )?;
+        gpu.dispatch(&kernel("minmax"), params(1).bytes(), &[cost.buffer(), mm.buffer()], [1, 1, 1])?;
     }
-    gpu.dispatch(
-        &kernel("logk"),
-        params(rgx).bytes(),
-        &[cost.buffer(), mm.buffer(), lk.buffer()],
-        rgrid,
-    )?;
+    gpu.dispatch(&kernel("logk"), params(rgx).bytes(), &[cost.buffer(), mm.buffer(), lk.buffer()], rgrid)?;
     let pot = [lk.buffer(), u.buffer(), v.buffer()];
     for _ in 0..opts.iters {
         gpu.dispatch(&kernel("rows"), params(rgx).bytes(), &pot, rgrid)?;
         gpu.dispatch(&kernel("cols"), params(cgx).bytes(), &pot, cgrid)?;
     }
     let assign = Tensor::empty(gpu, &[n], DType::U32)?;
-    gpu.dispatch(
-        &kernel("argmax"),
-        params(rgx).bytes(),
-        &[pot[0], pot[1], pot[2], assign.buffer()],
-        rgrid,
-    )?;
+    gpu.dispatch(&kernel("argmax"), params(rgx).bytes(), &[pot[0], pot[1], pot[2], assign.buffer()], rgrid)?;
     let plan = if want_plan {
         let plan = Tensor::empty(gpu, &[n, kc], DType::F32)?;
         let (pgrid, pgx) = fold_grid((n * kc).div_ceil(WG));
-        gpu.dispatch(
-            &kernel("plan"),
-            params(pgx).bytes(),
-            &[pot[0], pot[1], pot[2], plan.buffer()],
-            pgrid,
-        )?;
+        gpu.dispatch(&kernel("plan"), params(pgx).bytes(), &[pot[0], pot[1], pot[2], plan.buffer()], pgrid)?;
         Some(plan)
     } else {
         None
@@ -162,9 +121,7 @@ pub fn sinkhorn_cpu_naive(cost: &[f32], n: usize, kc: usize, opts: SinkhornOpts)
     for _ in 0..opts.iters {
         for i in 0..n {
             let s: f64 = q[i * kc..(i + 1) * kc].iter().sum();
-            q[i * kc..(i + 1) * kc]
-                .iter_mut()
-                .for_each(|v| *v /= s * n as f64);
+            q[i * kc..(i + 1) * kc].iter_mut().for_each(|v| *v /= s * n as f64);
         }
         for j in 0..kc {
             let s: f64 = (0..n).map(|i| q[i * kc + j]).sum();
@@ -196,9 +153,7 @@ pub fn sinkhorn_cpu(cost: &[f32], n: usize, kc: usize, opts: SinkhornOpts) -> Ve
             v[j] = -(kc as f64).ln() - lse(&mut (0..n).map(|i| lk[i * kc + j] + u[i]));
         }
     }
-    (0..n * kc)
-        .map(|t| (lk[t] + u[t / kc] + v[t % kc] + (n as f64).ln()).exp())
-        .collect()
+    (0..n * kc).map(|t| (lk[t] + u[t / kc] + v[t % kc] + (n as f64).ln()).exp()).collect()
 }
 
 #[cfg(test)]
@@ -207,12 +162,7 @@ mod tests {
     use crate::gpu::Gpu;
     use crate::ops::testing::{assert_close, rand_vec};
 
-    fn run(
-        cost: &[f32],
-        n: usize,
-        kc: usize,
-        opts: SinkhornOpts,
-    ) -> (Vec<f32>, Vec<u32>, Vec<f64>) {
+    fn run(cost: &[f32], n: usize, kc: usize, opts: SinkhornOpts) -> (Vec<f32>, Vec<u32>, Vec<f64>) {
         let gpu = Gpu::shared().unwrap();
         let ct = Tensor::from_f32(&gpu, cost, &[n, kc]).unwrap();
         let out = sinkhorn(&ct, opts, true).unwrap();
@@ -224,10 +174,7 @@ mod tests {
         for j in 0..kc {
             let s: f64 = (0..n).map(|i| plan[i * kc + j] as f64).sum();
             let t = n as f64 / kc as f64;
-            assert!(
-                (s - t).abs() <= 1e-4 * t.max(1.0),
-                "column {j} sums to {s}, want {t}"
-            );
+            assert!((s - t).abs() <= 1e-4 * t.max(1.0), "column {j} sums to {s}, want {t}");
         }
         // Argmax agrees with the reference plan except on near-ties.
         let assign = out.assign.to_vec_u32().unwrap();
@@ -235,11 +182,7 @@ mod tests {
             let row = &want[i * kc..(i + 1) * kc];
             let best = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let got = row[assign[i] as usize];
-            assert!(
-                got >= best - 1e-4 * best.max(1e-30),
-                "row {i}: argmax {} has {got}, best {best}",
-                assign[i]
-            );
+            assert!(got >= best - 1e-4 * best.max(1e-30), "row {i}: argmax {} has {got}, best {best}", assign[i]);
         }
         (plan, assign, want)
     }
@@ -249,24 +192,13 @@ mod tests {
         let (n, kc) = (13, 7);
         let cost = rand_vec(1, n * kc, 1.0);
         for opts in [
-            SinkhornOpts {
-                epsilon: 0.1,
-                iters: 30,
-                center: false,
-            },
-            SinkhornOpts {
-                epsilon: 0.003,
-                iters: 50,
-                center: true,
-            },
+            SinkhornOpts { epsilon: 0.1, iters: 30, center: false },
+            SinkhornOpts { epsilon: 0.003, iters: 50, center: true },
         ] {
             let a = sinkhorn_cpu(&cost, n, kc, opts);
             let b = sinkhorn_cpu_naive(&cost, n, kc, opts);
             for (x, y) in a.iter().zip(&b) {
-                assert!(
-                    (x - y).abs() <= 1e-9 * y.abs().max(1e-12) + 1e-200,
-                    "{x} vs {y}"
-                );
+                assert!((x - y).abs() <= 1e-9 * y.abs().max(1e-12) + 1e-200, "{x} vs {y}");
             }
         }
     }
@@ -275,16 +207,7 @@ mod tests {
     fn matches_f64_on_moderate_inputs_and_rows_converge() {
         for &(n, kc) in &[(1, 1), (7, 3), (33, 7), (40, 257)] {
             let cost = rand_vec(n as u64 * 7 + kc as u64, n * kc, 1.0);
-            let (plan, _, _) = run(
-                &cost,
-                n,
-                kc,
-                SinkhornOpts {
-                    epsilon: 0.5,
-                    iters: 200,
-                    center: false,
-                },
-            );
+            let (plan, _, _) = run(&cost, n, kc, SinkhornOpts { epsilon: 0.5, iters: 200, center: false });
             if n > kc {
                 // Rows (1 each) only after convergence; kc | n-balanced problems converge fast.
                 for i in 0..n {
@@ -301,13 +224,8 @@ mod tests {
         let (n, kc) = (257, 64);
         let x = rand_vec(3, n * 4, 1.0);
         let e = rand_vec(4, kc * 4, 1.0);
-        let cost: Vec<f32> = (0..n * kc)
-            .map(|t| {
-                (0..4)
-                    .map(|q| (x[(t / kc) * 4 + q] - e[(t % kc) * 4 + q]).powi(2))
-                    .sum()
-            })
-            .collect();
+        let cost: Vec<f32> =
+            (0..n * kc).map(|t| (0..4).map(|q| (x[(t / kc) * 4 + q] - e[(t % kc) * 4 + q]).powi(2)).sum()).collect();
         let (_, assign, _) = run(&cost, n, kc, SinkhornOpts::letter());
         // The balanced assignment spreads rows over many codes.
         let mut used: Vec<u32> = assign.clone();
@@ -317,37 +235,16 @@ mod tests {
 
         // Costs spanning 1e3 with eps = 5: exponents up to 200 (f32 exp overflows at 88).
         let (n, kc) = (33, 10);
-        let cost: Vec<f32> = rand_vec(5, n * kc, 1.0)
-            .iter()
-            .map(|v| 500.0 + 500.0 * v)
-            .collect();
+        let cost: Vec<f32> = rand_vec(5, n * kc, 1.0).iter().map(|v| 500.0 + 500.0 * v).collect();
         assert!(cost.iter().cloned().fold(0f32, f32::max) / 5.0 > 150.0);
-        run(
-            &cost,
-            n,
-            kc,
-            SinkhornOpts {
-                epsilon: 5.0,
-                iters: 50,
-                center: false,
-            },
-        );
+        run(&cost, n, kc, SinkhornOpts { epsilon: 5.0, iters: 50, center: false });
 
         // A column far from every row: its potential must grow to ~1e3/eps.
         let mut cost = rand_vec(6, n * kc, 1.0);
         for i in 0..n {
             cost[i * kc + 4] += 300.0;
         }
-        run(
-            &cost,
-            n,
-            kc,
-            SinkhornOpts {
-                epsilon: 1.0,
-                iters: 20,
-                center: false,
-            },
-        );
+        run(&cost, n, kc, SinkhornOpts { epsilon: 1.0, iters: 20, center: false });
     }
 
     #[test]
@@ -355,46 +252,15 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let mut c = rand_vec(1, 12, 1.0);
         let ok = Tensor::from_f32(&gpu, &c, &[3, 4]).unwrap();
-        let e = sinkhorn(
-            &ok,
-            SinkhornOpts {
-                epsilon: 0.0,
-                iters: 5,
-                center: false,
-            },
-            false,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("sinkhorn") && e.contains("epsilon") && e.contains("[3, 4]"),
-            "{e}"
-        );
-        let e = sinkhorn(
-            &ok,
-            SinkhornOpts {
-                epsilon: 0.1,
-                iters: 0,
-                center: false,
-            },
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = sinkhorn(&ok, SinkhornOpts { epsilon: 0.0, iters: 5, center: false }, false).unwrap_err().to_string();
+        assert!(e.contains("sinkhorn") && e.contains("epsilon") && e.contains("[3, 4]"), "{e}");
+        let e = sinkhorn(&ok, SinkhornOpts { epsilon: 0.1, iters: 0, center: false }, false).unwrap_err().to_string();
         assert!(e.contains("iters"), "{e}");
         c[7] = f32::NAN;
         let bad = Tensor::from_f32(&gpu, &c, &[3, 4]).unwrap();
-        let e = sinkhorn(&bad, SinkhornOpts::letter(), false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("sinkhorn") && e.contains("non-finite") && e.contains("[3, 4]"),
-            "{e}"
-        );
+        let e = sinkhorn(&bad, SinkhornOpts::letter(), false).unwrap_err().to_string();
+        assert!(e.contains("sinkhorn") && e.contains("non-finite") && e.contains("[3, 4]"), "{e}");
         let empty = Tensor::empty(&gpu, &[0, 4], DType::F32).unwrap();
-        assert!(sinkhorn(&empty, SinkhornOpts::letter(), false)
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
+        assert!(sinkhorn(&empty, SinkhornOpts::letter(), false).unwrap_err().to_string().contains("empty"));
     }
 }
