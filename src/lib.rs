@@ -13,4 +13,5 @@ pub mod gpu;
 pub mod io;
 pub mod nn;
 pub mod ops;
+pub mod pipeline;
 pub mod quant;

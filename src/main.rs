@@ -10,6 +10,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main job: fetch ml-100k, prepare it, train the baselines on the GPU,
+    /// evaluate by full ranking, print results and sample recommendations.
+    Quickstart {
+        /// Training budget: auto (small on a CPU adapter, full on a GPU), small, full.
+        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
+        budget: genrec::pipeline::Budget,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where to write the results as JSON.
+        #[arg(long, default_value = "results/quickstart.json")]
+        out: std::path::PathBuf,
+    },
     /// List GPU adapters with their features and limits (best first).
     Devices {
         /// Print JSON instead of a table.
@@ -126,6 +138,12 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Fetch { asset, from } => fetch(&asset, from)?,
+        Cmd::Quickstart { budget, seed, out } => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out })?;
+        }
     }
     Ok(())
 }

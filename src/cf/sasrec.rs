@@ -260,6 +260,15 @@ impl SasRec {
                 bail!("sasrec: training diverged at epoch {epoch} (loss {mean})");
             }
             bar.set_message(format!("loss {mean:.4}"));
+            if bar.is_hidden() {
+                // No terminal: one line per epoch instead of a bar.
+                eprintln!(
+                    "sasrec epoch {}/{} loss {mean:.4} ({:.1} steps/s)",
+                    epoch + 1,
+                    self.cfg.epochs,
+                    bar.position() as f64 / bar.elapsed().as_secs_f64()
+                );
+            }
             history.push(mean);
             if !on_epoch(epoch, mean)? {
                 break;

@@ -235,15 +235,5 @@ pub(crate) fn find_named(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     None
 }
 
-/// Default cache directory for downloaded assets: `$GENREC_CACHE` or
-/// `~/.cache/genrec`.
-pub fn cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("GENREC_CACHE") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache").join("genrec")
-}
-
 #[cfg(test)]
 mod tests;

@@ -466,9 +466,12 @@ fn prepared_dir_roundtrip_cache_and_corruption() {
     assert!(stats.contains("density") && stats.contains("mean sequence length"), "{stats}");
 }
 
-/// Where the real ml-100k lives: $GENREC_ML100K, else `<cache>/ml-100k`.
+/// Where the real ml-100k lives: $GENREC_ML100K, else where `genrec fetch ml-100k` puts it.
 fn ml100k_dir() -> Option<PathBuf> {
-    let p = std::env::var("GENREC_ML100K").map(PathBuf::from).unwrap_or_else(|_| cache_dir().join("ml-100k"));
+    let p = match std::env::var("GENREC_ML100K") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => crate::io::fetch::local("ml-100k")?,
+    };
     p.join("ml-100k.inter").is_file().then_some(p)
 }
 
@@ -494,11 +497,12 @@ fn real_ml100k_when_present() {
 }
 
 /// Where the real MovieLens latest-small lives: $GENREC_ML_LATEST_SMALL, else
-/// `<cache>/ml-latest-small`.
+/// where `genrec fetch ml-latest-small` puts it.
 fn ml_latest_small_dir() -> Option<PathBuf> {
-    let p = std::env::var("GENREC_ML_LATEST_SMALL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache_dir().join("ml-latest-small"));
+    let p = match std::env::var("GENREC_ML_LATEST_SMALL") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => crate::io::fetch::local("ml-latest-small")?,
+    };
     p.join("ratings.csv").is_file().then_some(p)
 }
 
