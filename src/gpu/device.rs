@@ -192,6 +192,22 @@ impl Gpu {
                 *lost_reason.lock().unwrap() = format!("{reason:?}: {msg}");
             });
         }
+        // wgpu's default handler panics on an uncaptured error (e.g. work on a
+        // destroyed device); record it instead and report it from the next op.
+        {
+            let lost = lost.clone();
+            let lost_reason = lost_reason.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let msg = e.to_string();
+                if msg.to_lowercase().contains("lost") || msg.to_lowercase().contains("destroyed") {
+                    lost.store(true, Ordering::SeqCst);
+                }
+                let mut r = lost_reason.lock().unwrap();
+                if r.is_empty() {
+                    *r = format!("uncaptured GPU error: {msg}");
+                }
+            }));
+        }
         let uniforms = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("uniform arena"),
             size: UNIFORM_ARENA_BYTES,

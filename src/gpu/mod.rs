@@ -74,6 +74,19 @@ mod tests {
     }
 
     #[test]
+    fn lost_device_gives_errors_not_panics() {
+        // A private device (not the shared one), destroyed to simulate a loss.
+        let gpu = Gpu::new().unwrap();
+        let t = Tensor::from_f32(&gpu, &[1.0; 8], &[8]).unwrap();
+        gpu.device().destroy();
+        let _ = gpu.device().poll(wgpu::PollType::wait_indefinitely());
+        let e = Tensor::zeros(&gpu, &[4], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("lost"), "{e}");
+        let e = t.to_vec_f32().unwrap_err().to_string();
+        assert!(e.contains("lost"), "{e}");
+    }
+
+    #[test]
     fn oversized_tensor_is_an_error_not_a_panic() {
         let gpu = Gpu::shared().unwrap();
         let n = gpu.max_binding_bytes() as usize / 4 + 1;

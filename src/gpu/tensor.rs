@@ -239,6 +239,7 @@ impl Tensor {
     /// Read the raw bytes back (submits pending work and waits).
     pub fn read_bytes(&self) -> Result<Vec<u8>> {
         let gpu = self.gpu();
+        gpu.check_alive("readback")?;
         let bytes = ((self.numel() * self.dtype.size()) as u64).div_ceil(4) * 4;
         if bytes == 0 {
             return Ok(Vec::new());
