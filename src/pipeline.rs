@@ -47,7 +47,7 @@ fn sasrec_config(full: bool, seed: u64, max_history: usize) -> SasRecConfig {
     if full {
         SasRecConfig { epochs: 200, ..base }
     } else {
-        SasRecConfig { epochs: 30, ..base }
+        SasRecConfig { epochs: 12, ..base }
     }
 }
 
@@ -102,13 +102,15 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<Vec<ModelResult>> {
     let t = Instant::now();
     let quick_protocol = Protocol { bootstrap: 0, ..Protocol::default() };
     let mut best = (f64::MIN, 0usize);
+    let every = if full { 10 } else { 4 };
     model.fit(&data, |epoch, _loss| {
-        // Validation NDCG@10 every 10 epochs; stop after 3 checks without gain.
-        if (epoch + 1) % 10 == 0 {
+        // Validation NDCG@10 every few epochs; stop after 3 checks without gain.
+        if (epoch + 1) % every == 0 {
             let v = model.evaluate(&valid, &quick_protocol)?.metric("ndcg", 10).unwrap_or(0.0);
+            eprintln!("validation NDCG@10 after epoch {}: {v:.4}", epoch + 1);
             if v > best.0 {
                 best = (v, epoch);
-            } else if epoch - best.1 >= 30 {
+            } else if epoch - best.1 >= 3 * every {
                 return Ok(false);
             }
         }

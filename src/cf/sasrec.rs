@@ -73,16 +73,22 @@ pub struct SasRec {
     pub cfg: SasRecConfig,
     pub n_items: usize,
     gpu: Gpu,
-    /// [n_items, d]. Padding uses id n_items, which `ops::embedding::gather`
-    /// maps to a zero row with no gradient.
+    /// [n_table, d], n_table = n_items rounded up to a multiple of 4 so the
+    /// logit matmuls take the fast aligned kernels; rows past n_items are
+    /// never targets and are masked out of the softmax. Sequence padding uses
+    /// id n_table, which `ops::embedding::gather` maps to a zero row with no
+    /// gradient.
     item_emb: Embedding,
+    n_table: usize,
+    /// [n_table] additive logit mask: 0 for real items, -1e9 for alignment rows.
+    logit_mask: Tensor,
     /// [max_len, d]
     pos_emb: Embedding,
     blocks: Vec<Block>,
     ln_final: LayerNorm,
 }
 
-/// A batch of left-padded sequences: ids [B, L] (pad = n_items) and the
+/// A batch of left-padded sequences: ids [B, L] (pad = n_table) and the
 /// attention mask built from them.
 struct SeqBatch {
     ids: Tensor,
@@ -97,6 +103,8 @@ impl SasRec {
         }
         let d = cfg.d_model;
         let s = cfg.seed * 1000;
+        let n_table = n_items.div_ceil(4) * 4;
+        let mask: Vec<f32> = (0..n_table).map(|i| if i < n_items { 0.0 } else { -1e9 }).collect();
         let mut blocks = Vec::new();
         for i in 0..cfg.blocks {
             let n = format!("blocks.{i}");
@@ -112,7 +120,9 @@ impl SasRec {
         Ok(SasRec {
             n_items,
             gpu: gpu.clone(),
-            item_emb: Embedding::new(gpu, "item_emb", n_items, d, 0.05, s + 1)?,
+            item_emb: Embedding::new(gpu, "item_emb", n_table, d, 0.05, s + 1)?,
+            n_table,
+            logit_mask: Tensor::from_f32(gpu, &mask, &[n_table])?,
             pos_emb: Embedding::new(gpu, "pos_emb", cfg.max_len, d, 0.05, s + 2)?,
             blocks,
             ln_final: LayerNorm::new(gpu, "ln_final", d, 1e-8)?,
@@ -136,7 +146,7 @@ impl SasRec {
     /// Left-pad (or keep the last L of) each sequence.
     fn batch(&self, seqs: &[&[u32]]) -> Result<SeqBatch> {
         let l = self.cfg.max_len;
-        let pad = self.n_items as u32;
+        let pad = self.n_table as u32;
         let mut ids = Vec::with_capacity(seqs.len() * l);
         let mut seg = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -173,7 +183,7 @@ impl SasRec {
         self.ln_final.forward(tape, &x)
     }
 
-    /// Scores over all items for hidden rows [N, d] -> [N, n_items].
+    /// Scores over the item table for hidden rows [N, d] -> [N, n_table].
     fn logits(&self, tape: &Tape, h: &Var) -> Result<Var> {
         h.matmul(&tape.param(&self.item_emb.weight), false, true)
     }
@@ -194,7 +204,7 @@ impl SasRec {
         let targets = Tensor::from_i32(&self.gpu, &targets, &[seqs.len() * l])?;
         let h = self.encode(tape, &batch, step_seed)?.reshape(&[seqs.len() * l, self.cfg.d_model])?;
         let logits = self.logits(tape, &h)?;
-        cross_entropy(&logits, &targets, &CeOptions::default())
+        cross_entropy(&logits, &targets, &CeOptions { mask: Some(self.logit_mask.clone()), ..Default::default() })
     }
 
     /// Train on every user's training sequence; prints progress. Returns the
@@ -292,7 +302,10 @@ impl SasRec {
             let h = self.encode(&tape, &batch, 0)?.reshape(&[chunk.len() * l, d])?;
             let last: Vec<u32> = (0..chunk.len() as u32).map(|b| b * l as u32 + l as u32 - 1).collect();
             let h_last = embedding(&h, &Tensor::from_u32(&self.gpu, &last, &[chunk.len()])?)?;
-            out.extend(self.logits(&tape, &h_last)?.value.to_vec_f32()?);
+            let scores = self.logits(&tape, &h_last)?.value.to_vec_f32()?;
+            for row in scores.chunks(self.n_table) {
+                out.extend_from_slice(&row[..self.n_items]);
+            }
         }
         Ok(out)
     }

@@ -249,6 +249,25 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         }
     }
     let gpu = a.gpu();
+    // The subgroup kernel (the fastest on CPU adapters) takes untransposed f32
+    // operands only: when the shapes suit it, materialize the transposes with
+    // `permute` (O(MK + KN) work against the product's O(MNK)).
+    let sg_shape_ok = plan.path == Path::Register
+        && plan.subgroup
+        && b.dtype() == DType::F32
+        && d.k % 4 == 0
+        && d.n % 4 == 0
+        && subgroup_kernel_ok(gpu);
+    if sg_shape_ok && (opts.trans_a || opts.trans_b) {
+        let t = |x: &Tensor| {
+            let perm: &[usize] = if x.rank() == 3 { &[0, 2, 1] } else { &[1, 0] };
+            crate::ops::permute::permute(x, perm)
+        };
+        let a2 = if opts.trans_a { t(a)? } else { a.clone() };
+        let b2 = if opts.trans_b { t(b)? } else { b.clone() };
+        let o2 = MatmulOpts { trans_a: false, trans_b: false, bias: opts.bias, act: opts.act };
+        return matmul_with_plan(&a2, &b2, &o2, plan);
+    }
     let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
     let use_sg = plan.path == Path::Register
         && plan.subgroup
