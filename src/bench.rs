@@ -56,7 +56,7 @@ pub type Setup = fn(&Gpu, bool) -> Result<Vec<Case>>;
 
 /// All kernel benchmarks, in print order. Add new kernels here.
 pub fn registry() -> Vec<(&'static str, Setup)> {
-    vec![("matmul", matmul_cases)]
+    vec![("matmul", matmul_cases), ("rowops", rowop_cases)]
 }
 
 /// CPU seconds (user + system) this process has used so far, on Linux; lets a
@@ -204,6 +204,32 @@ pub fn table(peaks: &Peaks, results: &[BenchResult]) -> String {
         ));
     }
     s
+}
+
+/// Memory-bound row ops on [rows, cols]: each reads and writes the tensor
+/// once (bytes = 2 x 4 x rows x cols), next to a plain copy kernel.
+fn rowop_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
+    use crate::ops::{elementwise, norm, softmax};
+    let (rows, cols) = if quick { (1024, 1024) } else { (4096, 4096) };
+    let shape = format!("{rows}x{cols}");
+    let x = Tensor::from_f32(gpu, &rand_vec(2, rows * cols, 1.0), &[rows, cols])?;
+    let w = Tensor::from_f32(gpu, &rand_vec(3, cols, 1.0), &[cols])?;
+    let bytes = 2.0 * 4.0 * (rows * cols) as f64;
+    let case = |kernel: &str, run: Box<dyn FnMut() -> Result<()>>| Case {
+        kernel: kernel.into(),
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes,
+        max_iters: 20,
+        run,
+    };
+    let (x1, x2, x3, x4, w3, w4) = (x.clone(), x.clone(), x.clone(), x.clone(), w.clone(), w.clone());
+    Ok(vec![
+        case("copy (shader, vec4)", Box::new(move || elementwise::copy_kernel(&x1).map(|_| ()))),
+        case("softmax", Box::new(move || softmax::softmax(&x2).map(|_| ()))),
+        case("rms_norm", Box::new(move || norm::rms_norm(&x3, &w3, 1e-6).map(|_| ()))),
+        case("layer_norm", Box::new(move || norm::layer_norm(&x4, &w4, &w4, 1e-5).map(|_| ()))),
+    ])
 }
 
 /// Matmul at realistic shapes on every kernel path that applies.
