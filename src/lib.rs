@@ -15,3 +15,4 @@ pub mod nn;
 pub mod ops;
 pub mod pipeline;
 pub mod quant;
+pub mod shaders;
