@@ -7,8 +7,8 @@
 //! x = x + FFN(x)], final LN. Scores are inner products with the item
 //! embeddings. Training uses every position of the (left-padded) training
 //! sequence as a sample, with cross-entropy over all items (the "SASRec with
-//! CE" variant, which is known to outperform the original sampled-BCE loss);
-//! `Loss::SampledBce` is not implemented yet.
+//! CE" variant, which is known to outperform the original sampled-BCE loss).
+//! The original sampled-BCE loss is not implemented.
 
 use std::rc::Rc;
 
@@ -93,7 +93,6 @@ pub struct SasRec {
 struct SeqBatch {
     ids: Tensor,
     mask: Mask,
-    b: usize,
 }
 
 impl SasRec {
@@ -159,7 +158,7 @@ impl SasRec {
             seg.push(row);
         }
         let mask = MaskSpec::from_sequence(MaskKind::Causal, &seg, l)?.upload(&self.gpu)?;
-        Ok(SeqBatch { ids: Tensor::from_u32(&self.gpu, &ids, &[seqs.len(), l])?, mask, b: seqs.len() })
+        Ok(SeqBatch { ids: Tensor::from_u32(&self.gpu, &ids, &[seqs.len(), l])?, mask })
     }
 
     /// Hidden states [B, L, d].
@@ -179,7 +178,6 @@ impl SasRec {
             let h = blk.ff2.forward(tape, &h)?.dropout(p, dropout_seed, 3 + 3 * i as u32)?;
             x = x.add(&h)?;
         }
-        let _ = batch.b;
         self.ln_final.forward(tape, &x)
     }
 
