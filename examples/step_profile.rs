@@ -81,6 +81,28 @@ fn main() -> anyhow::Result<()> {
         let y = ops::elementwise::add(&x3, &x3)?;
         ops::activation::forward(&y, Act::Relu).map(|_| ())
     })?;
+    // LightGCN-sized pieces: ml-100k graph (2,292 nodes, ~195k directed edges), batch 2,048.
+    let (nodes, nnz, bsz) = (2292usize, 194802usize, 2048usize);
+    let triples: Vec<(u32, u32, f32)> =
+        (0..nnz).map(|k| ((k * 7 % nodes) as u32, ((k * 13 + 5) % nodes) as u32, 0.01)).collect();
+    let csr = ops::spmm::Csr::from_triples(&gpu, nodes, nodes, &triples)?;
+    let emb = rnd(nodes * d, &[nodes, d])?;
+    time("spmm [2292 nodes, 195k nnz] x [.,64]", &gpu, 10, || csr.a.matmul(&emb).map(|_| ()))?;
+    let eu = rnd(bsz * d, &[bsz, 1, d])?;
+    let ei = rnd(bsz * 2 * d, &[bsz, 2, d])?;
+    time("batched scores [2048,1,64]x[2048,2,64]^T", &gpu, 10, || {
+        ops::matmul::matmul(&eu, &ei, &MatmulOpts { trans_b: true, ..Default::default() }).map(|_| ())
+    })?;
+    let g = rnd(bsz * 2, &[bsz, 1, 2])?;
+    time("batched scores backward", &gpu, 10, || {
+        ops::matmul::matmul_backward(&eu, &ei, &g, false, true, true, true, false).map(|_| ())
+    })?;
+    let uids: Vec<u32> = (0..bsz as u32 * 2).map(|i| (i * 31) % 943).collect();
+    let uids = Tensor::from_u32(&gpu, &uids, &[bsz * 2])?;
+    time("gather+scatter_add 4096 ids into [2292,64]", &gpu, 10, || {
+        let x = ops::embedding::gather(&emb, &uids)?;
+        ops::embedding::scatter_add(&x, &uids, nodes).map(|_| ())
+    })?;
     time("empty dispatch-bound: scale [64]", &gpu, 50, || ops::elementwise::scale(&bias, 2.0).map(|_| ()))?;
     Ok(())
 }

@@ -1,14 +1,15 @@
 // Sparse (CSR) x dense: y[r, :] = sum over e in row r of val[e] * x[col[e], :].
 // row_ptr: [rows + 1] u32, col: [nnz] u32, val: [nnz] f32, x: [n_cols, D], y: [rows, D].
-// One invocation per (row, 4 consecutive columns); rows are folded into grid y
-// and z so huge graphs fit the 65535-per-dimension limit. Deterministic: each
-// output element is summed by one invocation in CSR order.
+// One invocation per (row, 4 consecutive columns), numbered row-major over a
+// flat index so every lane of a workgroup has work even when D is small; the
+// flat grid is folded into x and y. Deterministic: each output element is
+// summed by one invocation in CSR order.
 
 struct Params {
     rows: u32,
     d: u32,
-    // Rows per grid z-slice (grid y extent).
-    rows_per_slice: u32,
+    // Invocations per grid row (grid x extent x 64).
+    row_width: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,9 +21,11 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn spmm(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r = gid.z * p.rows_per_slice + gid.y;
-    let c0 = gid.x * 4u;
-    if (r >= p.rows || c0 >= p.d) {
+    let quads = (p.d + 3u) / 4u;
+    let flat = gid.y * p.row_width + gid.x;
+    let r = flat / quads;
+    let c0 = (flat % quads) * 4u;
+    if (r >= p.rows) {
         return;
     }
     var acc = vec4<f32>(0.0);

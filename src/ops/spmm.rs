@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::gpu::{check, div_ceil, shape_str, DType, Gpu, Kernel, Params, Tensor};
+use crate::gpu::{check, shape_str, DType, Gpu, Kernel, Params, Tensor};
 
 const OP: &str = "spmm";
 const WG: usize = 64;
@@ -92,13 +92,16 @@ impl CsrGpu {
         if self.rows == 0 || d == 0 {
             return Ok(y);
         }
-        let slice = self.rows.min(65535);
-        let p = Params::new().u(self.rows).u(d).u(slice);
+        // Flat index over (row, column quad), folded into a 2-D grid.
+        let groups = (self.rows * d.div_ceil(4)).div_ceil(WG);
+        let gx = groups.min(65535);
+        let gy = groups.div_ceil(gx);
+        let p = Params::new().u(self.rows).u(d).u(gx * WG);
         x.gpu().dispatch(
             &kernel(),
             p.bytes(),
             &[self.row_ptr.buffer(), self.col.buffer(), self.val.buffer(), x.buffer(), y.buffer()],
-            [div_ceil(d.div_ceil(4), WG), slice as u32, div_ceil(self.rows, slice)],
+            [gx as u32, gy as u32, 1],
         )?;
         Ok(y)
     }
