@@ -97,7 +97,7 @@ struct SeqBatch {
 
 impl SasRec {
     pub fn new(gpu: &Gpu, n_items: usize, cfg: SasRecConfig) -> Result<SasRec> {
-        if n_items == 0 || cfg.max_len == 0 || cfg.d_model % cfg.heads != 0 {
+        if n_items == 0 || cfg.max_len == 0 || !cfg.d_model.is_multiple_of(cfg.heads) {
             bail!("sasrec: bad configuration ({n_items} items, {cfg:?})");
         }
         let d = cfg.d_model;
@@ -151,10 +151,10 @@ impl SasRec {
         for s in seqs {
             let s = &s[s.len().saturating_sub(l)..];
             let n_pad = l - s.len();
-            ids.extend(std::iter::repeat(pad).take(n_pad));
+            ids.extend(std::iter::repeat_n(pad, n_pad));
             ids.extend_from_slice(s);
             let mut row = vec![-1i32; n_pad];
-            row.extend(std::iter::repeat(0).take(s.len()));
+            row.extend(std::iter::repeat_n(0, s.len()));
             seg.push(row);
         }
         let mask = MaskSpec::from_sequence(MaskKind::Causal, &seg, l)?.upload(&self.gpu)?;
@@ -196,7 +196,7 @@ impl SasRec {
         for s in seqs {
             let t = &s[1..];
             let t = &t[t.len().saturating_sub(l)..];
-            targets.extend(std::iter::repeat(-100i32).take(l - t.len()));
+            targets.extend(std::iter::repeat_n(-100i32, l - t.len()));
             targets.extend(t.iter().map(|&i| i as i32));
         }
         let targets = Tensor::from_i32(&self.gpu, &targets, &[seqs.len() * l])?;

@@ -123,7 +123,7 @@ fn summarize(a: &wgpu::Adapter) -> AdapterSummary {
         device_type: format!("{:?}", info.device_type),
         driver: format!("{} {}", info.driver, info.driver_info),
         features: names.iter().filter(|(f, _)| features.contains(*f)).map(|(_, n)| n.to_string()).collect(),
-        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
@@ -264,7 +264,7 @@ impl Gpu {
 
     /// Largest single storage binding, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64).min(self.inner.limits.max_buffer_size)
+        self.inner.limits.max_storage_buffer_binding_size.min(self.inner.limits.max_buffer_size)
     }
 
     /// Run `f` with the pending encoder (created on demand).
@@ -318,7 +318,7 @@ impl Gpu {
                 max_wg
             );
         }
-        if workgroups.iter().any(|&w| w == 0) {
+        if workgroups.contains(&0) {
             return Ok(()); // nothing to do (an empty tensor)
         }
         if params.len() as u64 > MAX_PARAM_BYTES {
@@ -337,7 +337,7 @@ impl Gpu {
         // Params must be at least 16 bytes for a uniform binding; pad with zeros.
         let mut block = [0u8; MAX_PARAM_BYTES as usize];
         block[..params.len()].copy_from_slice(params);
-        let bound = (params.len().max(16) as u64 + 15) / 16 * 16;
+        let bound = (params.len().max(16) as u64).div_ceil(16) * 16;
         self.inner.queue.write_buffer(&p.uniforms, offset, &block[..bound as usize]);
 
         let mut entries = Vec::with_capacity(buffers.len() + 1);

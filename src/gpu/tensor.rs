@@ -99,7 +99,7 @@ impl Tensor {
         if !bytes.is_empty() {
             // Pad to a multiple of 4 bytes (copy alignment).
             let mut padded;
-            let data = if bytes.len() % 4 != 0 {
+            let data = if !bytes.len().is_multiple_of(4) {
                 padded = bytes.to_vec();
                 padded.resize(bytes.len().div_ceil(4) * 4, 0);
                 &padded[..]

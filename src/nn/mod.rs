@@ -135,7 +135,7 @@ pub struct MultiHeadAttention {
 impl MultiHeadAttention {
     pub fn new(gpu: &Gpu, name: &str, d: usize, heads: usize, kv_heads: usize, bias: bool, seed: u64) -> Result<Self> {
         anyhow::ensure!(
-            d % heads == 0 && heads % kv_heads == 0,
+            d.is_multiple_of(heads) && heads.is_multiple_of(kv_heads),
             "{name}: d_model {d} / heads {heads} / kv heads {kv_heads} do not divide"
         );
         let hd = d / heads;

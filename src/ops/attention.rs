@@ -415,7 +415,7 @@ fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tens
             shape_str(ks)
         );
     }
-    if d.dh % 4 != 0 || d.dh > 128 {
+    if !d.dh.is_multiple_of(4) || d.dh > 128 {
         bail!("{op}: head dim {} must be a multiple of 4 and <= 128 (q {})", d.dh, shape_str(qs));
     }
     let m = &mask.spec;

@@ -190,7 +190,7 @@ pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, rstd: &Tensor, dy: &Tensor
     check::dtype(op, "dy", dy, DType::F32)?;
     let gpu = x.gpu();
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let k = kernel("backward", x.last_dim() % 4 == 0);
+    let k = kernel("backward", x.last_dim().is_multiple_of(4));
     let bufs = [x.buffer(), weight.buffer(), dy.buffer(), rstd.buffer(), rstd.buffer(), dx.buffer()];
     gpu.dispatch(&k, params(x, RMS, 0.0).bytes(), &bufs, grid(x.rows()))?;
     let (dweight, _) = dweight(x, dy, rstd, rstd, RMS)?;
@@ -212,7 +212,7 @@ pub fn layer_norm_backward(
     check::dtype(op, "dy", dy, DType::F32)?;
     let gpu = x.gpu();
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let k = kernel("backward", x.last_dim() % 4 == 0);
+    let k = kernel("backward", x.last_dim().is_multiple_of(4));
     let bufs = [x.buffer(), weight.buffer(), dy.buffer(), mean.buffer(), rstd.buffer(), dx.buffer()];
     gpu.dispatch(&k, params(x, LAYER, 0.0).bytes(), &bufs, grid(x.rows()))?;
     let (dweight, dbias) = dweight(x, dy, mean, rstd, LAYER)?;

@@ -93,7 +93,8 @@ pub fn positions(gpu: &Gpu, start: i32, len: usize) -> Result<Tensor> {
 }
 
 fn check_cfg(cfg: RelBiasCfg) -> Result<()> {
-    if cfg.num_buckets < 2 || cfg.num_buckets > MAX_BUCKETS || (cfg.bidirectional && cfg.num_buckets % 2 != 0) {
+    if cfg.num_buckets < 2 || cfg.num_buckets > MAX_BUCKETS || (cfg.bidirectional && !cfg.num_buckets.is_multiple_of(2))
+    {
         bail!("{OP}: num_buckets {} must be in 2..={MAX_BUCKETS} (even when bidirectional)", cfg.num_buckets);
     }
     if cfg.half() < 2 || cfg.max_distance == 0 {

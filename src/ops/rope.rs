@@ -41,7 +41,7 @@ fn launch(
 ) -> Result<()> {
     check::nonempty(OP, &[("x", x)])?;
     check::dtype(OP, "x", x, DType::F32)?;
-    if x.rank() != 4 || x.shape()[3] % 2 != 0 {
+    if x.rank() != 4 || !x.shape()[3].is_multiple_of(2) {
         bail!("{OP}: x must be [B, H, T, Dh] with Dh even, got {}", shape_str(x.shape()));
     }
     if !(theta > 1.0) {

@@ -105,7 +105,7 @@ fn params(t: &Tensor, op: usize) -> Params {
 fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("x", x)])?;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
-    let aligned = x.last_dim() % 4 == 0;
+    let aligned = x.last_dim().is_multiple_of(4);
     let k = match cached_shape(cpu_shapes(x.gpu()), x.last_dim()) {
         Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
         None => kernel("forward", WG, 1, aligned),
@@ -117,7 +117,7 @@ fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
 fn backward(name: &str, y: &Tensor, dy: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("y", y), ("dy", dy)])?;
     let dx = Tensor::empty(y.gpu(), y.shape(), DType::F32)?;
-    let k = kernel("backward", WG, 1, y.last_dim() % 4 == 0);
+    let k = kernel("backward", WG, 1, y.last_dim().is_multiple_of(4));
     y.gpu().dispatch(&k, params(y, op).bytes(), &[y.buffer(), dy.buffer(), dx.buffer()], grid(y.rows()))?;
     Ok(dx)
 }
@@ -154,7 +154,7 @@ fn softmax_ref64(x: &[f64], cols: usize, log: bool) -> Vec<f64> {
     for row in x.chunks(cols) {
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         if m == f64::NEG_INFINITY {
-            out.extend(std::iter::repeat(0.0).take(cols));
+            out.extend(std::iter::repeat_n(0.0, cols));
             continue;
         }
         let s: f64 = row.iter().map(|&v| (v - m).exp()).sum();

@@ -226,7 +226,7 @@ pub fn constrained_kmeans(x: &Tensor, k: usize, opts: ConstrainedOpts) -> Result
         let objective: f64 = (0..n)
             .map(|i| sq(&xh[i * d..(i + 1) * d], &cent[assign[i] as usize * d..(assign[i] as usize + 1) * d]))
             .sum();
-        if best.as_ref().map_or(true, |b| objective < b.objective) {
+        if best.as_ref().is_none_or(|b| objective < b.objective) {
             best = Some(ConstrainedResult {
                 centroids: cent.iter().map(|&v| v as f32).collect(),
                 assign,

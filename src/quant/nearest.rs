@@ -164,7 +164,7 @@ pub fn nearest_host(
     chunk_rows: Option<usize>,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
     let (kc, de) = matrix("nearest_host", "codebook", codebook)?;
-    if d == 0 || x.is_empty() || x.len() % d != 0 {
+    if d == 0 || x.is_empty() || !x.len().is_multiple_of(d) {
         bail!("nearest_host: {} values are not rows of dimension {d}", x.len());
     }
     let n = x.len() / d;
