@@ -86,6 +86,8 @@ pub struct SasRec {
     pos_emb: Embedding,
     blocks: Vec<Block>,
     ln_final: LayerNorm,
+    /// U32 [max_len]: 0..max_len, the position ids (uploaded once).
+    positions: Tensor,
 }
 
 /// A batch of left-padded sequences: ids [B, L] (pad = n_table) and the
@@ -125,6 +127,7 @@ impl SasRec {
             pos_emb: Embedding::new(gpu, "pos_emb", cfg.max_len, d, 0.05, s + 2)?,
             blocks,
             ln_final: LayerNorm::new(gpu, "ln_final", d, 1e-8)?,
+            positions: Tensor::from_u32(gpu, &(0..cfg.max_len as u32).collect::<Vec<_>>(), &[cfg.max_len])?,
             cfg,
         })
     }
@@ -163,11 +166,10 @@ impl SasRec {
 
     /// Hidden states [B, L, d].
     fn encode(&self, tape: &Tape, batch: &SeqBatch, dropout_seed: u32) -> Result<Var> {
-        let (l, d) = (self.cfg.max_len, self.cfg.d_model);
+        let d = self.cfg.d_model;
         let p = if tape.grad_enabled() { self.cfg.dropout } else { 0.0 };
         let x = self.item_emb.forward(tape, &batch.ids)?.scale((d as f32).sqrt())?;
-        let pos_ids: Vec<u32> = (0..l as u32).collect();
-        let pos = self.pos_emb.forward(tape, &Tensor::from_u32(&self.gpu, &pos_ids, &[l])?)?;
+        let pos = self.pos_emb.forward(tape, &self.positions)?;
         let mut x = x.add(&pos)?.dropout(p, dropout_seed, 0)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let q = blk.ln_attn.forward(tape, &x)?;
