@@ -310,6 +310,14 @@ impl SasRec {
         Ok(out)
     }
 
+    /// The learned item embeddings, [n_items, d_model] row-major (row i =
+    /// internal item id i; the alignment rows are dropped). LETTER's
+    /// collaborative signal (letter.spec.md §2.1).
+    pub fn item_embeddings(&self) -> Result<Vec<f32>> {
+        let all = self.item_emb.weight.value.to_vec_f32()?;
+        Ok(all[..self.n_items * self.cfg.d_model].to_vec())
+    }
+
     /// Full-ranking evaluation of `cases`.
     pub fn evaluate(&self, cases: &[EvalCase], protocol: &Protocol) -> Result<EvalReport> {
         let scores = self.score(cases)?;
