@@ -3,6 +3,7 @@
 //! (`Linear.weight` is [out, in]).
 
 pub mod optim;
+pub mod state;
 
 use std::rc::Rc;
 
