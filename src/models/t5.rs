@@ -342,7 +342,8 @@ fn lin(x: &Tensor, w: &Param, act: Act) -> Result<Tensor> {
 }
 
 fn seed_of(seed: u64, idx: usize) -> u64 {
-    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(idx as u64 * 0x2545_f491_4f6c_dd1d + 1)
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((idx as u64).wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(1))
 }
 
 impl T5 {
