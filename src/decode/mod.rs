@@ -23,3 +23,41 @@ pub trait StepModel {
     /// (`parents`: u32 `[rows]` on the GPU).
     fn reorder(&mut self, parents: &Tensor) -> Result<()>;
 }
+
+pub mod beam;
+pub mod mask;
+pub mod toy;
+pub mod trie;
+
+pub use beam::{beam_search, beam_search_ref, BeamOpts, CpuStepModel, Hyp};
+pub use mask::{trie_log_softmax, trie_log_softmax_ref, ScoreNorm};
+pub use trie::{GpuTrie, Trie, NO_ITEM};
+
+/// Every kernel variant of the decode layer (for naga validation).
+pub fn kernels() -> Vec<crate::gpu::Kernel> {
+    [mask::kernels(), beam::kernels()].concat()
+}
+
+/// A random trie over tokens `0..vocab - 1` (EOS = vocab - 1) with uneven
+/// depths 1..=max_depth, prefix relations included, up to `n_items` items.
+#[cfg(test)]
+pub(crate) fn random_trie(seed: u64, vocab: usize, n_items: usize, max_depth: usize) -> Trie {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let eos = (vocab - 1) as u32;
+    let alphabet = (vocab - 1).clamp(1, 4);
+    let mut items: Vec<Vec<u32>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n_items * 4 {
+        if items.len() == n_items {
+            break;
+        }
+        let d = rng.gen_range(1..=max_depth);
+        // Small per-level alphabets (shifted per level) so prefixes are shared.
+        let s: Vec<u32> = (0..d).map(|l| ((rng.gen_range(0..alphabet) + 3 * l) % (vocab - 1)) as u32).collect();
+        if seen.insert(s.clone()) {
+            items.push(s);
+        }
+    }
+    Trie::new(&items, eos).unwrap()
+}
