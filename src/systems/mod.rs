@@ -2,3 +2,4 @@
 //! constrained decoding: TIGER and LETTER-TIGER (T5 over semantic IDs).
 
 pub mod seq;
+pub mod tiger;

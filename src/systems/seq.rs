@@ -1,6 +1,6 @@
 //! Semantic-ID sequences for generative recommenders (TIGER, LETTER-TIGER):
-//! the compact token vocabulary, encoder inputs built from a user's history
-//! and decoder targets built from the next item's identifier.
+//! the compact token vocabulary, encoder inputs built from a user's history,
+//! and the learning-rate schedule.
 //!
 //! Vocabulary (letter.spec.md §8.11, the compact variant): `pad = 0`,
 //! `eos = 1`, then one block of tokens per code level, so the same code value
@@ -12,8 +12,6 @@ use anyhow::{bail, Result};
 
 pub const PAD: u32 = 0;
 pub const EOS: u32 = 1;
-/// Label value the cross-entropy ignores.
-pub const IGNORE: i32 = -100;
 
 /// Maps (level, code) pairs to token ids and back.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -105,57 +103,6 @@ pub fn encoder_input(items: &[Vec<u32>], history: &[u32], max_items: usize) -> R
     Ok(out)
 }
 
-/// A padded batch of (history -> next item) examples, host side.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SeqBatch {
-    pub batch: usize,
-    /// Encoder length S (longest input in the batch).
-    pub enc_len: usize,
-    /// Decoder length T (longest identifier + EOS).
-    pub dec_len: usize,
-    /// [B, S], right-padded with PAD.
-    pub enc_ids: Vec<u32>,
-    /// Valid encoder tokens per row.
-    pub enc_lens: Vec<usize>,
-    /// [B, T]: PAD (decoder start) then the labels shifted right.
-    pub dec_in: Vec<u32>,
-    /// [B, T]: identifier tokens then EOS; padding is IGNORE.
-    pub labels: Vec<i32>,
-}
-
-/// Packs examples: `inputs[b]` from [`encoder_input`], `targets[b]` the next
-/// item's identifier tokens (no EOS).
-pub fn pack(inputs: &[Vec<u32>], targets: &[&[u32]]) -> Result<SeqBatch> {
-    if inputs.is_empty() || inputs.len() != targets.len() {
-        bail!("seq batch: {} inputs but {} targets", inputs.len(), targets.len());
-    }
-    let b = inputs.len();
-    let s = inputs.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let t = targets.iter().map(|t| t.len() + 1).max().unwrap_or(1);
-    let mut enc_ids = vec![PAD; b * s];
-    let mut dec_in = vec![PAD; b * t];
-    let mut labels = vec![IGNORE; b * t];
-    for r in 0..b {
-        enc_ids[r * s..r * s + inputs[r].len()].copy_from_slice(&inputs[r]);
-        let tgt = targets[r];
-        for (j, &tok) in tgt.iter().chain(std::iter::once(&EOS)).enumerate() {
-            labels[r * t + j] = tok as i32;
-            if j + 1 < t {
-                dec_in[r * t + j + 1] = tok;
-            }
-        }
-    }
-    Ok(SeqBatch {
-        batch: b,
-        enc_len: s,
-        dec_len: t,
-        enc_ids,
-        enc_lens: inputs.iter().map(Vec::len).collect(),
-        dec_in,
-        labels,
-    })
-}
-
 /// Learning rate at `step` of `total`: linear warm-up over `warmup` steps,
 /// then cosine decay to zero (the LETTER/TIGER code's schedule).
 pub fn warmup_cosine(base: f32, step: usize, total: usize, warmup: usize) -> f32 {
@@ -196,20 +143,6 @@ mod tests {
         assert_eq!(encoder_input(&items, &[0, 1, 2], 2).unwrap(), vec![3, 6, 4, 7, 9, EOS]);
         assert_eq!(encoder_input(&items, &[], 2).unwrap(), vec![EOS]);
         assert!(encoder_input(&items, &[3], 2).is_err());
-    }
-
-    #[test]
-    fn pack_shifts_labels_right_and_pads() {
-        let inputs = vec![vec![2, 5, EOS], vec![EOS]];
-        let t0: &[u32] = &[3, 6];
-        let t1: &[u32] = &[4, 7, 9];
-        let b = pack(&inputs, &[t0, t1]).unwrap();
-        assert_eq!((b.batch, b.enc_len, b.dec_len), (2, 3, 4));
-        assert_eq!(b.enc_ids, vec![2, 5, EOS, EOS, PAD, PAD]);
-        assert_eq!(b.enc_lens, vec![3, 1]);
-        assert_eq!(b.labels, vec![3, 6, 1, IGNORE, 4, 7, 9, 1]);
-        assert_eq!(b.dec_in, vec![PAD, 3, 6, EOS, PAD, 4, 7, 9]);
-        assert!(pack(&inputs, &[t0]).is_err());
     }
 
     #[test]
