@@ -19,6 +19,7 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod infonce;
+pub mod l2norm;
 pub mod matmul;
 pub mod norm;
 pub mod permute;
@@ -131,6 +132,7 @@ pub fn kernels() -> Vec<Kernel> {
         elementwise::kernels(),
         embedding::kernels(),
         infonce::kernels(),
+        l2norm::kernels(),
         matmul::kernels(),
         norm::kernels(),
         permute::kernels(),
