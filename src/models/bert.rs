@@ -191,9 +191,11 @@ impl BertInput {
         if n == 0 {
             bail!("bert: empty input (batch {}, seq_len {})", self.batch, self.seq_len);
         }
-        for (name, v) in
-            [("input_ids", &self.input_ids), ("token_type_ids", &self.token_type_ids), ("attention_mask", &self.attention_mask)]
-        {
+        for (name, v) in [
+            ("input_ids", &self.input_ids),
+            ("token_type_ids", &self.token_type_ids),
+            ("attention_mask", &self.attention_mask),
+        ] {
             if v.len() != n {
                 bail!("bert: {name} has {} values, expected batch {} x seq_len {}", v.len(), self.batch, self.seq_len);
             }
@@ -453,8 +455,7 @@ impl Bert {
         for _ in 0..config.num_hidden_layers {
             let mut lin = |act: Act| -> Result<Linear> { Ok(Linear { weight: next()?, bias: Some(next()?), act }) };
             let (q, k, v, o) = (lin(Act::None)?, lin(Act::None)?, lin(Act::None)?, lin(Act::None)?);
-            let attention =
-                MultiHeadAttention { q, k, v, o, heads: nh, kv_heads: nh, head_dim: config.head_dim() };
+            let attention = MultiHeadAttention { q, k, v, o, heads: nh, kv_heads: nh, head_dim: config.head_dim() };
             let attention_norm = LayerNorm { weight: next()?, bias: next()?, eps };
             let intermediate = Linear { weight: next()?, bias: Some(next()?), act };
             let output = Linear { weight: next()?, bias: Some(next()?), act: Act::None };
@@ -549,9 +550,8 @@ pub fn mean_pool(hidden: &Var, input: &BertInput) -> Result<Var> {
 pub fn l2_normalize(x: &Var, eps: f32) -> Result<Var> {
     let out = crate::ops::l2norm::l2_normalize(&x.value, eps)?;
     let (y, nrm) = (out.y.clone(), out.nrm);
-    Ok(x.tape().record(out.y, &[x], move |g| {
-        Ok(vec![Some(crate::ops::l2norm::l2_normalize_backward(&y, &nrm, g, eps)?)])
-    }))
+    Ok(x.tape()
+        .record(out.y, &[x], move |g| Ok(vec![Some(crate::ops::l2norm::l2_normalize_backward(&y, &nrm, g, eps)?)])))
 }
 
 /// WordPiece tokenization from a `tokenizer.json` (the `tokenizers` crate) with

@@ -230,9 +230,11 @@ pub fn item_text_embeddings_cached(gpu: &Gpu, prepared: &Prepared, opts: &EmbedO
     let key = cache_key(prepared, &texts, &opts.template, &model, opts.max_len);
     let path = match &opts.out {
         Some(p) => p.clone(),
-        None => crate::io::fetch::cache_dir()?
-            .join("embeddings")
-            .join(format!("{}-{}.safetensors", safe_name(&prepared.name), &key[..16])),
+        None => crate::io::fetch::cache_dir()?.join("embeddings").join(format!(
+            "{}-{}.safetensors",
+            safe_name(&prepared.name),
+            &key[..16]
+        )),
     };
     if opts.reuse {
         if let Some((data, dim)) = read_cache(&path, &key, n)? {

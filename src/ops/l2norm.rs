@@ -21,6 +21,7 @@ pub fn kernels() -> Vec<Kernel> {
 }
 
 /// Output of [`l2_normalize`].
+#[derive(Debug)]
 pub struct L2NormOut {
     /// `[..., C]`, the input's shape.
     pub y: Tensor,

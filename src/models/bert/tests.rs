@@ -75,6 +75,14 @@ fn tiny_model_matches_transformers_forward_and_gradients() {
         let name = format!("grad.{}", p.name);
         let want = io.get(&name).unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
         let got = p.grad().unwrap_or_else(|| panic!("{} got no gradient", p.name)).to_vec_f32().unwrap();
+        if p.name.ends_with("attention.self.key.bias") {
+            // Analytically zero (it shifts every score of a query row equally, which the
+            // softmax ignores): both sides are rounding noise, compare absolutely.
+            let m = got.iter().chain(&want.data).fold(0f32, |m, v| m.max(v.abs()));
+            assert!(m < 1e-5, "{}: expected a ~zero gradient, got max |g| {m}", p.name);
+            checked += 1;
+            continue;
+        }
         let e = rel_err(&got, &want.data);
         if e > worst.0 {
             worst = (e, p.name.clone());
