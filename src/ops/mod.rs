@@ -20,6 +20,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod infonce;
 pub mod kv_cache;
+pub mod l2norm;
 pub mod matmul;
 pub mod norm;
 pub mod permute;
@@ -133,6 +134,7 @@ pub fn kernels() -> Vec<Kernel> {
         embedding::kernels(),
         infonce::kernels(),
         kv_cache::kernels(),
+        l2norm::kernels(),
         matmul::kernels(),
         norm::kernels(),
         permute::kernels(),
