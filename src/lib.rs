@@ -18,3 +18,4 @@ pub mod ops;
 pub mod pipeline;
 pub mod quant;
 pub mod shaders;
+pub mod tokenize;
