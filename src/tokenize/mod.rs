@@ -211,8 +211,11 @@ pub fn diversity_clusters(model: &RqVae, k: usize, n_init: usize, seed: u64) -> 
         .iter()
         .enumerate()
         .map(|(l, p)| {
-            let o = ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init, seed: seed.wrapping_add(l as u64) };
-            Ok(constrained_kmeans(&p.value, k, o).with_context(|| format!("diversity clusters of codebook {l}"))?.assign)
+            let o =
+                ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init, seed: seed.wrapping_add(l as u64) };
+            Ok(constrained_kmeans(&p.value, k, o)
+                .with_context(|| format!("diversity clusters of codebook {l}"))?
+                .assign)
         })
         .collect::<Result<_>>()?;
     Ok(DiversityClusters { labels })
@@ -239,11 +242,14 @@ pub fn init_codebooks(model: &RqVae, sem: &[f32], cfg: &TokenizerConfig) -> Resu
     for (l, book) in model.codebooks.iter().enumerate() {
         let seed = cfg.seed.wrapping_add(100 + l as u64);
         let cent = match cfg.init {
-            CodebookInit::Kmeans => kmeans(&r, n, KmeansOpts { max_iter: 100, tol: 1e-4, seed })?.centroids.to_vec_f32()?,
+            CodebookInit::Kmeans => {
+                kmeans(&r, n, KmeansOpts { max_iter: 100, tol: 1e-4, seed })?.centroids.to_vec_f32()?
+            }
             CodebookInit::Constrained => {
                 let lo = (m / (2 * n)).min(50).max(1);
                 let hi = (4 * lo).max(m.div_ceil(n));
-                let o = ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init: cfg.init_n_init.max(1), seed };
+                let o =
+                    ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init: cfg.init_n_init.max(1), seed };
                 constrained_kmeans(&r, n, o)?.centroids
             }
         };
@@ -337,7 +343,12 @@ pub fn train_model(
     let mut best: Option<(f64, usize, Vec<(String, Vec<usize>, Vec<f32>)>)> = None;
     for epoch in 0..cfg.epochs {
         let clusters = if sopts.beta != 0.0 {
-            Some(diversity_clusters(&model, cfg.div_clusters, cfg.div_n_init, cfg.seed.wrapping_add(epoch as u64 * 31))?)
+            Some(diversity_clusters(
+                &model,
+                cfg.div_clusters,
+                cfg.div_n_init,
+                cfg.seed.wrapping_add(epoch as u64 * 31),
+            )?)
         } else {
             None
         };
@@ -348,11 +359,14 @@ pub fn train_model(
         for chunk in order.chunks(cfg.batch_size) {
             let x = Tensor::from_f32(gpu, &gather_host(sem, din, chunk), &[chunk.len(), din])?;
             let h = match cf {
-                Some(cf) if sopts.alpha != 0.0 => Some(Tensor::from_f32(gpu, &gather_host(cf, dc, chunk), &[chunk.len(), dc])?),
+                Some(cf) if sopts.alpha != 0.0 => {
+                    Some(Tensor::from_f32(gpu, &gather_host(cf, dc, chunk), &[chunk.len(), dc])?)
+                }
                 _ => None,
             };
             let tape = Tape::new();
-            let out = model.forward_train(&tape, &x, h.as_ref(), clusters.as_ref(), Positives::Sample(&mut rng), &sopts)?;
+            let out =
+                model.forward_train(&tape, &x, h.as_ref(), clusters.as_ref(), Positives::Sample(&mut rng), &sopts)?;
             tape.backward(&out.total)?;
             opt.step()?;
             for (l, c) in out.codes.iter().enumerate() {
@@ -460,7 +474,11 @@ pub fn train_tokenizer(
     cf: Option<&[f32]>,
     cfg: &TokenizerConfig,
 ) -> Result<(ItemCodes, TokenizerReport)> {
-    let mut rep = TokenizerReport { method: cfg.method.name().to_string(), adapter: gpu.info().name.clone(), ..Default::default() };
+    let mut rep = TokenizerReport {
+        method: cfg.method.name().to_string(),
+        adapter: gpu.info().name.clone(),
+        ..Default::default()
+    };
     let model = train_model(gpu, sem, n_items, cf, cfg, &mut rep)?;
     let (ids, st) = assign_ids(&model, sem, cfg.collision_rounds, cfg.sinkhorn, cfg.batch_size)?;
     rep.ids = st;

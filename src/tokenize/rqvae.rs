@@ -283,7 +283,12 @@ impl RqVae {
 
     fn check_x(&self, op: &str, x: &Tensor) -> Result<usize> {
         if x.dtype() != DType::F32 || x.rank() != 2 || x.shape()[1] != self.cfg.in_dim || x.shape()[0] == 0 {
-            bail!("{op}: x must be f32 [B, {}] with B > 0, got {} {:?}", self.cfg.in_dim, shape_str(x.shape()), x.dtype());
+            bail!(
+                "{op}: x must be f32 [B, {}] with B > 0, got {} {:?}",
+                self.cfg.in_dim,
+                shape_str(x.shape()),
+                x.dtype()
+            );
         }
         Ok(x.shape()[0])
     }
@@ -341,7 +346,9 @@ impl RqVae {
         if use_cf {
             match cf {
                 Some(h) if h.shape() == [b, d] => {}
-                Some(h) => bail!("{OP}: CF embeddings must be [{b}, {d}] (batch x e_dim), got {}", shape_str(h.shape())),
+                Some(h) => {
+                    bail!("{OP}: CF embeddings must be [{b}, {d}] (batch x e_dim), got {}", shape_str(h.shape()))
+                }
                 None => bail!("{OP}: alpha = {} needs CF embeddings", opts.alpha),
             }
         }

@@ -36,7 +36,8 @@ fn letter_one_step_matches_pytorch_reference() {
     model.load_params(&|name| f.get(&format!("init.{name}")).ok().map(|t| (t.shape.clone(), t.data.clone()))).unwrap();
     let x = f.get("x").unwrap();
     let h = f.get("cf").unwrap();
-    let labels: Vec<Vec<u32>> = f.get("labels").unwrap().data.chunks(8).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+    let labels: Vec<Vec<u32>> =
+        f.get("labels").unwrap().data.chunks(8).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
     let pos: Vec<Vec<u32>> =
         f.get("positives").unwrap().data.chunks(12).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
     let xt = Tensor::from_f32(&gpu, &x.data, &x.shape).unwrap();
@@ -73,12 +74,9 @@ fn letter_one_step_matches_pytorch_reference() {
         let g = p.grad().unwrap_or_else(|| panic!("{} got no gradient", p.name)).to_vec_f32().unwrap();
         close(&format!("grad.{}", p.name), &g, &f.get(&format!("grad.{}", p.name)).unwrap().data, tol);
     }
-    let mut opt = AdamW::new(
-        model.params(),
-        AdamWHp { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 },
-        None,
-    )
-    .unwrap();
+    let mut opt =
+        AdamW::new(model.params(), AdamWHp { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 }, None)
+            .unwrap();
     opt.step().unwrap();
     for p in model.params() {
         close(
@@ -104,7 +102,8 @@ fn small_cfg(method: Method) -> TokenizerConfig {
         levels: 2,
         codebook_size: 16,
         epochs: 12,
-        batch_size: 64,
+        batch_size: 32,
+        lr: 3e-3,
         eval_every: 4,
         div_n_init: 2,
         init_n_init: 2,
