@@ -24,8 +24,13 @@ The cluster labels and the positives are inputs (the Rust test feeds the same
 ones), so both sides are deterministic. alpha and beta are larger than LETTER's
 defaults (0.02 / 1e-4) so every term visibly moves the gradients.
 
+A second fixture, step_pure.safetensors, uses the "pure math" straight-through
+variant (genrec's `st_chain = false`): the next residual is r - e (gradient
+kept) and x_q = z + sg(sum_l e_l - z), so every level's commitment term reaches
+the encoder and the earlier codebooks. Same weights, batch and draws.
+
 Run:  /work/pyref/bin/python tools/letter_rqvae_parity.py
-Writes tests/fixtures/letter_rqvae/step.safetensors (all f32).
+Writes tests/fixtures/letter_rqvae/{step,step_pure}.safetensors (all f32).
 """
 import os
 import random
@@ -87,7 +92,7 @@ def sinkhorn_plan(dist, eps, iters):
     return q * n
 
 
-def main():
+def main(pure):
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     params = {}
@@ -148,9 +153,15 @@ def main():
         parts[f"loss_cm.{l}"] = cmt
         parts[f"loss_div.{l}"] = div
         level_losses.append(cbk + MU * cmt + BETA * div)
-        xres = r + (eq - r).detach()
-        r = r - xres
-        xq = xq + xres
+        if pure:
+            r = r - eq
+            xq = xq + eq
+        else:
+            xres = r + (eq - r).detach()
+            r = r - xres
+            xq = xq + xres
+    if pure:
+        xq = z + (xq - z).detach()
     quant = torch.stack(level_losses).mean()
     out = run_mlp(xq, dec)
     recon = F.mse_loss(out, x)
@@ -203,7 +214,8 @@ def main():
         "sk_iters": str(SK_ITERS),
         "generator": "tools/letter_rqvae_parity.py",
     }
-    path = os.path.join(OUT, "step.safetensors")
+    meta["st_chain"] = str(not pure)
+    path = os.path.join(OUT, "step_pure.safetensors" if pure else "step.safetensors")
     save_file(t, path, metadata=meta)
     print(f"codes {t['codes'].long().tolist()}")
     print(f"losses total {total.item():.6f} recon {recon.item():.6f} quant {quant.item():.6f} cf {cf.item():.6f}")
@@ -211,5 +223,6 @@ def main():
 
 
 if __name__ == "__main__":
-    np.random.seed(SEED)
-    main()
+    for pure in (False, True):
+        np.random.seed(SEED)
+        main(pure)

@@ -6,9 +6,9 @@ use super::*;
 use crate::gpu::Gpu;
 use crate::io::safetensors::SafeTensorsFile;
 
-fn fixture() -> SafeTensorsFile {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/letter_rqvae/step.safetensors");
-    SafeTensorsFile::open(&p).expect("committed fixture tests/fixtures/letter_rqvae/step.safetensors")
+fn fixture(name: &str) -> SafeTensorsFile {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/letter_rqvae").join(name);
+    SafeTensorsFile::open(&p).unwrap_or_else(|e| panic!("committed fixture {}: {e:#}", p.display()))
 }
 
 fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -18,10 +18,22 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+/// The authors' straight-through residual chain (`step.safetensors`).
 #[test]
 fn letter_one_step_matches_pytorch_reference() {
+    one_step_parity("step.safetensors", true);
+}
+
+/// The pure-math variant (`st_chain = false`, `step_pure.safetensors`): residuals
+/// keep their gradient, x_q = z + sg(sum e - z).
+#[test]
+fn pure_math_one_step_matches_pytorch_reference() {
+    one_step_parity("step_pure.safetensors", false);
+}
+
+fn one_step_parity(file: &str, st_chain: bool) {
     let gpu = Gpu::shared().unwrap();
-    let f = fixture();
+    let f = fixture(file);
     let cfg = RqVaeConfig {
         in_dim: 24,
         hidden: vec![16, 8],
@@ -29,7 +41,7 @@ fn letter_one_step_matches_pytorch_reference() {
         levels: 3,
         codebook_size: 8,
         mu: 0.25,
-        st_chain: true,
+        st_chain,
         seed: 0,
     };
     let model = RqVae::new(&gpu, cfg).unwrap();
