@@ -58,6 +58,8 @@ pub struct TokenizerReport {
     pub epochs: Vec<EpochLog>,
     pub train_seconds: f64,
     pub adapter: String,
+    /// The `TokenizerConfig` used (JSON), for reproducibility.
+    pub config: serde_json::Value,
 }
 
 /// Per-level utilization and perplexity of the first `levels` codes.
