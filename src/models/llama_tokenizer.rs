@@ -7,12 +7,11 @@
 //! control (3) or user-defined (4) become added special tokens, so `<|im_start|>` in text
 //! encodes as one id.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -35,7 +34,7 @@ impl LlamaTokenizer {
         if t.model != "gpt2" {
             bail!("{what}: tokenizer model {:?} is not supported (only byte-level BPE, \"gpt2\")", t.model);
         }
-        let mut vocab = HashMap::with_capacity(t.tokens.len());
+        let mut vocab = Vocab::default();
         for (i, tok) in t.tokens.iter().enumerate() {
             if vocab.insert(tok.clone(), i as u32).is_some() {
                 bail!("{what}: token {tok:?} appears twice in tokenizer.ggml.tokens (second at id {i})");
