@@ -70,7 +70,11 @@ impl LlamaConfig {
             bail!("{p}: unsupported architecture {:?} (supported: llama, qwen2)", c.arch);
         }
         if c.rope_dim != c.head_dim {
-            bail!("{p}: partial rotary embeddings (rope dim {} of head dim {}) are not supported", c.rope_dim, c.head_dim);
+            bail!(
+                "{p}: partial rotary embeddings (rope dim {} of head dim {}) are not supported",
+                c.rope_dim,
+                c.head_dim
+            );
         }
         let has = |n: &str| g.tensor_info(n).is_ok();
         Ok(LlamaConfig {
@@ -108,7 +112,10 @@ impl LlamaConfig {
             bail!("{what}: unknown architecture model_type {arch:?} (supported: llama, qwen2)");
         }
         let u = |k: &str| -> Result<usize> {
-            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| anyhow!("{what}: missing integer {k:?}"))
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| anyhow!("{what}: missing integer {k:?}"))
         };
         let heads = u("num_attention_heads")?;
         let d = u("hidden_size")?;
@@ -517,8 +524,9 @@ impl Llama {
                     *m += x as f64 / v as f64;
                 }
             }
-            let var: f64 = data.chunks(d).flat_map(|r| r.iter().zip(&mean).map(|(&x, m)| (x as f64 - m).powi(2))).sum::<f64>()
-                / (v * d) as f64;
+            let var: f64 =
+                data.chunks(d).flat_map(|r| r.iter().zip(&mean).map(|(&x, m)| (x as f64 - m).powi(2))).sum::<f64>()
+                    / (v * d) as f64;
             let noise = normal_init(seed, n * d, 0.02 * var.sqrt() as f32);
             for i in 0..n {
                 data.extend(mean.iter().zip(&noise[i * d..(i + 1) * d]).map(|(&m, &e)| m as f32 + e));
@@ -731,7 +739,11 @@ impl StepModel for LlamaSession<'_> {
     fn reorder(&mut self, parents: &Tensor) -> Result<()> {
         let rows = self.rows();
         if parents.dtype() != DType::U32 || parents.shape() != [rows] {
-            bail!("llama reorder: parents must be u32 [{rows}], got {:?} {}", parents.dtype(), shape_str(parents.shape()));
+            bail!(
+                "llama reorder: parents must be u32 [{rows}], got {:?} {}",
+                parents.dtype(),
+                shape_str(parents.shape())
+            );
         }
         self.cache.reorder(parents)
     }

@@ -165,7 +165,8 @@ mod tests {
         let ids = tok.encode("hello world", false).unwrap();
         assert_eq!(ids[0], id("hello"));
         assert_eq!(ids[1], id("Ġw"));
-        for s in ["hello world", "Hello, wörld! 123 ∑ 🙂", "<|im_start|>user\nhello<|endoftext|>", " a  b\t\n", "x"] {
+        for s in ["hello world", "Hello, wörld! 123 ∑ 🙂", "<|im_start|>user\nhello<|endoftext|>", " a  b\t\n", "x"]
+        {
             let ids = tok.encode(s, false).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), s, "round trip of {s:?} via {ids:?}");
         }

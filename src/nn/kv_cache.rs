@@ -135,13 +135,15 @@ pub fn gather_rows_ref(src: &[f32], w: usize, parents: &[u32]) -> Vec<f32> {
     let rs = src.len() / w.max(1);
     parents
         .iter()
-        .flat_map(|&p| {
-            if (p as usize) < rs {
-                src[p as usize * w..(p as usize + 1) * w].to_vec()
-            } else {
-                vec![0.0; w]
-            }
-        })
+        .flat_map(
+            |&p| {
+                if (p as usize) < rs {
+                    src[p as usize * w..(p as usize + 1) * w].to_vec()
+                } else {
+                    vec![0.0; w]
+                }
+            },
+        )
         .collect()
 }
 
@@ -240,7 +242,9 @@ mod tests {
     #[test]
     fn kv_write_matches_reference() {
         let gpu = Gpu::shared().unwrap();
-        for &(b, h, cap, dh, tn, off) in &[(1, 1, 1, 4, 1, 0), (2, 3, 9, 8, 7, 2), (3, 1, 33, 4, 1, 32), (1, 2, 257, 12, 5, 100)] {
+        for &(b, h, cap, dh, tn, off) in
+            &[(1, 1, 1, 4, 1, 0), (2, 3, 9, 8, 7, 2), (3, 1, 33, 4, 1, 32), (1, 2, 257, 12, 5, 100)]
+        {
             let init = rand_vec(1, b * h * cap * dh, 1.0);
             let src = rand_vec(2, b * h * tn * dh, 1.0);
             let cache = Tensor::from_f32(&gpu, &init, &[b, h, cap, dh]).unwrap();

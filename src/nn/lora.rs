@@ -235,7 +235,9 @@ pub fn export_peft(dir: &Path, cfg: &LoraConfig, base_model: &str, adapters: &[(
             let name = format!("base_model.model.{path}.{part}.weight");
             let t = HostTensor::new(p.value.shape(), p.value.to_vec_f32()?)
                 .with_context(|| format!("export_peft: tensor {name}"))?;
-            if t.shape.len() != 2 || (part == "lora_A" && t.shape[0] != cfg.r) || (part == "lora_B" && t.shape[1] != cfg.r)
+            if t.shape.len() != 2
+                || (part == "lora_A" && t.shape[0] != cfg.r)
+                || (part == "lora_B" && t.shape[1] != cfg.r)
             {
                 bail!("export_peft: tensor {name} has shape {} for rank {}", shape_str(&t.shape), cfg.r);
             }
@@ -309,10 +311,15 @@ mod tests {
     fn adapter_starts_as_identity_then_merge_matches_unmerged() {
         let gpu = Gpu::shared().unwrap();
         let (n, d_in, d_out) = (3, 33, 7);
-        let w = Param::new("m.q_proj.weight", Tensor::from_f32(&gpu, &rand_vec(1, d_out * d_in, 0.3), &[d_out, d_in]).unwrap());
+        let w = Param::new(
+            "m.q_proj.weight",
+            Tensor::from_f32(&gpu, &rand_vec(1, d_out * d_in, 0.3), &[d_out, d_in]).unwrap(),
+        );
         let mut lin = LoraLinear::new(w, None);
         let x = Tensor::from_f32(&gpu, &rand_vec(2, n * d_in, 1.0), &[n, d_in]).unwrap();
-        let run = |lin: &LoraLinear| lin.forward(&Tape::no_grad(), &Tape::no_grad().constant(x.clone())).unwrap().value.to_vec_f32().unwrap();
+        let run = |lin: &LoraLinear| {
+            lin.forward(&Tape::no_grad(), &Tape::no_grad().constant(x.clone())).unwrap().value.to_vec_f32().unwrap()
+        };
         let base = run(&lin);
         let cfg = LoraConfig::new(4, 8.0, 0.1, &["q", "v"]).unwrap();
         lin.attach(&cfg, 9).unwrap();

@@ -47,7 +47,8 @@ struct Batch {
 fn batch(g: &Gpu, io: &BTreeMap<String, HostTensor>) -> Batch {
     let (b, t) = (io["input_ids"].shape[0], io["input_ids"].shape[1]);
     let ids: Vec<u32> = io["input_ids"].data.iter().map(|&x| x as u32).collect();
-    let valid: Vec<Vec<bool>> = io["attention_mask"].data.chunks(t).map(|r| r.iter().map(|&x| x > 0.5).collect()).collect();
+    let valid: Vec<Vec<bool>> =
+        io["attention_mask"].data.chunks(t).map(|r| r.iter().map(|&x| x > 0.5).collect()).collect();
     let mut targets = vec![-100i32; b * t];
     for r in 0..b {
         for s in 0..t - 1 {
@@ -382,7 +383,8 @@ fn bad_checkpoints_are_errors_naming_file_and_tensor() {
     let e = Llama::from_tensors(&g, cfg.clone(), &bad, "ckpt.safetensors").err().unwrap().to_string();
     assert!(e.contains("k_proj") && e.contains("[3, 32]") && e.contains("[16, 32]"), "{e}");
     // Unknown architecture.
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     v["model_type"] = "gpt_neox".into();
     let e = LlamaConfig::from_hf_value(&v, "x/config.json").unwrap_err().to_string();
     assert!(e.contains("x/config.json") && e.contains("gpt_neox"), "{e}");
@@ -410,7 +412,9 @@ fn bad_checkpoints_are_errors_naming_file_and_tensor() {
 #[test]
 fn smollm2_real_weights_match_transformers() {
     let Some(dir) = crate::io::fetch::local("smollm2") else {
-        eprintln!("SKIPPED smollm2_real_weights_match_transformers: asset smollm2 not cached (run `genrec fetch smollm2`)");
+        eprintln!(
+            "SKIPPED smollm2_real_weights_match_transformers: asset smollm2 not cached (run `genrec fetch smollm2`)"
+        );
         return;
     };
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -426,8 +430,10 @@ fn smollm2_real_weights_match_transformers() {
         assert_eq!(tok.encode(text, false).unwrap(), ids, "tokenization of {text:?} vs transformers");
         let (_, logits) = m.session(&[ids.clone()], 1, ids.len() + 1).unwrap();
         let l = logits.to_vec_f32().unwrap();
-        let top_i: Vec<usize> = case["top_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        let top_v: Vec<f32> = case["top_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let top_i: Vec<usize> =
+            case["top_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let top_v: Vec<f32> =
+            case["top_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
         let got: Vec<f32> = top_i.iter().map(|&i| l[i]).collect();
         let scale = max_abs(&top_v);
         assert_close(&format!("smollm2 logits for {text:?}"), &got, &top_v, 1e-3, 1e-3 * scale);
