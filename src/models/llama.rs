@@ -490,8 +490,8 @@ impl Llama {
     /// Final norm + LM head: `[..., d]` -> `[..., V]`.
     fn head(&self, tape: &Tape, h: &Var) -> Result<Var> {
         let h = h.rms_norm(&tape.param(&self.norm), self.cfg.eps)?;
-        let w = tape.param(self.lm_head.as_ref().unwrap_or(&self.embed));
-        h.linear(&w, None, true, ops::Act::None)
+        // The head is a linear over the (possibly tied) `[V, d]` table.
+        LoraLinear::new(self.lm_head.as_ref().unwrap_or(&self.embed).clone(), None).forward(tape, &h)
     }
 
     /// Trainable forward: `ids` u32 `[B, T]`, `mask` over `[B, T]` (e.g. [`Llama::padding_mask`]),

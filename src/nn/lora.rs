@@ -169,20 +169,48 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// y = x Wᵀ + b (+ the adapter). x: `[..., in]` -> `[..., out]`.
+    /// y = x Wᵀ + b (+ the adapter). x: `[..., in]` -> `[..., out]`, computed as one
+    /// `[N, in]` matmul (leading axes flattened, so a `[B, 1, in]` decoding step is one M = B
+    /// product, not B products of one row).
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let w = tape.param(&self.weight);
+        let shape = x.shape().to_vec();
+        let d_in = *shape.last().unwrap_or(&0);
+        if d_in != self.d_in() {
+            bail!("linear {}: input {} does not end in {} features", self.weight.name, shape_str(&shape), self.d_in());
+        }
+        let n = x.value.numel() / d_in.max(1);
+        let x2 = if shape.len() == 2 { x.clone() } else { x.reshape(&[n, d_in])? };
         let bias = self.bias.as_ref().map(|b| tape.param(b));
-        match &self.lora {
-            None => lora_linear(x, &w, bias.as_ref(), None),
+        let y = match &self.lora {
+            // Inference with few rows on a CPU adapter: the register-blocked kernel (8-row tiles,
+            // transposed weight read in place) instead of the subgroup kernel (32-row tiles, which
+            // would first materialize Wᵀ).
+            None if !tape.grad_enabled() && n < crate::ops::matmul::SG_ROWS && x.value.gpu().is_cpu() => {
+                let plan = crate::ops::matmul::Plan::with_path(crate::ops::matmul::Path::Register);
+                let opts = crate::ops::matmul::MatmulOpts {
+                    trans_a: false,
+                    trans_b: true,
+                    bias: bias.as_ref().map(|b| &b.value),
+                    act: Act::None,
+                };
+                tape.constant(crate::ops::matmul::matmul_with_plan(&x2.value, &self.weight.value, &opts, &plan)?)
+            }
+            None => lora_linear(&x2, &tape.param(&self.weight), bias.as_ref(), None)?,
             Some(l) => {
                 let (a, b) = (tape.param(&l.a), tape.param(&l.b));
                 let call = l.calls.get();
                 l.calls.set(call.wrapping_add(1));
                 let offset = call.wrapping_mul(x.value.numel() as u32);
-                lora_linear(x, &w, bias.as_ref(), Some((&a, &b, l.scale, l.dropout, l.seed, offset)))
+                let w = tape.param(&self.weight);
+                lora_linear(&x2, &w, bias.as_ref(), Some((&a, &b, l.scale, l.dropout, l.seed, offset)))?
             }
+        };
+        if shape.len() == 2 {
+            return Ok(y);
         }
+        let mut out = shape;
+        *out.last_mut().unwrap() = self.d_out();
+        y.reshape(&out)
     }
 
     /// Fold the adapter into the weight (`W += scale · B A`, in the weight's dtype) and drop it.
@@ -288,7 +316,7 @@ mod tests {
     #[test]
     fn lora_forward_gradients_match_finite_differences() {
         let gpu = Gpu::shared().unwrap();
-        let (n, d_in, d_out, r) = (5, 7, 6, 3);
+        let (n, d_in, d_out, r) = (3, 5, 4, 2);
         let inputs = vec![
             (rand_vec(1, n * d_in, 1.0), vec![n, d_in]),
             (rand_vec(2, d_out * d_in, 0.5), vec![d_out, d_in]),
