@@ -4,4 +4,6 @@
 
 pub mod bert;
 pub mod embed;
+pub mod llama;
+pub mod llama_tokenizer;
 pub mod t5;

@@ -2,6 +2,8 @@
 //! `Var`s. Weight layouts follow Hugging Face so checkpoints load directly
 //! (`Linear.weight` is [out, in]).
 
+pub mod kv_cache;
+pub mod lora;
 pub mod optim;
 pub mod state;
 
