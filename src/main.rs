@@ -21,6 +21,54 @@ enum Cmd {
         /// Where to write the results as JSON.
         #[arg(long, default_value = "results/quickstart.json")]
         out: std::path::PathBuf,
+        /// Ignore identifiers and checkpoints cached by earlier runs.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Train a generative recommender (item embeddings, tokenizer, T5) and
+    /// evaluate it on the test split. Resumes from the run's checkpoint.
+    Train {
+        #[arg(long, value_enum)]
+        system: genrec::pipeline::System,
+        /// A prepared dataset directory, `ml-100k`, or a name under <cache>/prepared/.
+        #[arg(long, default_value = "ml-100k")]
+        data: String,
+        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
+        budget: genrec::pipeline::Budget,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Write the metrics (and training summary) as JSON here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Evaluate a trained generative recommender (full ranking, test split).
+    Eval {
+        #[arg(long, value_enum)]
+        system: genrec::pipeline::System,
+        #[arg(long, default_value = "ml-100k")]
+        data: String,
+        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
+        budget: genrec::pipeline::Budget,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// valid or test.
+        #[arg(long, default_value = "test")]
+        split: String,
+    },
+    /// Top-K recommendations with titles for one user (by raw user id).
+    Recommend {
+        #[arg(long, value_enum)]
+        system: genrec::pipeline::System,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long, default_value = "ml-100k")]
+        data: String,
+        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
+        budget: genrec::pipeline::Budget,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// List GPU adapters with their features and limits (best first).
     Devices {
@@ -201,11 +249,41 @@ fn main() -> Result<()> {
             embed(&dataset, &opts)?
         }
         Cmd::Tokenize(args) => genrec::tokenize::cli::run(&args)?,
-        Cmd::Quickstart { budget, seed, out } => {
+        Cmd::Quickstart { budget, seed, out, fresh } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out })?;
+            genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out, fresh })?;
+        }
+        Cmd::Train { system, data, budget, seed, out } => train(system, &data, budget, seed, out)?,
+        Cmd::Eval { system, data, budget, seed, split } => {
+            use genrec::data::Split;
+            let split = match split.as_str() {
+                "test" => Split::Test,
+                "valid" => Split::Valid,
+                other => anyhow::bail!("eval: --split must be valid or test, not {other:?}"),
+            };
+            let gpu = genrec::gpu::Gpu::shared()?;
+            let data = load_prepared(&data)?;
+            let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
+            let report = model.evaluate(&data.eval_cases(split), &genrec::eval::Protocol::default())?;
+            println!("{}", report.to_json());
+        }
+        Cmd::Recommend { system, user, k, data, budget, seed } => {
+            let gpu = genrec::gpu::Gpu::shared()?;
+            let data = load_prepared(&data)?;
+            let Some(u) = data.user_ids.iter().position(|x| *x == user) else {
+                anyhow::bail!("recommend: user {user:?} is not in {} ({} users)", data.name, data.n_users());
+            };
+            // Recommend from everything the user did (the test case's history plus its target).
+            let case = data.eval_cases(genrec::data::Split::Test).into_iter().find(|c| c.user as usize == u);
+            let Some(mut case) = case else {
+                anyhow::bail!("recommend: user {user:?} has no held-out interactions to recommend after");
+            };
+            case.history.extend(case.targets.drain(..));
+            let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
+            let recs = model.recommend(std::slice::from_ref(&case), k.min(model.cfg.beams))?;
+            genrec::pipeline::print_recommendations(&data, &case, &recs[0]);
         }
     }
     Ok(())
@@ -334,6 +412,44 @@ fn embed(dataset: &str, opts: &genrec::models::embed::EmbedOptions) -> Result<()
             r.n_items as f64 / r.seconds.max(1e-9),
             r.path.display()
         );
+    }
+    Ok(())
+}
+
+/// `genrec train`: train one generative system, evaluate it, print and save the metrics.
+fn train(
+    system: genrec::pipeline::System,
+    data: &str,
+    budget: genrec::pipeline::Budget,
+    seed: u64,
+    out: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let gpu = genrec::gpu::Gpu::shared()?;
+    println!("device: {}", gpu.describe());
+    let data = load_prepared(data)?;
+    let full = budget.is_full(&gpu);
+    let trained = genrec::pipeline::train_system(&gpu, &data, system, full, seed)?;
+    let report =
+        trained.model.evaluate(&data.eval_cases(genrec::data::Split::Test), &genrec::eval::Protocol::default())?;
+    println!(
+        "{} on {}: best validation NDCG@10 {:.4} at epoch {}, {:.1} samples/s",
+        system.name(),
+        data.name,
+        trained.fit.best_valid_ndcg10,
+        trained.fit.best_epoch,
+        trained.fit.samples_per_second
+    );
+    for name in ["recall", "ndcg"] {
+        for k in [5, 10, 20] {
+            if let Some(v) = report.metric(name, k) {
+                println!("  test {name}@{k}: {v:.4}");
+            }
+        }
+    }
+    if let Some(out) = out {
+        let json = serde_json::json!({ "system": system.name(), "fit": trained.fit, "tokenizer": trained.tokenizer,
+            "report": serde_json::from_str::<serde_json::Value>(&report.to_json())? });
+        genrec::io::atomic_write(&out, |w| Ok(w.write_all(serde_json::to_string_pretty(&json)?.as_bytes())?))?;
     }
     Ok(())
 }

@@ -1,53 +1,84 @@
-//! End-to-end jobs behind the CLI. `quickstart` is the README's first command:
-//! fetch MovieLens-100k, prepare it (5-core, leave-one-out, history 20), train
-//! the collaborative baselines on the GPU, evaluate by full ranking and print
-//! a results table and sample recommendations with titles.
+//! End-to-end jobs behind the CLI.
 //!
-//! Status: the generative systems (TIGER, LETTER, ...) are not built yet; the
-//! quickstart runs what exists: popularity and SASRec.
+//! `quickstart` is the README's first command: fetch MovieLens-100k and
+//! MiniLM, prepare the data (5-core, leave-one-out, history 20), train SASRec
+//! (the baseline, and LETTER's 32-d collaborative signal), embed item titles
+//! and genres with MiniLM, train the TIGER (RQ-VAE) and LETTER tokenizers,
+//! train TIGER and LETTER-TIGER, evaluate everything by full ranking on the
+//! test split and print a results table and sample recommendations with titles.
+//!
+//! `train_system` is `genrec train --system ...`: the same stages for one
+//! generative system. Every expensive stage is cached under the run directory
+//! (`<cache>/runs/<dataset>/<budget>-seed<seed>/`): CF embeddings, identifiers
+//! and model checkpoints, so an interrupted run resumes and `genrec eval` /
+//! `genrec recommend` reuse the trained model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cf::{self, sasrec::SasRec, sasrec::SasRecConfig};
-use crate::data::{self, Format, PrepareOptions, Prepared, Split};
+use crate::data::{self, EvalCase, Format, PrepareOptions, Prepared, Split};
 use crate::eval::{EvalReport, Protocol};
 use crate::gpu::Gpu;
+use crate::io::checkpoint::{fingerprint, fingerprint_json};
+use crate::systems::tiger::{FitSummary, Tiger, TigerConfig};
+use crate::tokenize::{self, ids::ItemCodes, report::TokenizerReport, Method, TokenizerConfig};
 
-/// How much training the quickstart does.
+/// How much training a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Budget {
     /// Small on a CPU adapter (lavapipe), full on a GPU.
     Auto,
-    /// A few minutes on 2 CPU cores.
+    /// Minutes on 2 CPU cores: smaller models, fewer epochs (see each config's `small`).
     Small,
-    /// The paper-sized configuration.
+    /// The papers' configurations.
     Full,
 }
 
-pub struct QuickstartOptions {
-    pub budget: Budget,
-    pub seed: u64,
-    /// Where results.json is written.
-    pub out: PathBuf,
+impl Budget {
+    /// Whether this budget means the full configuration on `gpu`.
+    pub fn is_full(self, gpu: &Gpu) -> bool {
+        match self {
+            Budget::Auto => !gpu.is_cpu(),
+            Budget::Small => false,
+            Budget::Full => true,
+        }
+    }
 }
 
-/// One row of the results table.
-#[derive(serde::Serialize)]
-pub struct ModelResult {
-    pub model: String,
-    pub train_seconds: f64,
-    pub report: EvalReport,
+/// The generative systems `genrec train` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    /// TIGER: RQ-VAE semantic IDs + T5, plain cross-entropy.
+    Tiger,
+    /// LETTER-TIGER: LETTER identifiers + T5 with the ranking-guided loss.
+    Letter,
+    /// LETTER on the SmolLM2 LLM with LoRA (LC-Rec style). Not built yet.
+    LetterLlm,
 }
 
-fn sasrec_config(full: bool, seed: u64, max_history: usize) -> SasRecConfig {
-    let base = SasRecConfig { max_len: max_history, seed, ..Default::default() };
-    if full {
-        SasRecConfig { epochs: 200, ..base }
-    } else {
-        SasRecConfig { epochs: 12, ..base }
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Tiger => "TIGER",
+            System::Letter => "LETTER-TIGER",
+            System::LetterLlm => "LETTER-LLM",
+        }
+    }
+    fn file_stem(self) -> &'static str {
+        match self {
+            System::Tiger => "tiger",
+            System::Letter => "letter-tiger",
+            System::LetterLlm => "letter-llm",
+        }
+    }
+    fn method(self) -> Method {
+        match self {
+            System::Tiger => Method::RqVae,
+            System::Letter | System::LetterLlm => Method::Letter,
+        }
     }
 }
 
@@ -61,10 +92,251 @@ pub fn prepared_ml100k() -> Result<Prepared> {
     Ok(p)
 }
 
+/// Where a job's cached stages live.
+pub fn run_dir(data: &Prepared, full: bool, seed: u64) -> Result<PathBuf> {
+    let budget = if full { "full" } else { "small" };
+    Ok(crate::io::fetch::cache_dir()?.join("runs").join(&data.name).join(format!("{budget}-seed{seed}")))
+}
+
+/// SASRec as the quickstart trains it: 32-d (LETTER's CF dimension, spec
+/// §8.8), 2 blocks, 1 head, cross-entropy over all items.
+fn sasrec_config(full: bool, seed: u64, max_history: usize) -> SasRecConfig {
+    let base = SasRecConfig { d_model: 32, max_len: max_history.max(1), seed, ..Default::default() };
+    if full {
+        SasRecConfig { epochs: 200, ..base }
+    } else {
+        SasRecConfig { epochs: 10, batch_size: 256, lr: 2e-3, ..base }
+    }
+}
+
+/// Train SASRec with validation NDCG@10 early stopping; also caches its
+/// item embeddings in `dir` for LETTER.
+fn train_sasrec(gpu: &Gpu, data: &Prepared, full: bool, seed: u64, dir: &Path) -> Result<(SasRec, f64)> {
+    let cfg = sasrec_config(full, seed, data.options.max_history);
+    println!("training SASRec ({} epochs max, d={}, {} blocks) ...", cfg.epochs, cfg.d_model, cfg.blocks);
+    let valid = data.eval_cases(Split::Valid);
+    let model = SasRec::new(gpu, data.n_items(), cfg)?;
+    let t = Instant::now();
+    let quick = Protocol { bootstrap: 0, ks: vec![10], ..Protocol::default() };
+    let mut best = (f64::MIN, 0usize);
+    let every = if full { 10 } else { 2 };
+    model.fit(data, |epoch, _loss| {
+        // Validation NDCG@10 every few epochs; stop after 3 checks without gain.
+        if (epoch + 1) % every == 0 {
+            let v = model.evaluate(&valid, &quick)?.metric("ndcg", 10).unwrap_or(0.0);
+            eprintln!("SASRec validation NDCG@10 after epoch {}: {v:.4}", epoch + 1);
+            if v > best.0 {
+                best = (v, epoch);
+            } else if epoch - best.1 >= 3 * every {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let emb = model.item_embeddings()?;
+    cf::save_embeddings(&dir.join(CF_FILE), "sasrec", &data.name, model.cfg.d_model, &emb, None)?;
+    Ok((model, secs))
+}
+
+const CF_FILE: &str = "sasrec-item-emb.safetensors";
+
+/// LETTER's CF embeddings: the run's cached SASRec item table, or a fresh
+/// SASRec when there is none.
+fn cf_embeddings(gpu: &Gpu, data: &Prepared, full: bool, seed: u64, dir: &Path) -> Result<Vec<f32>> {
+    let path = dir.join(CF_FILE);
+    if path.exists() {
+        let f = crate::io::safetensors::SafeTensorsFile::open(&path)?;
+        let t = f.get_shaped("item_emb", &[data.n_items(), 32])?;
+        eprintln!("reusing SASRec item embeddings from {}", path.display());
+        return Ok(t.data);
+    }
+    let (model, _) = train_sasrec(gpu, data, full, seed, dir)?;
+    model.item_embeddings()
+}
+
+/// Tokenizer settings per budget: the paper's (4 x 256 x 32) on a GPU; on a
+/// CPU adapter fewer epochs over the same architecture.
+fn tokenizer_config(method: Method, full: bool, seed: u64) -> TokenizerConfig {
+    let base = TokenizerConfig { seed, ..TokenizerConfig::for_method(method) };
+    if full {
+        TokenizerConfig { epochs: 2000, eval_every: 100, ..base }
+    } else {
+        TokenizerConfig { epochs: 60, eval_every: 10, div_n_init: 2, init_n_init: 2, ..base }
+    }
+}
+
+/// Identifiers of every item for `method`, cached in `dir` under a key of
+/// the inputs and settings.
+fn identifiers(
+    gpu: &Gpu,
+    method: Method,
+    sem: &[f32],
+    cf: &[f32],
+    n_items: usize,
+    cfg: &TokenizerConfig,
+    dir: &Path,
+) -> Result<(ItemCodes, TokenizerReport)> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Cached {
+        key: String,
+        codes: ItemCodes,
+        report: TokenizerReport,
+    }
+    let key = fingerprint_json(&(
+        cfg,
+        fingerprint(bytemuck::cast_slice(sem)),
+        fingerprint(bytemuck::cast_slice(cf)),
+        n_items,
+    ))?;
+    let path = dir.join(format!("{}-ids.json", method.name()));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        match serde_json::from_str::<Cached>(&text) {
+            Ok(c) if c.key == key => {
+                c.codes.validate(&path.display().to_string())?;
+                eprintln!("reusing {} identifiers from {}", method.name(), path.display());
+                return Ok((c.codes, c.report));
+            }
+            _ => eprintln!("{}: stale or unreadable, retraining the tokenizer", path.display()),
+        }
+    }
+    println!("training the {} tokenizer ({} epochs) ...", method.name(), cfg.epochs);
+    let (codes, report) = tokenize::train_tokenizer(gpu, sem, n_items, Some(cf), cfg)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string(&Cached { key, codes: codes.clone(), report: report.clone() })?;
+    crate::io::atomic_write(&path, |w| Ok(w.write_all(json.as_bytes())?))?;
+    Ok((codes, report))
+}
+
+/// The generative model's configuration for a system and budget.
+pub fn tiger_config(system: System, full: bool, seed: u64) -> TigerConfig {
+    let base = if full { TigerConfig::paper() } else { TigerConfig::small() };
+    let base = TigerConfig { seed, ..base };
+    match system {
+        System::Tiger => base,
+        System::Letter | System::LetterLlm => base.with_letter_loss(),
+    }
+}
+
+/// A trained generative system and how it got there.
+pub struct TrainedSystem {
+    pub model: Tiger,
+    pub fit: FitSummary,
+    pub tokenizer: TokenizerReport,
+    pub codes: ItemCodes,
+}
+
+/// Item text embeddings (MiniLM over title + genres), cached.
+fn semantic_embeddings(gpu: &Gpu, data: &Prepared) -> Result<Vec<f32>> {
+    let opts = crate::models::embed::EmbedOptions { progress: true, ..Default::default() };
+    let r = crate::models::embed::item_text_embeddings_cached(gpu, data, &opts)
+        .with_context(|| format!("embedding the item texts of {}", data.name))?;
+    if r.reused {
+        eprintln!("reusing MiniLM item embeddings from {}", r.path.display());
+    } else {
+        println!("embedded {} item texts with MiniLM in {:.1}s", r.n_items, r.seconds);
+    }
+    Ok(r.data)
+}
+
+/// `genrec train --system ...`: identifiers, then the generative model
+/// (resuming from the run directory's checkpoint when there is one).
+pub fn train_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed: u64) -> Result<TrainedSystem> {
+    if system == System::LetterLlm {
+        bail!(
+            "{}: not built yet. The SmolLM2 backbone, LoRA and KV-cache decoding exist (models::llama, nn::lora), \
+             but the LC-Rec style instruction training loop does not; use --system tiger or --system letter",
+            system.name()
+        );
+    }
+    let dir = run_dir(data, full, seed)?;
+    let sem = semantic_embeddings(gpu, data)?;
+    let cf = cf_embeddings(gpu, data, full, seed, &dir)?;
+    let method = system.method();
+    let (codes, tokenizer) =
+        identifiers(gpu, method, &sem, &cf, data.n_items(), &tokenizer_config(method, full, seed), &dir)?;
+    let cfg = tiger_config(system, full, seed);
+    let mut model = Tiger::new(gpu, system.file_stem(), &codes.codes, cfg)?;
+    println!(
+        "training {} ({} parameters, vocabulary {}, τ = {}) ...",
+        system.name(),
+        model.num_params(),
+        model.vocab().size(),
+        model.cfg.tau
+    );
+    let fit = model.fit(data, Some(&dir))?;
+    Ok(TrainedSystem { model, fit, tokenizer, codes })
+}
+
+/// A trained system loaded back from its run directory (for `eval` and `recommend`).
+pub fn load_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed: u64) -> Result<Tiger> {
+    let dir = run_dir(data, full, seed)?;
+    let method = system.method();
+    let ids = dir.join(format!("{}-ids.json", method.name()));
+    let ckpt = dir.join(format!("{}-best.safetensors", system.file_stem()));
+    if !ids.exists() || !ckpt.exists() {
+        bail!(
+            "no trained {} for {} in {} (looked for {} and {}); run `genrec train --system {}` first",
+            system.name(),
+            data.name,
+            dir.display(),
+            ids.display(),
+            ckpt.display(),
+            system.file_stem().trim_end_matches("-tiger")
+        );
+    }
+    #[derive(serde::Deserialize)]
+    struct Cached {
+        codes: ItemCodes,
+    }
+    let text = std::fs::read_to_string(&ids).with_context(|| format!("reading {}", ids.display()))?;
+    let c: Cached = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
+    let model = Tiger::new(gpu, system.file_stem(), &c.codes.codes, tiger_config(system, full, seed))?;
+    model.load_weights(&ckpt)?;
+    Ok(model)
+}
+
+/// Display title of an item.
+pub fn title(data: &Prepared, i: u32) -> String {
+    data.item_meta[i as usize].title.clone().unwrap_or_else(|| data.item_ids[i as usize].clone())
+}
+
+/// Prints one user's recent history and top recommendations.
+pub fn print_recommendations(data: &Prepared, case: &EvalCase, recs: &[(u32, f32)]) {
+    let recent: Vec<String> = case.history.iter().rev().take(3).map(|&i| title(data, i)).collect();
+    println!("user {} — recently: {}", data.user_ids[case.user as usize], recent.join("; "));
+    for (rank, &(i, score)) in recs.iter().enumerate() {
+        let hit = if case.targets.contains(&i) { "  <- held-out next item" } else { "" };
+        println!("  {}. {} ({score:.2}){hit}", rank + 1, title(data, i));
+    }
+}
+
+pub struct QuickstartOptions {
+    pub budget: Budget,
+    pub seed: u64,
+    /// Where results.json is written.
+    pub out: PathBuf,
+    /// Ignore cached identifiers and checkpoints of earlier runs.
+    pub fresh: bool,
+}
+
+/// One row of the results table.
+#[derive(serde::Serialize)]
+pub struct ModelResult {
+    pub model: String,
+    pub train_seconds: f64,
+    pub report: EvalReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit: Option<FitSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerReport>,
+}
+
 fn metrics_row(name: &str, r: &EvalReport, secs: f64) -> String {
     let m = |n: &str, k: usize| r.metric(n, k).map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     format!(
-        "{name:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {secs:>9.1}",
+        "{name:<13} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {secs:>9.1}",
         m("recall", 5),
         m("recall", 10),
         m("recall", 20),
@@ -75,75 +347,89 @@ fn metrics_row(name: &str, r: &EvalReport, secs: f64) -> String {
 }
 
 pub fn quickstart(opts: &QuickstartOptions) -> Result<Vec<ModelResult>> {
+    let t_all = Instant::now();
     let gpu = Gpu::shared()?;
-    let full = match opts.budget {
-        Budget::Auto => !gpu.is_cpu(),
-        Budget::Small => false,
-        Budget::Full => true,
-    };
+    let full = opts.budget.is_full(&gpu);
     println!("device: {}", gpu.describe());
     if !full {
-        println!("budget: small (CPU adapter; pass --budget full for the paper-sized run)");
+        println!(
+            "budget: small (CPU adapter: smaller T5, fewer epochs; pass --budget full for the paper configuration)"
+        );
     }
     let data = prepared_ml100k()?;
     println!("{}", data.stats);
+    let dir = run_dir(&data, full, opts.seed)?;
+    if opts.fresh && dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
     let test = data.eval_cases(Split::Test);
-    let valid = data.eval_cases(Split::Valid);
     let protocol = Protocol::default();
     let mut results = Vec::new();
 
     let t = Instant::now();
     let pop = cf::evaluate_popularity(&data, &test, &protocol)?;
-    results.push(ModelResult { model: "Popularity".into(), train_seconds: t.elapsed().as_secs_f64(), report: pop });
-
-    let cfg = sasrec_config(full, opts.seed, data.options.max_history);
-    println!("training SASRec ({} epochs, d={}, {} blocks) ...", cfg.epochs, cfg.d_model, cfg.blocks);
-    let model = SasRec::new(&gpu, data.n_items(), cfg)?;
-    let t = Instant::now();
-    let quick_protocol = Protocol { bootstrap: 0, ..Protocol::default() };
-    let mut best = (f64::MIN, 0usize);
-    let every = if full { 10 } else { 4 };
-    model.fit(&data, |epoch, _loss| {
-        // Validation NDCG@10 every few epochs; stop after 3 checks without gain.
-        if (epoch + 1) % every == 0 {
-            let v = model.evaluate(&valid, &quick_protocol)?.metric("ndcg", 10).unwrap_or(0.0);
-            eprintln!("validation NDCG@10 after epoch {}: {v:.4}", epoch + 1);
-            if v > best.0 {
-                best = (v, epoch);
-            } else if epoch - best.1 >= 3 * every {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })?;
     let secs = t.elapsed().as_secs_f64();
-    let report = model.evaluate(&test, &protocol)?;
-    results.push(ModelResult { model: "SASRec".into(), train_seconds: secs, report });
+    results.push(ModelResult {
+        model: "Popularity".into(),
+        train_seconds: secs,
+        report: pop,
+        fit: None,
+        tokenizer: None,
+    });
+
+    let (sasrec, secs) = train_sasrec(&gpu, &data, full, opts.seed, &dir)?;
+    let report = sasrec.evaluate(&test, &protocol)?;
+    results.push(ModelResult { model: "SASRec".into(), train_seconds: secs, report, fit: None, tokenizer: None });
+    drop(sasrec);
+
+    let mut letter = None;
+    for system in [System::Tiger, System::Letter] {
+        let t = Instant::now();
+        let trained = train_system(&gpu, &data, system, full, opts.seed)?;
+        let secs = t.elapsed().as_secs_f64();
+        let report = trained.model.evaluate(&test, &protocol)?;
+        results.push(ModelResult {
+            model: system.name().into(),
+            train_seconds: secs,
+            report,
+            fit: Some(trained.fit.clone()),
+            tokenizer: Some(trained.tokenizer.clone()),
+        });
+        if system == System::Letter {
+            letter = Some(trained.model);
+        }
+    }
 
     println!("\nml-100k, leave-one-out, full ranking over {} items ({} test users)", data.n_items(), test.len());
     println!(
-        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<13} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "model", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "train s"
     );
     for r in &results {
         println!("{}", metrics_row(&r.model, &r.report, r.train_seconds));
     }
+    println!("\nidentifiers (unique after an extra disambiguation level where needed):");
+    for r in &results {
+        if let Some(t) = &r.tokenizer {
+            let used: Vec<String> = t.per_level.iter().map(|l| l.used.to_string()).collect();
+            println!(
+                "  {:<13} collisions: argmin {:.2}%, after Sinkhorn {:.2}%; codes used per level [{}] of {}; \
+                 code similarity {}",
+                r.model,
+                100.0 * t.ids.collision_rate_argmin,
+                100.0 * t.ids.collision_rate_sinkhorn,
+                used.join(", "),
+                t.codebook_size,
+                t.code_similarity.map(|s| format!("{s:.3}")).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
 
-    // Sample recommendations with titles for three users.
-    println!("\nsample recommendations (SASRec, already-seen items left out):");
-    let sample: Vec<_> = test.iter().take(3).cloned().collect();
-    let scores = model.score(&sample)?;
-    let n = data.n_items();
-    for (r, case) in sample.iter().enumerate() {
-        // Shown to a person: leave out what the user has already seen.
-        let top = crate::eval::top_k(&scores[r * n..(r + 1) * n], 5, |i| case.seen.binary_search(&i).is_err())?;
-        let title =
-            |i: u32| data.item_meta[i as usize].title.clone().unwrap_or_else(|| data.item_ids[i as usize].clone());
-        let recent: Vec<String> = case.history.iter().rev().take(3).map(|&i| title(i)).collect();
-        println!("user {} — recently: {}", data.user_ids[case.user as usize], recent.join("; "));
-        for (rank, &i) in top.iter().enumerate() {
-            let hit = if case.targets.contains(&i) { "  <- held-out next item" } else { "" };
-            println!("  {}. {}{hit}", rank + 1, title(i));
+    if let Some(model) = &letter {
+        println!("\nsample recommendations (LETTER-TIGER, trie-constrained beam search):");
+        let sample: Vec<EvalCase> = test.iter().take(3).cloned().collect();
+        for (case, recs) in sample.iter().zip(model.recommend(&sample, 5)?) {
+            print_recommendations(&data, case, &recs);
         }
     }
 
@@ -152,6 +438,6 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<Vec<ModelResult>> {
         w.write_all(json.as_bytes())?;
         Ok(())
     })?;
-    println!("\nresults written to {}", opts.out.display());
+    println!("\nresults written to {} ({:.1} min in all)", opts.out.display(), t_all.elapsed().as_secs_f64() / 60.0);
     Ok(results)
 }

@@ -220,7 +220,8 @@ impl Tiger {
     /// Train on every training prefix of `data`, validating on its validation
     /// split; keeps the best weights. With `ckpt_dir`, resumes from
     /// `<ckpt_dir>/<name>-last.safetensors` when it matches this model, data
-    /// and identifiers, and writes it (and `<name>-best.safetensors`) each epoch.
+    /// and identifiers (otherwise says why and starts over), and writes it
+    /// (and `<name>-best.safetensors` on improvement) after every epoch.
     pub fn fit(&mut self, data: &Prepared, ckpt_dir: Option<&Path>) -> Result<FitSummary> {
         let samples: Vec<_> = data.train_samples(false);
         if samples.is_empty() {
@@ -250,28 +251,37 @@ impl Tiger {
         let mut best = (f64::MIN, 0usize);
         let mut best_state: Option<BTreeMap<String, HostTensor>> = None;
         let mut losses = Vec::new();
-        if let Some((last, best_path)) = &paths {
-            if last.exists() {
-                let expect = Expect {
-                    dataset_fingerprint: Some(&dataset_fp),
-                    tokenizer_fingerprint: Some(&self.tokenizer_fingerprint),
-                    config: Some(&config),
-                    shapes: None,
-                };
-                let ck = checkpoint::load(last, &expect).with_context(|| {
-                    format!("{}: resuming from {} (delete it to start over)", self.name, last.display())
-                })?;
-                state::restore(&last.display().to_string(), &params, Some(&mut opt), &ck.tensors, ck.meta.step as u32)?;
-                start_epoch = ck.meta.extra["epoch"].as_u64().unwrap_or(0) as usize;
-                best = (
-                    ck.meta.extra["best_ndcg10"].as_f64().unwrap_or(f64::MIN),
-                    ck.meta.extra["best_epoch"].as_u64().unwrap_or(0) as usize,
-                );
-                losses = serde_json::from_value(ck.meta.extra["losses"].clone()).unwrap_or_default();
-                if best_path.exists() {
-                    best_state = Some(checkpoint::load(best_path, &Expect::default())?.tensors);
+        if let Some((last, best_path)) = paths.as_ref().filter(|p| p.0.exists()) {
+            let expect = Expect {
+                dataset_fingerprint: Some(&dataset_fp),
+                tokenizer_fingerprint: Some(&self.tokenizer_fingerprint),
+                config: Some(&config),
+                shapes: None,
+            };
+            // A checkpoint of another run (other data, identifiers or
+            // configuration) is not resumed: say why and start over.
+            match checkpoint::load(last, &expect) {
+                Err(e) => {
+                    eprintln!("{}: not resuming from {}: {e:#}; training from scratch", self.name, last.display())
                 }
-                eprintln!("{}: resumed from {} at epoch {start_epoch}", self.name, last.display());
+                Ok(ck) => {
+                    state::restore(
+                        &last.display().to_string(),
+                        &params,
+                        Some(&mut opt),
+                        &ck.tensors,
+                        ck.meta.step as u32,
+                    )?;
+                    let x = &ck.meta.extra;
+                    start_epoch = x["epoch"].as_u64().unwrap_or(0) as usize;
+                    best =
+                        (x["best_ndcg10"].as_f64().unwrap_or(f64::MIN), x["best_epoch"].as_u64().unwrap_or(0) as usize);
+                    losses = serde_json::from_value(x["losses"].clone()).unwrap_or_default();
+                    if best_path.exists() {
+                        best_state = Some(checkpoint::load(best_path, &Expect::default())?.tensors);
+                    }
+                    eprintln!("{}: resumed from {} after epoch {start_epoch}", self.name, last.display());
+                }
             }
         }
 
