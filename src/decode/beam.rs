@@ -49,15 +49,33 @@ pub const MAX_BEAMS: usize = 256;
 const WG_GPU: usize = 64;
 const WG_CPU: usize = 8;
 
-fn kernel(wg: usize) -> Kernel {
+/// Private per-thread list lengths of the select kernel's variants (>= beams).
+const LMAX_SMALL: usize = 32;
+
+fn lmax_for(beams: usize) -> usize {
+    if beams <= LMAX_SMALL {
+        LMAX_SMALL
+    } else {
+        MAX_BEAMS
+    }
+}
+
+fn kernel(wg: usize, lmax: usize) -> Kernel {
     Kernel::new("beam_select", "beam_select", "beam_select")
         .define("WG", format!("{wg}u"))
         .define("KMAX", format!("{MAX_BEAMS}u"))
+        .define("LMAX", format!("{lmax}u"))
 }
 
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
-    vec![kernel(WG_GPU), kernel(WG_CPU)]
+    let mut v = Vec::new();
+    for wg in [WG_GPU, WG_CPU] {
+        for lmax in [LMAX_SMALL, MAX_BEAMS] {
+            v.push(kernel(wg, lmax));
+        }
+    }
+    v
 }
 
 /// Beam search options.
@@ -196,7 +214,7 @@ pub fn beam_select(logp: &Tensor, trie: &GpuTrie, state: &Tensor, users: usize, 
     };
     let p = Params::new().u(users).u(beams).u(vocab).u(t.num_nodes()).u(t.eos() as usize).f(f32::NEG_INFINITY);
     gpu.dispatch(
-        &kernel(wg_for(gpu)),
+        &kernel(wg_for(gpu), lmax_for(beams)),
         p.bytes(),
         &[
             logp.buffer(),
@@ -521,6 +539,7 @@ mod tests {
     /// HF-style beam search (K live beams, top-2K candidates, EOS candidates of
     /// rank < K go to a finished list, done when K are finished), on tries with
     /// all items of equal depth and full-vocab log-probs: the same items and scores.
+    #[allow(clippy::needless_range_loop)]
     fn hf_reference(
         model: &mut dyn CpuStepModel,
         trie: &Trie,
@@ -690,5 +709,100 @@ mod tests {
         let st = BeamState::upload(&g, &BeamState::initial(2, 2)).unwrap();
         let e = beam_select(&lp, &gt, &st, 2, 2).err().unwrap().to_string();
         assert!(e.contains("beam_select") && e.contains("[3, 5]"), "{e}");
+    }
+
+    /// A TIGER-shaped trie: `n` items x 4 levels of 256 codes (token 1 + 256 * level + code),
+    /// colliding items get a 5th suffix token; pad/start 0, EOS 1025, V = 1026.
+    fn tiger_trie(n: usize, seed: u64) -> Trie {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut seen = std::collections::HashMap::new();
+        let items: Vec<Vec<u32>> = (0..n)
+            .map(|_| {
+                let mut s: Vec<u32> = (0..4).map(|l| 1 + 256 * l + rng.gen_range(0..256)).collect();
+                let c = seen.entry(s.clone()).or_insert(0u32);
+                if *c > 0 {
+                    s.push(1 + 3 * 256 + *c);
+                }
+                *c += 1;
+                s
+            })
+            .collect();
+        Trie::new(&items, 1025).unwrap()
+    }
+
+    /// Timing on the current adapter (prints, asserts nothing about time):
+    /// `cargo test --release --lib decode::beam::tests::stage_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn stage_timing() {
+        let g = gpu();
+        let (vocab, batch, beams) = (1026usize, 64usize, 20usize);
+        let trie = tiger_trie(1682, 1);
+        let gt = trie.to_gpu(&g).unwrap();
+        let opts = BeamOpts::new(batch, beams, 10, 0);
+        let rows = opts.rows();
+        println!("adapter: {}", g.describe());
+        println!("trie: {} items, {} nodes, depth {}", trie.num_items(), trie.num_nodes(), trie.max_depth());
+        // Decode kernels only: fixed logits, (depth + 1) x (mask + select), one sync.
+        let logits = Tensor::from_f32(&g, &rand_vec(3, rows * vocab, 4.0), &[rows, vocab]).unwrap();
+        let run = || {
+            let mut state = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
+            for _ in 0..=trie.max_depth() {
+                let logp = masked_log_softmax("t", &logits, &state, 4, &gt, ScoreNorm::Allowed).unwrap();
+                state = beam_select(&logp, &gt, &state, batch, beams).unwrap().state;
+            }
+            BeamState::download(&state).unwrap()
+        };
+        run(); // compile pipelines
+        let t0 = std::time::Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            run();
+        }
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "decode kernels (mask + select, {} steps, {batch} users x {beams} beams, V={vocab}): {:.1} ms/search = {:.0} users/s",
+            trie.max_depth() + 1,
+            dt * 1e3,
+            batch as f64 / dt
+        );
+        // Stage split: masks alone, then selects alone (on a fixed masked input).
+        let state0 = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            masked_log_softmax("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
+        }
+        g.sync().unwrap();
+        println!("  mask: {:.2} ms/step", t0.elapsed().as_secs_f64() * 100.0);
+        // A wide state: every beam live at the root (its ~256 children each).
+        let mid: Vec<BeamState> = (0..rows).map(|r| BeamState { node: 0, item: NO_ITEM, score: -(r as f32) }).collect();
+        let mid = BeamState::upload(&g, &mid).unwrap();
+        let logp = masked_log_softmax("t", &logits, &mid, 4, &gt, ScoreNorm::Allowed).unwrap();
+        beam_select(&logp, &gt, &mid, batch, beams).unwrap();
+        g.sync().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            beam_select(&logp, &gt, &mid, batch, beams).unwrap();
+        }
+        g.sync().unwrap();
+        println!(
+            "  select ({beams} x {} candidates per user): {:.2} ms/step",
+            trie.children(0).count(),
+            t0.elapsed().as_secs_f64() * 100.0
+        );
+        // Whole search with the toy model (its gather/add kernels included).
+        let (mut m, mut r) = toy_pair(&g, vocab, rows, trie.max_depth() + 1, 3.0, 2).unwrap();
+        let first = beam_search(&mut m, &gt, &opts).unwrap();
+        let (mut m, _) = toy_pair(&g, vocab, rows, trie.max_depth() + 1, 3.0, 2).unwrap();
+        let t0 = std::time::Instant::now();
+        let got = beam_search(&mut m, &gt, &opts).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        println!("beam_search with the toy model: {:.1} ms = {:.0} users/s", dt * 1e3, batch as f64 / dt);
+        let t0 = std::time::Instant::now();
+        let want = beam_search_ref(&mut r, &trie, &opts).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        println!("beam_search_ref (host, same model): {:.1} ms = {:.0} users/s", dt * 1e3, batch as f64 / dt);
+        assert_eq!(first, got);
+        assert_same("timing run", &got, &want);
     }
 }
