@@ -4,7 +4,9 @@
 // (node, item, bitcast<u32>(score), 0), where node is a trie node id for a live
 // beam, FINISHED for a beam that has emitted EOS (item = its item), DEAD for an
 // empty slot (score -inf).
-// logp: [rows, V] f32, the trie-masked log-probs of this step (trie_mask.wgsl).
+// logits: [rows, V] f32, this step's raw logits; lse: [rows] f32, each row's
+// normaliser from trie_mask.wgsl's trie_row_lse (+inf for rows with nothing
+// allowed), so the masked log-prob of an allowed token t is logits[r, t] - lse[r].
 // trie: packed u32 [node_off (N + 1) | node_item (N) | edge_tok (E) | edge_child (E)].
 //
 // Candidates of user b: each live beam k extends by every child token t of its
@@ -30,7 +32,7 @@ struct Params {
     neg_inf: f32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> logp: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> trie: array<u32>;
 @group(0) @binding(3) var<storage, read> state_in: array<vec4<u32>>;
 // [rows] new beam states
@@ -39,6 +41,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> parents: array<u32>;
 // [rows] the token each new row appended (EOS for finished and dead rows)
 @group(0) @binding(6) var<storage, read_write> tokens: array<u32>;
+@group(0) @binding(7) var<storage, read> lse: array<f32>;
 
 const FINISHED = 0xfffffffeu;
 const DEAD = 0xffffffffu;
@@ -92,7 +95,7 @@ fn candidate(r: u32, k: u32, j: u32) -> Cand {
             c.node = FINISHED;
             c.item = trie[p.n_nodes + 1u + st.x];
         }
-        c.score = old + logp[r * p.vocab + c.token];
+        c.score = old + (logits[r * p.vocab + c.token] - lse[r]);
     }
     c.key = k * p.vocab + c.token;
     return c;

@@ -3,12 +3,15 @@
 //! the masked log-softmax), plus its plain-Rust reference.
 //!
 //! One step, for rows `r = b * beams + k`: the model turns each row's last
-//! token into logits `[rows, V]`; the trie kernel keeps the allowed tokens and
-//! log-softmaxes them; the select kernel adds each beam's cumulative score and
-//! picks, per user, the `beams` best of (live beams x allowed tokens) together
-//! with the beams that already finished; the model's state is reordered by the
-//! chosen parents. Beam state (node, item, score) stays on the GPU; nothing is
-//! read back until the end.
+//! token into logits `[rows, V]`; the trie kernel (`trie_row_lse`) computes
+//! each row's log-softmax normaliser over the tokens its trie node allows;
+//! the select kernel scores every allowed continuation as
+//! `beam score + logits - lse` (so the masked `[rows, V]` log-probs are never
+//! written: per row only the allowed logits are read) and picks, per user, the
+//! `beams` best of (live beams x allowed tokens) together with the beams that
+//! already finished; the model's state is reordered by the chosen parents.
+//! Beam state (node, item, score) stays on the GPU; nothing is read back until
+//! the end.
 //!
 //! Semantics (documented choices):
 //! - Step 0 starts every row from `start_token` at the trie root, with only
@@ -34,7 +37,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::mask::{masked_log_softmax, row_grid, trie_log_softmax_ref, wg_for, ScoreNorm};
+use super::mask::{row_grid, row_lse, trie_row_lse_ref, wg_for, ScoreNorm};
 use super::trie::{GpuTrie, Trie, NO_ITEM};
 use super::StepModel;
 use crate::gpu::{check, shape_str, DType, Kernel, Params, Tensor};
@@ -181,32 +184,45 @@ pub struct Selected {
     pub tokens: Tensor,
 }
 
-/// One selection step on the GPU: `logp` F32 `[users * beams, V]` (trie-masked
-/// log-probs), `state` U32 `[users * beams, 4]`.
-pub fn beam_select(logp: &Tensor, trie: &GpuTrie, state: &Tensor, users: usize, beams: usize) -> Result<Selected> {
+/// One selection step on the GPU: `logits` F32 `[users * beams, V]` (raw),
+/// `lse` F32 `[users * beams]` (their trie normalisers, [`super::trie_row_lse`];
+/// the masked log-prob of an allowed token is `logits - lse`), `state` U32
+/// `[users * beams, 4]`.
+pub fn beam_select(
+    logits: &Tensor,
+    lse: &Tensor,
+    trie: &GpuTrie,
+    state: &Tensor,
+    users: usize,
+    beams: usize,
+) -> Result<Selected> {
     const OP: &str = "beam_select";
-    check::nonempty(OP, &[("logp", logp), ("state", state)])?;
-    check::dtype(OP, "logp", logp, DType::F32)?;
+    check::nonempty(OP, &[("logits", logits), ("lse", lse), ("state", state)])?;
+    check::dtype(OP, "logits", logits, DType::F32)?;
+    check::dtype(OP, "lse", lse, DType::F32)?;
     check::dtype(OP, "state", state, DType::U32)?;
-    check::same_device(OP, &[logp, state, trie.tensor()])?;
+    check::same_device(OP, &[logits, lse, state, trie.tensor()])?;
     ensure!((1..=MAX_BEAMS).contains(&beams), "{OP}: beams = {beams} is outside 1..={MAX_BEAMS}");
     let rows = users * beams;
-    if logp.rank() != 2 || logp.shape()[0] != rows {
-        bail!("{OP}: logp must be [{users} users x {beams} beams, V], got {}", shape_str(logp.shape()));
+    if logits.rank() != 2 || logits.shape()[0] != rows {
+        bail!("{OP}: logits must be [{users} users x {beams} beams, V], got {}", shape_str(logits.shape()));
+    }
+    if lse.shape() != [rows] {
+        bail!("{OP}: lse must be [{rows}], got {}", shape_str(lse.shape()));
     }
     if state.shape() != [rows, 4] {
         bail!("{OP}: state must be [{rows}, 4], got {}", shape_str(state.shape()));
     }
-    let vocab = logp.shape()[1];
+    let vocab = logits.shape()[1];
     let t = trie.trie();
     ensure!(
         (t.max_token() as usize) < vocab,
-        "{OP}: logp {} has a vocabulary of {vocab} but the trie uses token {}",
-        shape_str(logp.shape()),
+        "{OP}: logits {} have a vocabulary of {vocab} but the trie uses token {}",
+        shape_str(logits.shape()),
         t.max_token()
     );
     ensure!(beams * vocab <= u32::MAX as usize, "{OP}: beams x vocabulary {vocab} overflows u32 keys");
-    let gpu = logp.gpu();
+    let gpu = logits.gpu();
     let out = Selected {
         state: Tensor::empty(gpu, &[rows, 4], DType::U32)?,
         parents: Tensor::empty(gpu, &[rows], DType::U32)?,
@@ -217,21 +233,24 @@ pub fn beam_select(logp: &Tensor, trie: &GpuTrie, state: &Tensor, users: usize, 
         &kernel(wg_for(gpu), lmax_for(beams)),
         p.bytes(),
         &[
-            logp.buffer(),
+            logits.buffer(),
             trie.tensor().buffer(),
             state.buffer(),
             out.state.buffer(),
             out.parents.buffer(),
             out.tokens.buffer(),
+            lse.buffer(),
         ],
         row_grid(users),
     )?;
     Ok(out)
 }
 
-/// CPU reference of [`beam_select`]: returns (new states, parents, tokens).
+/// CPU reference of [`beam_select`] (same f32 arithmetic:
+/// `score + (logits - lse)`): returns (new states, parents, tokens).
 pub fn beam_select_ref(
-    logp: &[f32],
+    logits: &[f32],
+    lse: &[f32],
     vocab: usize,
     trie: &Trie,
     state: &[BeamState],
@@ -239,6 +258,7 @@ pub fn beam_select_ref(
     beams: usize,
 ) -> (Vec<BeamState>, Vec<u32>, Vec<u32>) {
     let rows = users * beams;
+    let logp = |r: usize, t: u32| logits[r * vocab + t as usize] - lse[r];
     let (mut new_state, mut parents, mut tokens) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::new());
     for b in 0..users {
         // (score, key, parent row, token, new state)
@@ -251,11 +271,11 @@ pub fn beam_select_ref(
                 cands.push((st.score, key(trie.eos()), r as u32, trie.eos(), st));
             } else if (st.node as usize) < trie.num_nodes() {
                 for (tok, child) in trie.children(st.node) {
-                    let s = st.score + logp[r * vocab + tok as usize];
+                    let s = st.score + logp(r, tok);
                     cands.push((s, key(tok), r as u32, tok, BeamState { node: child, item: NO_ITEM, score: s }));
                 }
                 if let Some(item) = trie.leaf_item(st.node) {
-                    let s = st.score + logp[r * vocab + trie.eos() as usize];
+                    let s = st.score + logp(r, trie.eos());
                     cands.push((
                         s,
                         key(trie.eos()),
@@ -336,8 +356,8 @@ pub fn beam_search(model: &mut dyn StepModel, trie: &GpuTrie, opts: &BeamOpts) -
                 logits.dtype()
             );
         }
-        let logp = masked_log_softmax(OP, &logits, &state, 4, trie, opts.norm)?;
-        let sel = beam_select(&logp, trie, &state, opts.batch, opts.beams)?;
+        let lse = row_lse(OP, &logits, &state, 4, trie, opts.norm)?;
+        let sel = beam_select(&logits, &lse, trie, &state, opts.batch, opts.beams)?;
         if step + 1 < steps {
             model.reorder(&sel.parents).with_context(|| format!("{OP}: model reorder after step {step}"))?;
         }
@@ -369,8 +389,8 @@ pub fn beam_search_ref(model: &mut dyn CpuStepModel, trie: &Trie, opts: &BeamOpt
         let logits = model.step(&tokens)?;
         ensure!(logits.len() == rows * vocab, "{OP}: model step {step} returned {} logits", logits.len());
         let nodes: Vec<u32> = state.iter().map(|s| s.node).collect();
-        let logp = trie_log_softmax_ref(&logits, vocab, &nodes, trie, opts.norm);
-        let (st, parents, toks) = beam_select_ref(&logp, vocab, trie, &state, opts.batch, opts.beams);
+        let lse = trie_row_lse_ref(&logits, vocab, &nodes, trie, opts.norm);
+        let (st, parents, toks) = beam_select_ref(&logits, &lse, vocab, trie, &state, opts.batch, opts.beams);
         if step + 1 < steps {
             model.reorder(&parents)?;
         }
@@ -383,6 +403,7 @@ pub fn beam_search_ref(model: &mut dyn CpuStepModel, trie: &Trie, opts: &BeamOpt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::mask::trie_log_softmax_ref;
     use crate::decode::random_trie;
     use crate::decode::toy::toy_pair;
     use crate::gpu::Gpu;
@@ -423,11 +444,12 @@ mod tests {
             // Quantised logits so equal-score ties occur and test the key order.
             let logits: Vec<f32> =
                 rand_vec(vocab as u64, rows * vocab, 3.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
-            let logp = trie_log_softmax_ref(&logits, vocab, &nodes, &trie, ScoreNorm::Allowed);
-            let t_logp = Tensor::from_f32(&g, &logp, &[rows, vocab]).unwrap();
+            let lse = trie_row_lse_ref(&logits, vocab, &nodes, &trie, ScoreNorm::Allowed);
+            let t_logits = Tensor::from_f32(&g, &logits, &[rows, vocab]).unwrap();
+            let t_lse = Tensor::from_f32(&g, &lse, &[rows]).unwrap();
             let t_state = BeamState::upload(&g, &states).unwrap();
-            let sel = beam_select(&t_logp, &gt, &t_state, users, beams).unwrap();
-            let (want_s, want_p, want_t) = beam_select_ref(&logp, vocab, &trie, &states, users, beams);
+            let sel = beam_select(&t_logits, &t_lse, &gt, &t_state, users, beams).unwrap();
+            let (want_s, want_p, want_t) = beam_select_ref(&logits, &lse, vocab, &trie, &states, users, beams);
             let got_s = BeamState::download(&sel.state).unwrap();
             let what = format!("V={vocab} users={users} beams={beams}");
             for (r, (a, b)) in got_s.iter().zip(&want_s).enumerate() {
@@ -707,7 +729,8 @@ mod tests {
         assert!(e.contains("step 0") && e.contains("[4, 6]") && e.contains("[4, 5]"), "{e}");
         let lp = Tensor::zeros(&g, &[3, 5], DType::F32).unwrap();
         let st = BeamState::upload(&g, &BeamState::initial(2, 2)).unwrap();
-        let e = beam_select(&lp, &gt, &st, 2, 2).err().unwrap().to_string();
+        let lse = Tensor::zeros(&g, &[3], DType::F32).unwrap();
+        let e = beam_select(&lp, &lse, &gt, &st, 2, 2).err().unwrap().to_string();
         assert!(e.contains("beam_select") && e.contains("[3, 5]"), "{e}");
     }
 
@@ -748,8 +771,8 @@ mod tests {
         let run = || {
             let mut state = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
             for _ in 0..=trie.max_depth() {
-                let logp = masked_log_softmax("t", &logits, &state, 4, &gt, ScoreNorm::Allowed).unwrap();
-                state = beam_select(&logp, &gt, &state, batch, beams).unwrap().state;
+                let lse = row_lse("t", &logits, &state, 4, &gt, ScoreNorm::Allowed).unwrap();
+                state = beam_select(&logits, &lse, &gt, &state, batch, beams).unwrap().state;
             }
             BeamState::download(&state).unwrap()
         };
@@ -770,19 +793,28 @@ mod tests {
         let state0 = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
         let t0 = std::time::Instant::now();
         for _ in 0..10 {
-            masked_log_softmax("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
+            row_lse("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
         }
         g.sync().unwrap();
-        println!("  mask: {:.2} ms/step", t0.elapsed().as_secs_f64() * 100.0);
+        println!("  row lse: {:.2} ms/step", t0.elapsed().as_secs_f64() * 100.0);
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            crate::decode::mask::masked_log_softmax("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
+        }
+        g.sync().unwrap();
+        println!(
+            "  (full masked log-softmax, not used by the search: {:.2} ms/step)",
+            t0.elapsed().as_secs_f64() * 100.0
+        );
         // A wide state: every beam live at the root (its ~256 children each).
         let mid: Vec<BeamState> = (0..rows).map(|r| BeamState { node: 0, item: NO_ITEM, score: -(r as f32) }).collect();
         let mid = BeamState::upload(&g, &mid).unwrap();
-        let logp = masked_log_softmax("t", &logits, &mid, 4, &gt, ScoreNorm::Allowed).unwrap();
-        beam_select(&logp, &gt, &mid, batch, beams).unwrap();
+        let lse = row_lse("t", &logits, &mid, 4, &gt, ScoreNorm::Allowed).unwrap();
+        beam_select(&logits, &lse, &gt, &mid, batch, beams).unwrap();
         g.sync().unwrap();
         let t0 = std::time::Instant::now();
         for _ in 0..10 {
-            beam_select(&logp, &gt, &mid, batch, beams).unwrap();
+            beam_select(&logits, &lse, &gt, &mid, batch, beams).unwrap();
         }
         g.sync().unwrap();
         println!(

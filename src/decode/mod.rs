@@ -30,7 +30,7 @@ pub mod toy;
 pub mod trie;
 
 pub use beam::{beam_search, beam_search_ref, BeamOpts, CpuStepModel, Hyp};
-pub use mask::{trie_log_softmax, trie_log_softmax_ref, ScoreNorm};
+pub use mask::{trie_log_softmax, trie_log_softmax_ref, trie_row_lse, trie_row_lse_ref, ScoreNorm};
 pub use trie::{GpuTrie, Trie, NO_ITEM};
 
 /// Every kernel variant of the decode layer (for naga validation).
