@@ -784,7 +784,7 @@ mod tests {
         }
         let dt = t0.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "decode kernels (mask + select, {} steps, {batch} users x {beams} beams, V={vocab}): {:.1} ms/search = {:.0} users/s",
+            "decode kernels (row lse + select, {} steps, {batch} users x {beams} beams, V={vocab}): {:.1} ms/search = {:.0} users/s",
             trie.max_depth() + 1,
             dt * 1e3,
             batch as f64 / dt
