@@ -30,7 +30,8 @@
 //! - Candidates with score -inf (a model's own -inf logits) are never chosen;
 //!   a user with fewer reachable items than `beams` gets empty slots, which
 //!   are left out of the results (so a result list may be shorter than `topk`
-//!   only when the trie has fewer than `topk` items).
+//!   only when the trie has fewer than `topk` items). A user left with no
+//!   item at all (NaN or -inf logits everywhere) is an error.
 //! - Results: per user, the first `topk` finished beams, best first. Beams are
 //!   distinct sequences and the trie maps sequences to items one-to-one, so the
 //!   items are distinct.
@@ -328,6 +329,10 @@ fn collect(op: &str, states: &[BeamState], trie: &Trie, opts: &BeamOpts) -> Resu
                 n => bail!("{op}: internal error: user {b} still has a live beam at node {n} after the last step"),
             }
         }
+        ensure!(
+            !hyps.is_empty(),
+            "{op}: user {b} ended with no finite-scored item: the model's logits were NaN or -inf at every allowed token"
+        );
         out.push(hyps);
     }
     Ok(out)
@@ -697,13 +702,17 @@ mod tests {
         }
     }
 
-    struct BadModel(usize);
+    /// Returns logits of the wrong width (`wrong`) or NaN logits.
+    struct BadModel(usize, bool);
     impl StepModel for BadModel {
         fn vocab(&self) -> usize {
             self.0
         }
         fn step(&mut self, tokens: &Tensor) -> Result<Tensor> {
-            Tensor::zeros(tokens.gpu(), &[tokens.numel(), self.0 + 1], DType::F32)
+            if self.1 {
+                return Tensor::zeros(tokens.gpu(), &[tokens.numel(), self.0 + 1], DType::F32);
+            }
+            Tensor::from_f32(tokens.gpu(), &vec![f32::NAN; tokens.numel() * self.0], &[tokens.numel(), self.0])
         }
         fn reorder(&mut self, _: &Tensor) -> Result<()> {
             Ok(())
@@ -725,8 +734,10 @@ mod tests {
         let (mut small, _) = toy_pair(&g, 4, 4, 3, 1.0, 0).unwrap();
         let e = beam_search(&mut small, &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
         assert!(e.contains("token 4") && e.contains("vocabulary is 4"), "{e}");
-        let e = beam_search(&mut BadModel(5), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
+        let e = beam_search(&mut BadModel(5, true), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
         assert!(e.contains("step 0") && e.contains("[4, 6]") && e.contains("[4, 5]"), "{e}");
+        let e = beam_search(&mut BadModel(5, false), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
+        assert!(e.contains("user 0") && e.contains("NaN"), "{e}");
         let lp = Tensor::zeros(&g, &[3, 5], DType::F32).unwrap();
         let st = BeamState::upload(&g, &BeamState::initial(2, 2)).unwrap();
         let lse = Tensor::zeros(&g, &[3], DType::F32).unwrap();
