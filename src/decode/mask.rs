@@ -3,6 +3,9 @@
 //! tokens the trie allows next (the node's children, plus EOS where an item
 //! ends), and -inf for every other token. Masking and log-softmax are one
 //! kernel: one pass over the allowed entries for (max, sum), one write pass.
+//! [`trie_row_lse`] computes only each row's normaliser (`[rows]`), which is
+//! what beam search uses: it reads `logits - lse` at the allowed tokens itself,
+//! so no `[rows, V]` tensor is written per step.
 //!
 //! Normalisation ([`ScoreNorm`]): by default over the allowed tokens only
 //! (`Allowed`: the allowed entries of a row form a distribution), or over the
