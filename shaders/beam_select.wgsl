@@ -4,7 +4,9 @@
 // (node, item, bitcast<u32>(score), 0), where node is a trie node id for a live
 // beam, FINISHED for a beam that has emitted EOS (item = its item), DEAD for an
 // empty slot (score -inf).
-// logp: [rows, V] f32, the trie-masked log-probs of this step (trie_mask.wgsl).
+// logits: [rows, V] f32, this step's raw logits; lse: [rows] f32, each row's
+// normaliser from trie_mask.wgsl's trie_row_lse (+inf for rows with nothing
+// allowed), so the masked log-prob of an allowed token t is logits[r, t] - lse[r].
 // trie: packed u32 [node_off (N + 1) | node_item (N) | edge_tok (E) | edge_child (E)].
 //
 // Candidates of user b: each live beam k extends by every child token t of its
@@ -15,10 +17,11 @@
 // (the best first); missing slots become DEAD. Keys are unique per user, so the
 // order is total and the selection deterministic.
 //
-// Selection: every thread keeps the best of its own candidates (flattened
-// candidate index i = lid, lid + WG, ...) that ranks after the last one it gave
-// away; each round a tree reduction picks the overall best and only the winning
-// thread rescans. Work: one scan + beams rescans of n / WG candidates.
+// Selection: every thread scans its share of the candidates (flattened index
+// i = lid, lid + WG, ...) once, keeping a sorted private list of its best
+// `beams` (LMAX >= beams); then `beams` rounds of a tree reduction over the list
+// heads fill the output slots. Work per thread: n / WG candidates (+ rare list
+// insertions) and beams * log2(WG) reduction steps.
 
 struct Params {
     users: u32,
@@ -29,7 +32,7 @@ struct Params {
     neg_inf: f32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> logp: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> trie: array<u32>;
 @group(0) @binding(3) var<storage, read> state_in: array<vec4<u32>>;
 // [rows] new beam states
@@ -38,6 +41,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> parents: array<u32>;
 // [rows] the token each new row appended (EOS for finished and dead rows)
 @group(0) @binding(6) var<storage, read_write> tokens: array<u32>;
+@group(0) @binding(7) var<storage, read> lse: array<f32>;
 
 const FINISHED = 0xfffffffeu;
 const DEAD = 0xffffffffu;
@@ -91,7 +95,7 @@ fn candidate(r: u32, k: u32, j: u32) -> Cand {
             c.node = FINISHED;
             c.item = trie[p.n_nodes + 1u + st.x];
         }
-        c.score = old + logp[r * p.vocab + c.token];
+        c.score = old + (logits[r * p.vocab + c.token] - lse[r]);
     }
     c.key = k * p.vocab + c.token;
     return c;
@@ -102,40 +106,11 @@ fn before(sa: f32, ka: u32, sb: f32, kb: u32) -> bool {
     return sa > sb || (sa == sb && ka < kb);
 }
 
-// Best candidate of this thread ranking strictly after (after_s, after_k) when
-// `bounded`; returns (score, key, flattened index). score = -inf when none.
-struct Best {
-    score: f32,
-    key: u32,
-    i: u32,
-}
-
-fn scan(b: u32, lid: u32, bounded: bool, after_s: f32, after_k: u32) -> Best {
-    var best: Best;
-    best.score = p.neg_inf;
-    best.key = 0xffffffffu;
-    best.i = 0u;
-    let total = cand_off[p.beams];
-    var k = 0u;
-    for (var i = lid; i < total; i += WG) {
-        while (cand_off[k + 1u] <= i) {
-            k++;
-        }
-        let c = candidate(b * p.beams + k, k, i - cand_off[k]);
-        if (!(c.score > p.neg_inf)) {
-            continue; // -inf or NaN: not a continuation
-        }
-        if (bounded && !before(after_s, after_k, c.score, c.key)) {
-            continue; // already given away
-        }
-        if (best.score == p.neg_inf || before(c.score, c.key, best.score, best.key)) {
-            best.score = c.score;
-            best.key = c.key;
-            best.i = i;
-        }
-    }
-    return best;
-}
+// This thread's best min(beams, LMAX) candidates, best first: score, key and
+// flattened candidate index.
+var<private> ls: array<f32, LMAX>;
+var<private> lk: array<u32, LMAX>;
+var<private> li: array<u32, LMAX>;
 
 @compute @workgroup_size(WG)
 fn beam_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -156,10 +131,44 @@ fn beam_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         }
     }
     workgroupBarrier();
-    var best = scan(b, lid, false, 0.0, 0u);
+    // 1. Per-thread sorted list of its best `beams` candidates (i = lid, lid + WG, ...).
+    let total = cand_off[p.beams];
+    var cnt = 0u;
+    var k = 0u;
+    for (var i = lid; i < total; i += WG) {
+        while (cand_off[k + 1u] <= i) {
+            k++;
+        }
+        let c = candidate(row0 + k, k, i - cand_off[k]);
+        if (!(c.score > p.neg_inf)) {
+            continue; // -inf or NaN: not a continuation
+        }
+        if (cnt == p.beams && !before(c.score, c.key, ls[cnt - 1u], lk[cnt - 1u])) {
+            continue;
+        }
+        // Insertion from the end (the last entry falls off a full list).
+        var j = min(cnt, p.beams - 1u);
+        while (j > 0u && before(c.score, c.key, ls[j - 1u], lk[j - 1u])) {
+            ls[j] = ls[j - 1u];
+            lk[j] = lk[j - 1u];
+            li[j] = li[j - 1u];
+            j--;
+        }
+        ls[j] = c.score;
+        lk[j] = c.key;
+        li[j] = i;
+        cnt = min(cnt + 1u, p.beams);
+    }
+    // 2. Merge: each round the best list head over the workgroup fills slot s.
+    var head = 0u;
     for (var s = 0u; s < p.beams; s++) {
-        red_score[lid] = best.score;
-        red_key[lid] = best.key;
+        if (head < cnt) {
+            red_score[lid] = ls[head];
+            red_key[lid] = lk[head];
+        } else {
+            red_score[lid] = p.neg_inf;
+            red_key[lid] = 0xffffffffu;
+        }
         red_lid[lid] = lid;
         workgroupBarrier();
         for (var w = WG / 2u; w > 0u; w = w / 2u) {
@@ -180,15 +189,12 @@ fn beam_select(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let out_row = row0 + s;
         if (win_score > p.neg_inf) {
             if (lid == winner) {
-                var k = 0u;
-                while (cand_off[k + 1u] <= best.i) {
-                    k++;
-                }
-                let c = candidate(row0 + k, k, best.i - cand_off[k]);
+                let kb = lk[head] / p.vocab;
+                let c = candidate(row0 + kb, kb, li[head] - cand_off[kb]);
                 state_out[out_row] = vec4<u32>(c.node, c.item, bitcast<u32>(c.score), 0u);
-                parents[out_row] = row0 + k;
+                parents[out_row] = row0 + kb;
                 tokens[out_row] = c.token;
-                best = scan(b, lid, true, c.score, c.key);
+                head++;
             }
         } else if (lid == 0u) {
             state_out[out_row] = vec4<u32>(DEAD, NO_ITEM, bitcast<u32>(p.neg_inf), 0u);

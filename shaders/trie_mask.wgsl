@@ -1,6 +1,7 @@
 // Trie-masked log-softmax, one workgroup per row (row = wid.x + wid.y * nwg.x).
 //
-// logits, out: [rows, V] f32 row-major. Row r's trie node is nodes[r * node_stride]
+// logits: [rows, V] f32 row-major; out: [rows, V] (trie_log_softmax) or [rows]
+// (trie_row_lse). Row r's trie node is nodes[r * node_stride]
 // (stride 1 for a plain node list, 4 for the beam state's vec4 (node, item, score, 0)).
 // trie: the packed u32 buffer [node_off (N + 1) | node_item (N) | edge_tok (E) | edge_child (E)].
 //
@@ -43,25 +44,31 @@ fn allowed_tok(e0: u32, nchild: u32, j: u32) -> u32 {
     return p.eos;
 }
 
-@compute @workgroup_size(WG)
-fn trie_log_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.rows) {
-        return; // uniform over the workgroup
-    }
-    let base = row * p.vocab;
+// The row's allowed set (edge start, child count, allowed count incl. EOS).
+struct Allowed {
+    e0: u32,
+    nchild: u32,
+    n: u32,
+}
+
+fn allowed_of(row: u32) -> Allowed {
+    var a: Allowed;
+    a.e0 = 0u;
+    a.nchild = 0u;
+    a.n = 0u;
     let node = nodes[row * p.node_stride];
-    var e0 = 0u;
-    var nchild = 0u;
-    var n_allowed = 0u;
     if (node < p.n_nodes) {
-        e0 = trie[node];
-        nchild = trie[node + 1u] - e0;
+        a.e0 = trie[node];
+        a.nchild = trie[node + 1u] - a.e0;
         let leaf = trie[p.n_nodes + 1u + node] != NO_ITEM;
-        n_allowed = nchild + select(0u, 1u, leaf);
+        a.n = a.nchild + select(0u, 1u, leaf);
     }
-    // Running (max, sum of exp(x - max)) over the normalisation set.
+    return a;
+}
+
+// logsumexp of the row's normalisation set, as (max, sum of exp(x - max)) after
+// a workgroup reduction; every thread gets the result. Call in uniform control flow.
+fn row_stats(base: u32, a: Allowed, lid: u32) -> vec2<f32> {
     var m = NEG_BIG;
     var s = 0.0;
     if (p.full_vocab == 1u) {
@@ -74,8 +81,8 @@ fn trie_log_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
             s += exp(x - m);
         }
     } else {
-        for (var j = lid; j < n_allowed; j += WG) {
-            let x = logits[base + allowed_tok(e0, nchild, j)];
+        for (var j = lid; j < a.n; j += WG) {
+            let x = logits[base + allowed_tok(a.e0, a.nchild, j)];
             if (x > m) {
                 s = s * exp(m - x);
                 m = x;
@@ -96,9 +103,21 @@ fn trie_log_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         }
         workgroupBarrier();
     }
-    let total = red_s[0];
-    let valid = total > 0.0;
-    let lse = red_m[0] + log(select(1.0, total, valid));
+    return vec2<f32>(red_m[0], red_s[0]);
+}
+
+@compute @workgroup_size(WG)
+fn trie_log_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return; // uniform over the workgroup
+    }
+    let base = row * p.vocab;
+    let a = allowed_of(row);
+    let ms = row_stats(base, a, lid);
+    let valid = ms.y > 0.0;
+    let lse = ms.x + log(select(1.0, ms.y, valid));
     // Every column -inf, then the allowed ones overwritten (the storage barrier
     // orders the two passes' writes within the workgroup).
     for (var c = lid; c < p.vocab; c += WG) {
@@ -106,9 +125,27 @@ fn trie_log_softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
     storageBarrier();
     if (valid) {
-        for (var j = lid; j < n_allowed; j += WG) {
-            let t = allowed_tok(e0, nchild, j);
+        for (var j = lid; j < a.n; j += WG) {
+            let t = allowed_tok(a.e0, a.nchild, j);
             out[base + t] = logits[base + t] - lse;
         }
+    }
+}
+
+// Only the normaliser: out[row] = lse of the row's normalisation set, +inf when
+// no token is allowed or the set is all -inf (so logits - lse is -inf, never
+// NaN). Beam search uses this and reads the allowed logits itself (no [rows, V]
+// write).
+@compute @workgroup_size(WG)
+fn trie_row_lse(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return; // uniform over the workgroup
+    }
+    let a = allowed_of(row);
+    let ms = row_stats(row * p.vocab, a, lid);
+    if (lid == 0u) {
+        out[row] = select(-p.neg_inf, ms.x + log(ms.y), ms.y > 0.0 && a.n > 0u);
     }
 }

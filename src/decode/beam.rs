@@ -3,12 +3,15 @@
 //! the masked log-softmax), plus its plain-Rust reference.
 //!
 //! One step, for rows `r = b * beams + k`: the model turns each row's last
-//! token into logits `[rows, V]`; the trie kernel keeps the allowed tokens and
-//! log-softmaxes them; the select kernel adds each beam's cumulative score and
-//! picks, per user, the `beams` best of (live beams x allowed tokens) together
-//! with the beams that already finished; the model's state is reordered by the
-//! chosen parents. Beam state (node, item, score) stays on the GPU; nothing is
-//! read back until the end.
+//! token into logits `[rows, V]`; the trie kernel (`trie_row_lse`) computes
+//! each row's log-softmax normaliser over the tokens its trie node allows;
+//! the select kernel scores every allowed continuation as
+//! `beam score + logits - lse` (so the masked `[rows, V]` log-probs are never
+//! written: per row only the allowed logits are read) and picks, per user, the
+//! `beams` best of (live beams x allowed tokens) together with the beams that
+//! already finished; the model's state is reordered by the chosen parents.
+//! Beam state (node, item, score) stays on the GPU; nothing is read back until
+//! the end.
 //!
 //! Semantics (documented choices):
 //! - Step 0 starts every row from `start_token` at the trie root, with only
@@ -27,14 +30,15 @@
 //! - Candidates with score -inf (a model's own -inf logits) are never chosen;
 //!   a user with fewer reachable items than `beams` gets empty slots, which
 //!   are left out of the results (so a result list may be shorter than `topk`
-//!   only when the trie has fewer than `topk` items).
+//!   only when the trie has fewer than `topk` items). A user left with no
+//!   item at all (NaN or -inf logits everywhere) is an error.
 //! - Results: per user, the first `topk` finished beams, best first. Beams are
 //!   distinct sequences and the trie maps sequences to items one-to-one, so the
 //!   items are distinct.
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::mask::{masked_log_softmax, row_grid, trie_log_softmax_ref, wg_for, ScoreNorm};
+use super::mask::{row_grid, row_lse, trie_row_lse_ref, wg_for, ScoreNorm};
 use super::trie::{GpuTrie, Trie, NO_ITEM};
 use super::StepModel;
 use crate::gpu::{check, shape_str, DType, Kernel, Params, Tensor};
@@ -49,15 +53,33 @@ pub const MAX_BEAMS: usize = 256;
 const WG_GPU: usize = 64;
 const WG_CPU: usize = 8;
 
-fn kernel(wg: usize) -> Kernel {
+/// Private per-thread list lengths of the select kernel's variants (>= beams).
+const LMAX_SMALL: usize = 32;
+
+fn lmax_for(beams: usize) -> usize {
+    if beams <= LMAX_SMALL {
+        LMAX_SMALL
+    } else {
+        MAX_BEAMS
+    }
+}
+
+fn kernel(wg: usize, lmax: usize) -> Kernel {
     Kernel::new("beam_select", "beam_select", "beam_select")
         .define("WG", format!("{wg}u"))
         .define("KMAX", format!("{MAX_BEAMS}u"))
+        .define("LMAX", format!("{lmax}u"))
 }
 
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
-    vec![kernel(WG_GPU), kernel(WG_CPU)]
+    let mut v = Vec::new();
+    for wg in [WG_GPU, WG_CPU] {
+        for lmax in [LMAX_SMALL, MAX_BEAMS] {
+            v.push(kernel(wg, lmax));
+        }
+    }
+    v
 }
 
 /// Beam search options.
@@ -163,32 +185,45 @@ pub struct Selected {
     pub tokens: Tensor,
 }
 
-/// One selection step on the GPU: `logp` F32 `[users * beams, V]` (trie-masked
-/// log-probs), `state` U32 `[users * beams, 4]`.
-pub fn beam_select(logp: &Tensor, trie: &GpuTrie, state: &Tensor, users: usize, beams: usize) -> Result<Selected> {
+/// One selection step on the GPU: `logits` F32 `[users * beams, V]` (raw),
+/// `lse` F32 `[users * beams]` (their trie normalisers, [`super::trie_row_lse`];
+/// the masked log-prob of an allowed token is `logits - lse`), `state` U32
+/// `[users * beams, 4]`.
+pub fn beam_select(
+    logits: &Tensor,
+    lse: &Tensor,
+    trie: &GpuTrie,
+    state: &Tensor,
+    users: usize,
+    beams: usize,
+) -> Result<Selected> {
     const OP: &str = "beam_select";
-    check::nonempty(OP, &[("logp", logp), ("state", state)])?;
-    check::dtype(OP, "logp", logp, DType::F32)?;
+    check::nonempty(OP, &[("logits", logits), ("lse", lse), ("state", state)])?;
+    check::dtype(OP, "logits", logits, DType::F32)?;
+    check::dtype(OP, "lse", lse, DType::F32)?;
     check::dtype(OP, "state", state, DType::U32)?;
-    check::same_device(OP, &[logp, state, trie.tensor()])?;
+    check::same_device(OP, &[logits, lse, state, trie.tensor()])?;
     ensure!((1..=MAX_BEAMS).contains(&beams), "{OP}: beams = {beams} is outside 1..={MAX_BEAMS}");
     let rows = users * beams;
-    if logp.rank() != 2 || logp.shape()[0] != rows {
-        bail!("{OP}: logp must be [{users} users x {beams} beams, V], got {}", shape_str(logp.shape()));
+    if logits.rank() != 2 || logits.shape()[0] != rows {
+        bail!("{OP}: logits must be [{users} users x {beams} beams, V], got {}", shape_str(logits.shape()));
+    }
+    if lse.shape() != [rows] {
+        bail!("{OP}: lse must be [{rows}], got {}", shape_str(lse.shape()));
     }
     if state.shape() != [rows, 4] {
         bail!("{OP}: state must be [{rows}, 4], got {}", shape_str(state.shape()));
     }
-    let vocab = logp.shape()[1];
+    let vocab = logits.shape()[1];
     let t = trie.trie();
     ensure!(
         (t.max_token() as usize) < vocab,
-        "{OP}: logp {} has a vocabulary of {vocab} but the trie uses token {}",
-        shape_str(logp.shape()),
+        "{OP}: logits {} have a vocabulary of {vocab} but the trie uses token {}",
+        shape_str(logits.shape()),
         t.max_token()
     );
     ensure!(beams * vocab <= u32::MAX as usize, "{OP}: beams x vocabulary {vocab} overflows u32 keys");
-    let gpu = logp.gpu();
+    let gpu = logits.gpu();
     let out = Selected {
         state: Tensor::empty(gpu, &[rows, 4], DType::U32)?,
         parents: Tensor::empty(gpu, &[rows], DType::U32)?,
@@ -196,24 +231,27 @@ pub fn beam_select(logp: &Tensor, trie: &GpuTrie, state: &Tensor, users: usize, 
     };
     let p = Params::new().u(users).u(beams).u(vocab).u(t.num_nodes()).u(t.eos() as usize).f(f32::NEG_INFINITY);
     gpu.dispatch(
-        &kernel(wg_for(gpu)),
+        &kernel(wg_for(gpu), lmax_for(beams)),
         p.bytes(),
         &[
-            logp.buffer(),
+            logits.buffer(),
             trie.tensor().buffer(),
             state.buffer(),
             out.state.buffer(),
             out.parents.buffer(),
             out.tokens.buffer(),
+            lse.buffer(),
         ],
         row_grid(users),
     )?;
     Ok(out)
 }
 
-/// CPU reference of [`beam_select`]: returns (new states, parents, tokens).
+/// CPU reference of [`beam_select`] (same f32 arithmetic:
+/// `score + (logits - lse)`): returns (new states, parents, tokens).
 pub fn beam_select_ref(
-    logp: &[f32],
+    logits: &[f32],
+    lse: &[f32],
     vocab: usize,
     trie: &Trie,
     state: &[BeamState],
@@ -221,6 +259,7 @@ pub fn beam_select_ref(
     beams: usize,
 ) -> (Vec<BeamState>, Vec<u32>, Vec<u32>) {
     let rows = users * beams;
+    let logp = |r: usize, t: u32| logits[r * vocab + t as usize] - lse[r];
     let (mut new_state, mut parents, mut tokens) = (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::new());
     for b in 0..users {
         // (score, key, parent row, token, new state)
@@ -233,11 +272,11 @@ pub fn beam_select_ref(
                 cands.push((st.score, key(trie.eos()), r as u32, trie.eos(), st));
             } else if (st.node as usize) < trie.num_nodes() {
                 for (tok, child) in trie.children(st.node) {
-                    let s = st.score + logp[r * vocab + tok as usize];
+                    let s = st.score + logp(r, tok);
                     cands.push((s, key(tok), r as u32, tok, BeamState { node: child, item: NO_ITEM, score: s }));
                 }
                 if let Some(item) = trie.leaf_item(st.node) {
-                    let s = st.score + logp[r * vocab + trie.eos() as usize];
+                    let s = st.score + logp(r, trie.eos());
                     cands.push((
                         s,
                         key(trie.eos()),
@@ -290,6 +329,10 @@ fn collect(op: &str, states: &[BeamState], trie: &Trie, opts: &BeamOpts) -> Resu
                 n => bail!("{op}: internal error: user {b} still has a live beam at node {n} after the last step"),
             }
         }
+        ensure!(
+            !hyps.is_empty(),
+            "{op}: user {b} ended with no finite-scored item: the model's logits were NaN or -inf at every allowed token"
+        );
         out.push(hyps);
     }
     Ok(out)
@@ -318,8 +361,8 @@ pub fn beam_search(model: &mut dyn StepModel, trie: &GpuTrie, opts: &BeamOpts) -
                 logits.dtype()
             );
         }
-        let logp = masked_log_softmax(OP, &logits, &state, 4, trie, opts.norm)?;
-        let sel = beam_select(&logp, trie, &state, opts.batch, opts.beams)?;
+        let lse = row_lse(OP, &logits, &state, 4, trie, opts.norm)?;
+        let sel = beam_select(&logits, &lse, trie, &state, opts.batch, opts.beams)?;
         if step + 1 < steps {
             model.reorder(&sel.parents).with_context(|| format!("{OP}: model reorder after step {step}"))?;
         }
@@ -351,8 +394,8 @@ pub fn beam_search_ref(model: &mut dyn CpuStepModel, trie: &Trie, opts: &BeamOpt
         let logits = model.step(&tokens)?;
         ensure!(logits.len() == rows * vocab, "{OP}: model step {step} returned {} logits", logits.len());
         let nodes: Vec<u32> = state.iter().map(|s| s.node).collect();
-        let logp = trie_log_softmax_ref(&logits, vocab, &nodes, trie, opts.norm);
-        let (st, parents, toks) = beam_select_ref(&logp, vocab, trie, &state, opts.batch, opts.beams);
+        let lse = trie_row_lse_ref(&logits, vocab, &nodes, trie, opts.norm);
+        let (st, parents, toks) = beam_select_ref(&logits, &lse, vocab, trie, &state, opts.batch, opts.beams);
         if step + 1 < steps {
             model.reorder(&parents)?;
         }
@@ -365,6 +408,7 @@ pub fn beam_search_ref(model: &mut dyn CpuStepModel, trie: &Trie, opts: &BeamOpt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::mask::trie_log_softmax_ref;
     use crate::decode::random_trie;
     use crate::decode::toy::toy_pair;
     use crate::gpu::Gpu;
@@ -405,11 +449,12 @@ mod tests {
             // Quantised logits so equal-score ties occur and test the key order.
             let logits: Vec<f32> =
                 rand_vec(vocab as u64, rows * vocab, 3.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
-            let logp = trie_log_softmax_ref(&logits, vocab, &nodes, &trie, ScoreNorm::Allowed);
-            let t_logp = Tensor::from_f32(&g, &logp, &[rows, vocab]).unwrap();
+            let lse = trie_row_lse_ref(&logits, vocab, &nodes, &trie, ScoreNorm::Allowed);
+            let t_logits = Tensor::from_f32(&g, &logits, &[rows, vocab]).unwrap();
+            let t_lse = Tensor::from_f32(&g, &lse, &[rows]).unwrap();
             let t_state = BeamState::upload(&g, &states).unwrap();
-            let sel = beam_select(&t_logp, &gt, &t_state, users, beams).unwrap();
-            let (want_s, want_p, want_t) = beam_select_ref(&logp, vocab, &trie, &states, users, beams);
+            let sel = beam_select(&t_logits, &t_lse, &gt, &t_state, users, beams).unwrap();
+            let (want_s, want_p, want_t) = beam_select_ref(&logits, &lse, vocab, &trie, &states, users, beams);
             let got_s = BeamState::download(&sel.state).unwrap();
             let what = format!("V={vocab} users={users} beams={beams}");
             for (r, (a, b)) in got_s.iter().zip(&want_s).enumerate() {
@@ -521,6 +566,7 @@ mod tests {
     /// HF-style beam search (K live beams, top-2K candidates, EOS candidates of
     /// rank < K go to a finished list, done when K are finished), on tries with
     /// all items of equal depth and full-vocab log-probs: the same items and scores.
+    #[allow(clippy::needless_range_loop)]
     fn hf_reference(
         model: &mut dyn CpuStepModel,
         trie: &Trie,
@@ -656,13 +702,17 @@ mod tests {
         }
     }
 
-    struct BadModel(usize);
+    /// Returns logits of the wrong width (`wrong`) or NaN logits.
+    struct BadModel(usize, bool);
     impl StepModel for BadModel {
         fn vocab(&self) -> usize {
             self.0
         }
         fn step(&mut self, tokens: &Tensor) -> Result<Tensor> {
-            Tensor::zeros(tokens.gpu(), &[tokens.numel(), self.0 + 1], DType::F32)
+            if self.1 {
+                return Tensor::zeros(tokens.gpu(), &[tokens.numel(), self.0 + 1], DType::F32);
+            }
+            Tensor::from_f32(tokens.gpu(), &vec![f32::NAN; tokens.numel() * self.0], &[tokens.numel(), self.0])
         }
         fn reorder(&mut self, _: &Tensor) -> Result<()> {
             Ok(())
@@ -684,11 +734,118 @@ mod tests {
         let (mut small, _) = toy_pair(&g, 4, 4, 3, 1.0, 0).unwrap();
         let e = beam_search(&mut small, &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
         assert!(e.contains("token 4") && e.contains("vocabulary is 4"), "{e}");
-        let e = beam_search(&mut BadModel(5), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
+        let e = beam_search(&mut BadModel(5, true), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
         assert!(e.contains("step 0") && e.contains("[4, 6]") && e.contains("[4, 5]"), "{e}");
+        let e = beam_search(&mut BadModel(5, false), &gt, &BeamOpts::new(2, 2, 2, 0)).unwrap_err().to_string();
+        assert!(e.contains("user 0") && e.contains("NaN"), "{e}");
         let lp = Tensor::zeros(&g, &[3, 5], DType::F32).unwrap();
         let st = BeamState::upload(&g, &BeamState::initial(2, 2)).unwrap();
-        let e = beam_select(&lp, &gt, &st, 2, 2).err().unwrap().to_string();
+        let lse = Tensor::zeros(&g, &[3], DType::F32).unwrap();
+        let e = beam_select(&lp, &lse, &gt, &st, 2, 2).err().unwrap().to_string();
         assert!(e.contains("beam_select") && e.contains("[3, 5]"), "{e}");
+    }
+
+    /// A TIGER-shaped trie: `n` items x 4 levels of 256 codes (token 1 + 256 * level + code),
+    /// colliding items get a 5th suffix token; pad/start 0, EOS 1025, V = 1026.
+    fn tiger_trie(n: usize, seed: u64) -> Trie {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut seen = std::collections::HashMap::new();
+        let items: Vec<Vec<u32>> = (0..n)
+            .map(|_| {
+                let mut s: Vec<u32> = (0..4).map(|l| 1 + 256 * l + rng.gen_range(0..256)).collect();
+                let c = seen.entry(s.clone()).or_insert(0u32);
+                if *c > 0 {
+                    s.push(1 + 3 * 256 + *c);
+                }
+                *c += 1;
+                s
+            })
+            .collect();
+        Trie::new(&items, 1025).unwrap()
+    }
+
+    /// Timing on the current adapter (prints, asserts nothing about time):
+    /// `cargo test --release --lib decode::beam::tests::stage_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn stage_timing() {
+        let g = gpu();
+        let (vocab, batch, beams) = (1026usize, 64usize, 20usize);
+        let trie = tiger_trie(1682, 1);
+        let gt = trie.to_gpu(&g).unwrap();
+        let opts = BeamOpts::new(batch, beams, 10, 0);
+        let rows = opts.rows();
+        println!("adapter: {}", g.describe());
+        println!("trie: {} items, {} nodes, depth {}", trie.num_items(), trie.num_nodes(), trie.max_depth());
+        // Decode kernels only: fixed logits, (depth + 1) x (mask + select), one sync.
+        let logits = Tensor::from_f32(&g, &rand_vec(3, rows * vocab, 4.0), &[rows, vocab]).unwrap();
+        let run = || {
+            let mut state = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
+            for _ in 0..=trie.max_depth() {
+                let lse = row_lse("t", &logits, &state, 4, &gt, ScoreNorm::Allowed).unwrap();
+                state = beam_select(&logits, &lse, &gt, &state, batch, beams).unwrap().state;
+            }
+            BeamState::download(&state).unwrap()
+        };
+        run(); // compile pipelines
+        let t0 = std::time::Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            run();
+        }
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "decode kernels (row lse + select, {} steps, {batch} users x {beams} beams, V={vocab}): {:.1} ms/search = {:.0} users/s",
+            trie.max_depth() + 1,
+            dt * 1e3,
+            batch as f64 / dt
+        );
+        // Stage split: masks alone, then selects alone (on a fixed masked input).
+        let state0 = BeamState::upload(&g, &BeamState::initial(batch, beams)).unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            row_lse("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
+        }
+        g.sync().unwrap();
+        println!("  row lse: {:.2} ms/step", t0.elapsed().as_secs_f64() * 100.0);
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            crate::decode::mask::masked_log_softmax("t", &logits, &state0, 4, &gt, ScoreNorm::Allowed).unwrap();
+        }
+        g.sync().unwrap();
+        println!(
+            "  (full masked log-softmax, not used by the search: {:.2} ms/step)",
+            t0.elapsed().as_secs_f64() * 100.0
+        );
+        // A wide state: every beam live at the root (its ~256 children each).
+        let mid: Vec<BeamState> = (0..rows).map(|r| BeamState { node: 0, item: NO_ITEM, score: -(r as f32) }).collect();
+        let mid = BeamState::upload(&g, &mid).unwrap();
+        let lse = row_lse("t", &logits, &mid, 4, &gt, ScoreNorm::Allowed).unwrap();
+        beam_select(&logits, &lse, &gt, &mid, batch, beams).unwrap();
+        g.sync().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..10 {
+            beam_select(&logits, &lse, &gt, &mid, batch, beams).unwrap();
+        }
+        g.sync().unwrap();
+        println!(
+            "  select ({beams} x {} candidates per user): {:.2} ms/step",
+            trie.children(0).count(),
+            t0.elapsed().as_secs_f64() * 100.0
+        );
+        // Whole search with the toy model (its gather/add kernels included).
+        let (mut m, mut r) = toy_pair(&g, vocab, rows, trie.max_depth() + 1, 3.0, 2).unwrap();
+        let first = beam_search(&mut m, &gt, &opts).unwrap();
+        let (mut m, _) = toy_pair(&g, vocab, rows, trie.max_depth() + 1, 3.0, 2).unwrap();
+        let t0 = std::time::Instant::now();
+        let got = beam_search(&mut m, &gt, &opts).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        println!("beam_search with the toy model: {:.1} ms = {:.0} users/s", dt * 1e3, batch as f64 / dt);
+        let t0 = std::time::Instant::now();
+        let want = beam_search_ref(&mut r, &trie, &opts).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        println!("beam_search_ref (host, same model): {:.1} ms = {:.0} users/s", dt * 1e3, batch as f64 / dt);
+        assert_eq!(first, got);
+        assert_same("timing run", &got, &want);
     }
 }

@@ -3,6 +3,9 @@
 //! tokens the trie allows next (the node's children, plus EOS where an item
 //! ends), and -inf for every other token. Masking and log-softmax are one
 //! kernel: one pass over the allowed entries for (max, sum), one write pass.
+//! [`trie_row_lse`] computes only each row's normaliser (`[rows]`), which is
+//! what beam search uses: it reads `logits - lse` at the allowed tokens itself,
+//! so no `[rows, V]` tensor is written per step.
 //!
 //! Normalisation ([`ScoreNorm`]): by default over the allowed tokens only
 //! (`Allowed`: the allowed entries of a row form a distribution), or over the
@@ -32,13 +35,18 @@ pub enum ScoreNorm {
 const WG_GPU: usize = 64;
 const WG_CPU: usize = 8;
 
-fn kernel(wg: usize) -> Kernel {
-    Kernel::new("trie_log_softmax", "trie_mask", "trie_log_softmax").define("WG", format!("{wg}u"))
+fn kernel(entry: &'static str, wg: usize) -> Kernel {
+    Kernel::new(entry, "trie_mask", entry).define("WG", format!("{wg}u"))
 }
 
 /// Every kernel variant of this family (for naga validation).
 pub fn kernels() -> Vec<Kernel> {
-    vec![kernel(WG_GPU), kernel(WG_CPU)]
+    let mut v = Vec::new();
+    for entry in ["trie_log_softmax", "trie_row_lse"] {
+        v.push(kernel(entry, WG_GPU));
+        v.push(kernel(entry, WG_CPU));
+    }
+    v
 }
 
 pub(crate) fn row_grid(rows: usize) -> [u32; 3] {
@@ -75,10 +83,51 @@ pub fn trie_log_softmax(logits: &Tensor, nodes: &Tensor, trie: &GpuTrie, norm: S
     masked_log_softmax(OP, logits, nodes, 1, trie, norm)
 }
 
+/// Only the normaliser of [`trie_log_softmax`]: F32 `[rows]`, the logsumexp of
+/// each row's normalisation set, +inf for rows with no allowed token (or all
+/// -inf), so `logits - lse` is the masked log-prob at allowed tokens and never NaN.
+pub fn trie_row_lse(logits: &Tensor, nodes: &Tensor, trie: &GpuTrie, norm: ScoreNorm) -> Result<Tensor> {
+    const OP: &str = "trie_row_lse";
+    check::dtype(OP, "nodes", nodes, DType::U32)?;
+    let rows = logits.shape().first().copied().unwrap_or(0);
+    if nodes.numel() != rows {
+        bail!(
+            "{OP}: nodes has shape {} but logits {} has {rows} rows",
+            shape_str(nodes.shape()),
+            shape_str(logits.shape())
+        );
+    }
+    row_lse(OP, logits, nodes, 1, trie, norm)
+}
+
+/// The launcher behind [`trie_row_lse`] (node of row `r` at `nodes[r * node_stride]`).
+pub(crate) fn row_lse(
+    op: &str,
+    logits: &Tensor,
+    nodes: &Tensor,
+    node_stride: usize,
+    trie: &GpuTrie,
+    norm: ScoreNorm,
+) -> Result<Tensor> {
+    launch(op, "trie_row_lse", logits, nodes, node_stride, trie, norm)
+}
+
 /// The launcher behind [`trie_log_softmax`]: row `r`'s node is
 /// `nodes[r * node_stride]` (beam search passes its packed state with stride 4).
 pub(crate) fn masked_log_softmax(
     op: &str,
+    logits: &Tensor,
+    nodes: &Tensor,
+    node_stride: usize,
+    trie: &GpuTrie,
+    norm: ScoreNorm,
+) -> Result<Tensor> {
+    launch(op, "trie_log_softmax", logits, nodes, node_stride, trie, norm)
+}
+
+fn launch(
+    op: &str,
+    entry: &'static str,
     logits: &Tensor,
     nodes: &Tensor,
     node_stride: usize,
@@ -109,7 +158,11 @@ pub(crate) fn masked_log_softmax(
         bail!("{op}: logits {} have too many elements for u32 indexing", shape_str(logits.shape()));
     }
     let gpu = logits.gpu();
-    let out = Tensor::empty(gpu, &[rows, vocab], DType::F32)?;
+    let out = if entry == "trie_row_lse" {
+        Tensor::empty(gpu, &[rows], DType::F32)?
+    } else {
+        Tensor::empty(gpu, &[rows, vocab], DType::F32)?
+    };
     let p = Params::new()
         .u(rows)
         .u(vocab)
@@ -120,12 +173,25 @@ pub(crate) fn masked_log_softmax(
         .f(f32::NEG_INFINITY)
         .u(0);
     gpu.dispatch(
-        &kernel(wg_for(gpu)),
+        &kernel(entry, wg_for(gpu)),
         p.bytes(),
         &[logits.buffer(), nodes.buffer(), trie.tensor().buffer(), out.buffer()],
         row_grid(rows),
     )?;
     Ok(out)
+}
+
+/// logsumexp (f64) of row `row`'s normalisation set, None when it is empty or all -inf.
+fn lse_ref(row: &[f32], allowed: &[u32], norm: ScoreNorm) -> Option<f64> {
+    let set: Vec<f64> = match norm {
+        ScoreNorm::Allowed => allowed.iter().map(|&t| row[t as usize] as f64).collect(),
+        ScoreNorm::FullVocab => row.iter().map(|&x| x as f64).collect(),
+    };
+    let m = set.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if allowed.is_empty() || m == f64::NEG_INFINITY {
+        return None;
+    }
+    Some(m + set.iter().map(|&x| (x - m).exp()).sum::<f64>().ln())
 }
 
 /// CPU reference (f64 per row) of [`trie_log_softmax`]: `logits` `[rows, vocab]`,
@@ -135,20 +201,25 @@ pub fn trie_log_softmax_ref(logits: &[f32], vocab: usize, nodes: &[u32], trie: &
     for (r, &node) in nodes.iter().enumerate() {
         let row = &logits[r * vocab..(r + 1) * vocab];
         let allowed = trie.allowed_tokens(node);
-        let set: Vec<f64> = match norm {
-            ScoreNorm::Allowed => allowed.iter().map(|&t| row[t as usize] as f64).collect(),
-            ScoreNorm::FullVocab => row.iter().map(|&x| x as f64).collect(),
-        };
-        let m = set.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        if allowed.is_empty() || m == f64::NEG_INFINITY {
-            continue;
-        }
-        let lse = m + set.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
-        for &t in &allowed {
-            out[r * vocab + t as usize] = (row[t as usize] as f64 - lse) as f32;
+        if let Some(lse) = lse_ref(row, &allowed, norm) {
+            for &t in &allowed {
+                out[r * vocab + t as usize] = (row[t as usize] as f64 - lse) as f32;
+            }
         }
     }
     out
+}
+
+/// CPU reference (f64) of [`trie_row_lse`]: `[rows]`, +inf where no token is allowed.
+pub fn trie_row_lse_ref(logits: &[f32], vocab: usize, nodes: &[u32], trie: &Trie, norm: ScoreNorm) -> Vec<f32> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(r, &node)| {
+            let allowed = trie.allowed_tokens(node);
+            lse_ref(&logits[r * vocab..(r + 1) * vocab], &allowed, norm).map_or(f32::INFINITY, |v| v as f32)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -184,6 +255,19 @@ mod tests {
             }
             let fin = |v: &[f32]| v.iter().map(|&a| if a.is_finite() { a } else { 0.0 }).collect::<Vec<_>>();
             assert_close(&format!("trie_log_softmax {norm:?} {rows}x{vocab}"), &fin(&y), &fin(&want), 1e-5, 2e-5);
+            // The normaliser alone, and logits - lse reproduces the masked output bit for bit.
+            let lse = trie_row_lse(&tl, &tn, gt, norm).unwrap().to_vec_f32().unwrap();
+            let want_lse = trie_row_lse_ref(&x, vocab, &nodes, trie, norm);
+            for (r, (&a, &b)) in lse.iter().zip(&want_lse).enumerate() {
+                assert_eq!(a == f32::INFINITY, b == f32::INFINITY, "{norm:?} V={vocab} lse[{r}]: {a} vs {b}");
+                assert!(a == b || (a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{norm:?} V={vocab} lse[{r}]: {a} vs {b}");
+                for &t in &trie.allowed_tokens(nodes[r]) {
+                    let i = r * vocab + t as usize;
+                    if a.is_finite() {
+                        assert_eq!(y[i].to_bits(), (x[i] - a).to_bits(), "{norm:?} V={vocab} row {r} token {t}");
+                    }
+                }
+            }
         }
     }
 

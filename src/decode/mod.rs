@@ -4,6 +4,25 @@
 //!
 //! Beam search drives any autoregressive model through [`StepModel`]. Rows are
 //! `batch * beams`, row `r = b * beams + k` is beam `k` of user `b`.
+//!
+//! Files: `trie.rs` ([`Trie`]: build + host lookups; [`GpuTrie`]: one packed
+//! buffer), `mask.rs` + `shaders/trie_mask.wgsl` (trie-masked log-softmax and
+//! its normaliser-only variant), `beam.rs` + `shaders/beam_select.wgsl`
+//! (per-user top-k selection, [`beam_search`], [`beam_search_ref`]), `toy.rs`
+//! (a tiny GPU [`StepModel`] with a host twin, for tests and benchmarks).
+//!
+//! Using it from a model (e.g. T5):
+//! ```ignore
+//! let trie = Trie::new(&item_codes, eos)?;          // item i -> its code tokens
+//! let gtrie = trie.to_gpu(&gpu)?;                    // upload once, reuse
+//! let opts = BeamOpts::new(users, 20, 10, decoder_start_token);
+//! let mut session = /* StepModel prepared for opts.rows() rows */;
+//! let hyps = beam_search(&mut session, &gtrie, &opts)?; // [users][<= topk] Hyp { item, score }
+//! ```
+//! Contract for the model: step `s` (0-based) feeds each row's previous token
+//! (`start_token` at step 0; EOS for rows that finished or are empty, whose
+//! logits are ignored); `reorder(parents)` is called between steps with global
+//! row indices; there are exactly `trie.max_depth() + 1` steps.
 
 use crate::gpu::Tensor;
 use anyhow::Result;
@@ -29,8 +48,8 @@ pub mod mask;
 pub mod toy;
 pub mod trie;
 
-pub use beam::{beam_search, beam_search_ref, BeamOpts, CpuStepModel, Hyp};
-pub use mask::{trie_log_softmax, trie_log_softmax_ref, ScoreNorm};
+pub use beam::{beam_search, beam_search_ref, BeamOpts, CpuStepModel, Hyp, MAX_BEAMS};
+pub use mask::{trie_log_softmax, trie_log_softmax_ref, trie_row_lse, trie_row_lse_ref, ScoreNorm};
 pub use trie::{GpuTrie, Trie, NO_ITEM};
 
 /// Every kernel variant of the decode layer (for naga validation).
