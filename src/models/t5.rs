@@ -341,6 +341,9 @@ fn lin(x: &Tensor, w: &Param, act: Act) -> Result<Tensor> {
     matmul(x, &w.value, &MatmulOpts { trans_a: false, trans_b: true, bias: None, act })
 }
 
+/// A parameter maker: (HF name, shape, init std) -> parameter.
+type NewParam<'a> = dyn FnMut(String, &[usize], f32) -> Result<Rc<Param>> + 'a;
+
 fn seed_of(seed: u64, idx: usize) -> u64 {
     seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
         .wrapping_add((idx as u64).wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(1))
@@ -364,7 +367,7 @@ impl T5 {
         let (d, inner, ff) = (cfg.d_model, cfg.inner(), cfg.d_ff);
         let df = d as f32;
         let shared = normal("shared.weight".into(), &[cfg.vocab, d], 1.0)?;
-        let attn = |pre: &str, normal: &mut dyn FnMut(String, &[usize], f32) -> Result<Rc<Param>>| {
+        let attn = |pre: &str, normal: &mut NewParam| {
             Ok::<_, anyhow::Error>(AttnW {
                 q: normal(format!("{pre}.q.weight"), &[inner, d], (df * cfg.d_kv as f32).powf(-0.5))?,
                 k: normal(format!("{pre}.k.weight"), &[inner, d], df.powf(-0.5))?,

@@ -120,8 +120,8 @@ pub fn kv_reorder(dst: &Tensor, src: &Tensor, parents: &Tensor, n_copy: usize, n
     if n == 0 {
         return Ok(());
     }
-    // The new-entries binding needs some buffer when there is none: any vec4-sized one.
-    let new_buf = new.unwrap_or(parents);
+    // The new-entries binding needs some buffer when there is none: src (read-only there too).
+    let new_buf = new.unwrap_or(src);
     let (g, row) = grid(n);
     src.gpu().dispatch(
         &kernel("kv_reorder"),

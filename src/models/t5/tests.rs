@@ -261,6 +261,9 @@ fn incremental_decoding_matches_teacher_forcing_with_reorders() {
 fn incremental_decoding_one_beam_and_one_user() {
     check_incremental(tiny_cfg(0.0), &[1, 4, 3], 1, 3, 12);
     check_incremental(tiny_cfg(0.0), &[9], 4, 5, 13);
+    // TIGER's head size (d_kv 64: the other attention kernel variant), 32 buckets.
+    let wide = T5Config { d_kv: 64, heads: 2, rel_buckets: 32, rel_max_distance: 128, ..tiny_cfg(0.0) };
+    check_incremental(wide, &[3, 7], 2, 4, 14);
 }
 
 #[test]
