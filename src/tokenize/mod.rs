@@ -28,8 +28,8 @@
 //!   no item of an epoch's batches selected are reset at the end of the epoch
 //!   to random residuals of that level from the last batch (`dead_code_reset`);
 //! - every `eval_every` epochs (and after the last) the argmin collision rate
-//!   of all items is computed; the parameters with the lowest rate (earliest on
-//!   ties) are kept;
+//!   of all items is computed; the parameters with the lowest rate are kept
+//!   (on ties the later, longer-trained ones; LETTER's code keeps the earliest);
 //! - identifiers: `ids::assign_ids` (Sinkhorn re-assignment rounds for
 //!   LETTER, then an extra disambiguation token where needed).
 
@@ -402,7 +402,7 @@ pub fn train_model(
             let (codes, _) = argmin_codes(&model, sem, cfg.batch_size)?;
             let cr = collision_rate(&codes);
             log.collision_rate = Some(cr);
-            if best.as_ref().is_none_or(|b| cr < b.0) {
+            if best.as_ref().is_none_or(|b| cr <= b.0) {
                 best = Some((cr, epoch, model.snapshot()?));
             }
         }
