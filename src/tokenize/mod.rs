@@ -479,6 +479,19 @@ pub fn train_tokenizer(
     cf: Option<&[f32]>,
     cfg: &TokenizerConfig,
 ) -> Result<(ItemCodes, TokenizerReport)> {
+    let (_, ids, rep) = train_tokenizer_model(gpu, sem, n_items, cf, cfg)?;
+    Ok((ids, rep))
+}
+
+/// [`train_tokenizer`] that also returns the trained model (e.g. to save it
+/// with `RqVae::save` or to tokenize new items with `RqVae::codes`).
+pub fn train_tokenizer_model(
+    gpu: &Gpu,
+    sem: &[f32],
+    n_items: usize,
+    cf: Option<&[f32]>,
+    cfg: &TokenizerConfig,
+) -> Result<(RqVae, ItemCodes, TokenizerReport)> {
     let mut rep = TokenizerReport {
         method: cfg.method.name().to_string(),
         adapter: gpu.info().name.clone(),
@@ -491,7 +504,7 @@ pub fn train_tokenizer(
     if let Some(cf) = cf {
         rep.code_similarity = Some(code_similarity(gpu, &ids.codes, ids.levels, cf)?);
     }
-    Ok((ids, rep))
+    Ok((model, ids, rep))
 }
 
 #[cfg(test)]

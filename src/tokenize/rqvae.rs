@@ -263,6 +263,35 @@ impl RqVae {
         self.params().iter().map(|p| Ok((p.name.clone(), p.value.shape().to_vec(), p.value.to_vec_f32()?))).collect()
     }
 
+    /// Write every parameter (f32) and the config (`__metadata__["rqvae_config"]`,
+    /// JSON) as safetensors, atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use crate::io::{safetensors::StoreDtype, HostTensor};
+        let mut t = std::collections::BTreeMap::new();
+        for (name, shape, data) in self.snapshot()? {
+            t.insert(name, HostTensor::new(&shape, data)?);
+        }
+        let meta: std::collections::HashMap<String, String> =
+            [("rqvae_config".to_string(), serde_json::to_string(&self.cfg)?)].into_iter().collect();
+        crate::io::safetensors::save(path, &t, Some(&meta), StoreDtype::F32)
+    }
+
+    /// Load a model written by [`RqVae::save`].
+    pub fn load(gpu: &Gpu, path: &std::path::Path) -> Result<RqVae> {
+        let f = crate::io::safetensors::SafeTensorsFile::open(path)?;
+        let cfg_json = f
+            .metadata()
+            .get("rqvae_config")
+            .cloned()
+            .with_context(|| format!("{}: no rqvae_config metadata (not an RQ-VAE file?)", path.display()))?;
+        let cfg: RqVaeConfig =
+            serde_json::from_str(&cfg_json).with_context(|| format!("{}: bad rqvae_config", path.display()))?;
+        let m = RqVae::new(gpu, cfg)?;
+        m.load_params(&|name| f.get(name).ok().map(|t| (t.shape.clone(), t.data.clone())))
+            .with_context(|| format!("loading {}", path.display()))?;
+        Ok(m)
+    }
+
     /// Latent `z = enc(x)` for `x: [B, in_dim]`.
     pub fn encode(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let mut h = x.clone();
