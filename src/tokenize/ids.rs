@@ -42,6 +42,19 @@ impl ItemCodes {
         self.codes.len()
     }
 
+    /// Size of a flat token space for the identifiers: level l's code c is
+    /// token `l * codebook_size + c` (each level its own namespace, like
+    /// LETTER's `<a_c>`, `<b_c>`, ...), the disambiguation token k is
+    /// `levels * codebook_size + k`.
+    pub fn vocab_size(&self) -> usize {
+        self.levels * self.codebook_size + self.extra_size
+    }
+
+    /// Item `item`'s identifier as flat tokens (see [`ItemCodes::vocab_size`]).
+    pub fn tokens(&self, item: usize) -> Vec<u32> {
+        self.codes[item].iter().enumerate().map(|(l, &c)| (l * self.codebook_size) as u32 + c).collect()
+    }
+
     /// Whether every identifier is distinct.
     pub fn is_unique(&self) -> bool {
         collision_rate(&self.codes) == 0.0
@@ -191,7 +204,7 @@ pub fn assign_ids(
     let cfg = &model.cfg;
     let gpu = model.codebooks[0].value.gpu().clone();
     let (din, d) = (cfg.in_dim, cfg.e_dim);
-    if sem.is_empty() || sem.len() % din != 0 {
+    if sem.is_empty() || !sem.len().is_multiple_of(din) {
         bail!("assign_ids: {} values are not rows of the model's input width {din}", sem.len());
     }
     let m = sem.len() / din;
@@ -232,6 +245,10 @@ mod tests {
         );
         assert_eq!(ids.extra_size, 3);
         assert!(ids.is_unique());
+        // Flat tokens: level 0 at 0..5, level 1 at 5..10, extra at 10..13.
+        assert_eq!(ids.vocab_size(), 13);
+        assert_eq!(ids.tokens(3), vec![1, 7, 12]);
+        assert_eq!(ids.tokens(5), vec![0, 5]);
         ids.validate("hand").unwrap();
         // Prefix-free: no identifier is a proper prefix of another.
         for a in &ids.codes {

@@ -28,8 +28,8 @@
 //!   no item of an epoch's batches selected are reset at the end of the epoch
 //!   to random residuals of that level from the last batch (`dead_code_reset`);
 //! - every `eval_every` epochs (and after the last) the argmin collision rate
-//!   of all items is computed; the parameters with the lowest rate (earliest on
-//!   ties) are kept;
+//!   of all items is computed; the parameters with the lowest rate are kept
+//!   (on ties the later, longer-trained ones; LETTER's code keeps the earliest);
 //! - identifiers: `ids::assign_ids` (Sinkhorn re-assignment rounds for
 //!   LETTER, then an extra disambiguation token where needed).
 
@@ -251,7 +251,7 @@ pub fn init_codebooks(model: &RqVae, sem: &[f32], cfg: &TokenizerConfig) -> Resu
                 kmeans(&r, n, KmeansOpts { max_iter: 100, tol: 1e-4, seed })?.centroids.to_vec_f32()?
             }
             CodebookInit::Constrained => {
-                let lo = (m / (2 * n)).min(50).max(1);
+                let lo = (m / (2 * n)).clamp(1, 50);
                 let hi = (4 * lo).max(m.div_ceil(n));
                 let o =
                     ConstrainedOpts { size_min: lo, size_max: hi, max_iter: 10, n_init: cfg.init_n_init.max(1), seed };
@@ -269,14 +269,14 @@ pub fn init_codebooks(model: &RqVae, sem: &[f32], cfg: &TokenizerConfig) -> Resu
 }
 
 fn check_inputs(sem: &[f32], n_items: usize, cf: Option<&[f32]>, cfg: &TokenizerConfig) -> Result<(usize, usize)> {
-    if n_items == 0 || sem.is_empty() || sem.len() % n_items != 0 {
+    if n_items == 0 || sem.is_empty() || !sem.len().is_multiple_of(n_items) {
         bail!("tokenize: semantic embeddings hold {} values, not a [{n_items}, D] matrix", sem.len());
     }
     let din = sem.len() / n_items;
     crate::quant::check_finite_host("tokenize", "semantic embeddings", sem, &[n_items, din])?;
     let mut dc = 0;
     if let Some(cf) = cf {
-        if cf.is_empty() || cf.len() % n_items != 0 {
+        if cf.is_empty() || !cf.len().is_multiple_of(n_items) {
             bail!("tokenize: CF embeddings hold {} values, not a [{n_items}, dc] matrix (one row per item)", cf.len());
         }
         dc = cf.len() / n_items;
@@ -345,7 +345,7 @@ pub fn train_model(
         ProgressStyle::with_template("tokenize {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut best: Option<(f64, usize, Vec<(String, Vec<usize>, Vec<f32>)>)> = None;
+    let mut best: Option<(f64, usize, rqvae::ParamValues)> = None;
     for epoch in 0..cfg.epochs {
         let clusters = if sopts.beta != 0.0 {
             Some(diversity_clusters(
@@ -402,7 +402,7 @@ pub fn train_model(
             let (codes, _) = argmin_codes(&model, sem, cfg.batch_size)?;
             let cr = collision_rate(&codes);
             log.collision_rate = Some(cr);
-            if best.as_ref().is_none_or(|b| cr < b.0) {
+            if best.as_ref().is_none_or(|b| cr <= b.0) {
                 best = Some((cr, epoch, model.snapshot()?));
             }
         }
@@ -479,6 +479,19 @@ pub fn train_tokenizer(
     cf: Option<&[f32]>,
     cfg: &TokenizerConfig,
 ) -> Result<(ItemCodes, TokenizerReport)> {
+    let (_, ids, rep) = train_tokenizer_model(gpu, sem, n_items, cf, cfg)?;
+    Ok((ids, rep))
+}
+
+/// [`train_tokenizer`] that also returns the trained model (e.g. to save it
+/// with `RqVae::save` or to tokenize new items with `RqVae::codes`).
+pub fn train_tokenizer_model(
+    gpu: &Gpu,
+    sem: &[f32],
+    n_items: usize,
+    cf: Option<&[f32]>,
+    cfg: &TokenizerConfig,
+) -> Result<(RqVae, ItemCodes, TokenizerReport)> {
     let mut rep = TokenizerReport {
         method: cfg.method.name().to_string(),
         adapter: gpu.info().name.clone(),
@@ -491,7 +504,7 @@ pub fn train_tokenizer(
     if let Some(cf) = cf {
         rep.code_similarity = Some(code_similarity(gpu, &ids.codes, ids.levels, cf)?);
     }
-    Ok((ids, rep))
+    Ok((model, ids, rep))
 }
 
 #[cfg(test)]

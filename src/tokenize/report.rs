@@ -104,7 +104,7 @@ pub fn histogram(codes: &[Vec<u32>], level: usize, codebook_size: usize) -> Vec<
 /// the item itself). Needs M >= 2.
 pub fn code_similarity(gpu: &Gpu, codes: &[Vec<u32>], levels: usize, cf: &[f32]) -> Result<f64> {
     let m = codes.len();
-    if m < 2 || cf.is_empty() || cf.len() % m != 0 {
+    if m < 2 || cf.is_empty() || !cf.len().is_multiple_of(m) {
         bail!("code_similarity: need >= 2 items and CF embeddings [M, dc], got {} values for {m} items", cf.len());
     }
     let dc = cf.len() / m;

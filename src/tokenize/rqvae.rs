@@ -163,6 +163,12 @@ pub struct StepOut {
     pub residuals: Vec<Tensor>,
 }
 
+/// Host copies of parameters: (name, shape, values).
+pub type ParamValues = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// Looks up a parameter's host value (shape, values) by name.
+pub type ParamSource<'a> = &'a dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>;
+
 /// The RQ-VAE: encoder, decoder and codebooks as `Param`s.
 pub struct RqVae {
     pub cfg: RqVaeConfig,
@@ -240,7 +246,7 @@ impl RqVae {
 
     /// Overwrite parameters by name from host values (e.g. a checkpoint or a
     /// parity fixture). Errors name the parameter and the shapes.
-    pub fn load_params(&self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>) -> Result<()> {
+    pub fn load_params(&self, get: ParamSource) -> Result<()> {
         for p in self.params() {
             let Some((shape, data)) = get(&p.name) else {
                 bail!("rqvae: no value for parameter {} {}", p.name, shape_str(p.value.shape()));
@@ -259,8 +265,37 @@ impl RqVae {
     }
 
     /// Host copies of every parameter, by name.
-    pub fn snapshot(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn snapshot(&self) -> Result<ParamValues> {
         self.params().iter().map(|p| Ok((p.name.clone(), p.value.shape().to_vec(), p.value.to_vec_f32()?))).collect()
+    }
+
+    /// Write every parameter (f32) and the config (`__metadata__["rqvae_config"]`,
+    /// JSON) as safetensors, atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use crate::io::{safetensors::StoreDtype, HostTensor};
+        let mut t = std::collections::BTreeMap::new();
+        for (name, shape, data) in self.snapshot()? {
+            t.insert(name, HostTensor::new(&shape, data)?);
+        }
+        let meta: std::collections::HashMap<String, String> =
+            [("rqvae_config".to_string(), serde_json::to_string(&self.cfg)?)].into_iter().collect();
+        crate::io::safetensors::save(path, &t, Some(&meta), StoreDtype::F32)
+    }
+
+    /// Load a model written by [`RqVae::save`].
+    pub fn load(gpu: &Gpu, path: &std::path::Path) -> Result<RqVae> {
+        let f = crate::io::safetensors::SafeTensorsFile::open(path)?;
+        let cfg_json = f
+            .metadata()
+            .get("rqvae_config")
+            .cloned()
+            .with_context(|| format!("{}: no rqvae_config metadata (not an RQ-VAE file?)", path.display()))?;
+        let cfg: RqVaeConfig =
+            serde_json::from_str(&cfg_json).with_context(|| format!("{}: bad rqvae_config", path.display()))?;
+        let m = RqVae::new(gpu, cfg)?;
+        m.load_params(&|name| f.get(name).ok().map(|t| (t.shape.clone(), t.data.clone())))
+            .with_context(|| format!("loading {}", path.display()))?;
+        Ok(m)
     }
 
     /// Latent `z = enc(x)` for `x: [B, in_dim]`.
@@ -367,10 +402,10 @@ impl RqVae {
         let mut rs: Vec<Var> = Vec::new();
         let mut sel: Vec<Var> = Vec::new();
         let mut code_t: Vec<Tensor> = Vec::new();
-        for l in 0..l_n {
+        for (l, book) in books.iter().enumerate() {
             let sk = if l + 1 == l_n { opts.sinkhorn } else { None };
             let c = self.level_codes(l, &r.value, sk)?;
-            let e = autograd::embedding(&books[l], &c)?;
+            let e = autograd::embedding(book, &c)?;
             rs.push(r.clone());
             let next = if self.cfg.st_chain {
                 // r - (r + sg(e - r)): value r - e, zero gradient.

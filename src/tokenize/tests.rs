@@ -141,9 +141,16 @@ fn rqvae_trains_on_gaussian_clusters_and_ids_are_unique_and_deterministic() {
     assert!(rep.per_level[0].used >= 8, "level-0 utilization too low: {:?}", rep.per_level);
     assert_eq!(rep.first_level_histogram.iter().sum::<usize>(), m);
     assert!(rep.best_collision_rate <= rep.epochs.iter().filter_map(|e| e.collision_rate).fold(1.0, f64::min) + 1e-12);
-    // Same seed, same identifiers.
-    let (ids2, _) = train_tokenizer(&gpu, &sem, m, None, &cfg).unwrap();
+    // Same seed, same identifiers; the saved model gives the same argmin codes.
+    let (model, ids2, _) = train_tokenizer_model(&gpu, &sem, m, None, &cfg).unwrap();
     assert_eq!(ids, ids2);
+    let dir = crate::io::TestDir::new("tok_model");
+    let p = dir.path().join("model.safetensors");
+    model.save(&p).unwrap();
+    let back = RqVae::load(&gpu, &p).unwrap();
+    assert_eq!(back.cfg, model.cfg);
+    let x = Tensor::from_f32(&gpu, &sem, &[m, dim]).unwrap();
+    assert_eq!(back.codes(&x).unwrap().0, model.codes(&x).unwrap().0);
 }
 
 #[test]
