@@ -403,3 +403,45 @@ fn minilm_matches_sentence_transformers_on_20_titles() {
     println!("MiniLM vs sentence-transformers: min cosine {:.8} (title {}: {:?})", min.0, min.1, fx.titles[min.1]);
     assert!(min.0 > 0.999, "title {} {:?}: cosine {}", min.1, fx.titles[min.1], min.0);
 }
+
+/// CPU seconds (user + system) of this process so far, from /proc (Linux), for
+/// throughput numbers that survive a shared machine; None elsewhere.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Throughput of MiniLM over ml-100k item texts (needs MiniLM and a prepared ml-100k in
+/// the cache): `cargo test --release --lib models::bert::tests::bench_minilm -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_minilm_ml100k_items() {
+    let (Some(dir), Ok(cache)) = (crate::io::fetch::local("minilm"), crate::io::fetch::cache_dir()) else {
+        println!("SKIPPED: MiniLM not cached");
+        return;
+    };
+    let Ok(p) = crate::data::Prepared::load(&cache.join("prepared/ml-100k-loo")) else {
+        println!("SKIPPED: no prepared ml-100k (run `genrec embed --dataset ml-100k` once)");
+        return;
+    };
+    let n: usize = std::env::var("BENCH_ITEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let gpu = Gpu::shared().unwrap();
+    let enc = TextEncoder::load(&gpu, &dir, DEFAULT_MAX_LEN).unwrap();
+    let texts = crate::models::embed::item_texts(&p, crate::models::embed::DEFAULT_TEMPLATE).unwrap();
+    let texts: Vec<&str> = texts.iter().take(n).map(String::as_str).collect();
+    let tokens: usize = enc.tokenizer.encode_many(&texts).unwrap().iter().map(|e| e.0.len()).sum();
+    enc.embed(&texts[..8], 8, &mut |_| {}).unwrap(); // compile pipelines
+    let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
+    enc.embed(&texts, 64, &mut |_| {}).unwrap();
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds().zip(c0).map(|(a, b)| a - b));
+    println!(
+        "MiniLM on {} ml-100k items ({tokens} tokens, batch 64, {}): {wall:.1}s wall = {:.1} items/s; {:.1} CPU-s = {:.1} items per CPU-s",
+        texts.len(),
+        gpu.describe(),
+        texts.len() as f64 / wall,
+        cpu.unwrap_or(f64::NAN),
+        texts.len() as f64 / cpu.unwrap_or(f64::NAN)
+    );
+}
