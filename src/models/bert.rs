@@ -742,4 +742,4 @@ impl TextEncoder {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

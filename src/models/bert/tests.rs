@@ -283,7 +283,7 @@ fn random_init_trains_down() {
 
 /// A hand-made WordPiece tokenizer.json in the format of MiniLM's (BertNormalizer,
 /// BertPreTokenizer, [CLS] $A [SEP] template, fixed padding that must be overridden).
-const TINY_TOKENIZER: &str = r###"{
+pub(crate) const TINY_TOKENIZER: &str = r###"{
   "version": "1.0",
   "truncation": null,
   "padding": {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null,
@@ -313,7 +313,7 @@ const TINY_TOKENIZER: &str = r###"{
                       "##ing": 15, "cafe": 16}}
 }"###;
 
-fn tiny_tokenizer_dir() -> TestDir {
+pub(crate) fn tiny_tokenizer_dir() -> TestDir {
     let t = TestDir::new("bert-tok");
     std::fs::write(t.path().join("tokenizer.json"), TINY_TOKENIZER).unwrap();
     for f in ["config.json", "model.safetensors"] {
