@@ -523,11 +523,26 @@ impl Bert {
             let a = self.self_attention(tape, &l.attention, &x, b, t, &mask)?;
             let a = self.maybe_dropout(a, 1 + 2 * i as u32)?;
             x = l.attention_norm.forward(tape, &x.add(&a)?)?;
-            let f = l.output.forward(tape, &l.intermediate.forward(tape, &x)?)?;
+            let f = l.output.forward(tape, &Self::intermediate(tape, &l.intermediate, &x)?)?;
             let f = self.maybe_dropout(f, 2 + 2 * i as u32)?;
             x = l.output_norm.forward(tape, &x.add(&f)?)?;
         }
         x.reshape(&[b, t, h])
+    }
+
+    /// The FFN's first linear + activation. Without gradients the activation is fused
+    /// into the matmul epilogue (the training path keeps the pre-activation for the backward).
+    fn intermediate(tape: &Tape, lin: &Linear, x: &Var) -> Result<Var> {
+        if tape.grad_enabled() {
+            return lin.forward(tape, x);
+        }
+        let opts = crate::ops::matmul::MatmulOpts {
+            trans_a: false,
+            trans_b: true,
+            bias: lin.bias.as_ref().map(|b| &b.value),
+            act: lin.act,
+        };
+        Ok(tape.constant(crate::ops::matmul::matmul(&x.value, &lin.weight.value, &opts)?))
     }
 
     /// Multi-head self-attention over `x` `[B*T, H]` -> `[B*T, H]` (output projection included).
