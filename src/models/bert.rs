@@ -644,7 +644,7 @@ impl BertTokenizer {
         Ok(())
     }
 
-    /// Token ids, token types and mask of one text ([CLS] ... [SEP], truncated).
+    /// Token ids and token types of one text ([CLS] ... [SEP], truncated).
     pub fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let e = self
             .inner
