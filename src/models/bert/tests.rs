@@ -258,6 +258,23 @@ fn bad_inputs_are_errors() {
 }
 
 #[test]
+fn hidden_dropout_only_when_training_and_reproducible() {
+    let gpu = Gpu::shared().unwrap();
+    let mut model = tiny(&gpu);
+    let input = BertInput::from_rows(&[vec![1, 2, 3, 4], vec![5, 6]], 0).unwrap();
+    let run = |m: &Bert, tape: Tape| m.forward(&tape, &input).unwrap().value.to_vec_f32().unwrap();
+    let plain = run(&model, Tape::no_grad());
+    model.dropout = Some(BertDropout { p: 0.5, seed: 7 });
+    // Inference ignores dropout; training applies it, the same way for the same seed.
+    assert_eq!(run(&model, Tape::no_grad()), plain);
+    let a = run(&model, Tape::new());
+    assert_ne!(a, plain);
+    assert_eq!(run(&model, Tape::new()), a);
+    model.dropout = Some(BertDropout { p: 0.5, seed: 8 });
+    assert_ne!(run(&model, Tape::new()), a);
+}
+
+#[test]
 fn random_init_trains_down() {
     // A few AdamW steps on a tiny random BERT: the loss (pull pooled embeddings toward
     // fixed targets) goes down, so the whole stack is trainable end to end.
