@@ -499,30 +499,72 @@ impl Bert {
     }
 
     /// The last hidden state `[B, T, H]`.
+    ///
+    /// Activations stay 2-D `[B*T, H]` between layers so every linear is one matmul with
+    /// M = B*T rows (a `[B, T, H]` operand would be B matmuls of only T rows each, which
+    /// wastes most of a row tile for short texts); only attention sees `[B, heads, T, Dh]`.
     pub fn forward(&self, tape: &Tape, input: &BertInput) -> Result<Var> {
         input.validate(&self.config)?;
         let gpu = self.word_embeddings.weight.value.gpu().clone();
         let (b, t, h) = (input.batch, input.seq_len, self.config.hidden_size);
-        let ids = Tensor::from_u32(&gpu, &input.input_ids, &[b, t])?;
-        let types = Tensor::from_u32(&gpu, &input.token_type_ids, &[b, t])?;
-        let pos: Vec<u32> = (0..t as u32).collect();
-        let pos = Tensor::from_u32(&gpu, &pos, &[t])?;
-        // [B, T, H] + [T, H] (broadcast over the batch) + [B, T, H]
+        let n = b * t;
+        let ids = Tensor::from_u32(&gpu, &input.input_ids, &[n])?;
+        let types = Tensor::from_u32(&gpu, &input.token_type_ids, &[n])?;
+        // Position t of every row: [B*T] = 0..T repeated B times.
+        let pos: Vec<u32> = (0..n as u32).map(|i| i % t as u32).collect();
+        let pos = Tensor::from_u32(&gpu, &pos, &[n])?;
+        // [B*T, H] each
         let x = self.word_embeddings.forward(tape, &ids)?;
         let x = x.add(&self.position_embeddings.forward(tape, &pos)?)?;
         let x = x.add(&self.token_type_embeddings.forward(tape, &types)?)?;
         let mut x = self.maybe_dropout(self.embeddings_norm.forward(tape, &x)?, 0)?;
         let mask = input.mask(&gpu)?;
         for (i, l) in self.layers.iter().enumerate() {
-            let a = l.attention.forward(tape, &x, &x, &mask)?;
+            let a = self.self_attention(tape, &l.attention, &x, b, t, &mask)?;
             let a = self.maybe_dropout(a, 1 + 2 * i as u32)?;
             x = l.attention_norm.forward(tape, &x.add(&a)?)?;
-            let f = l.output.forward(tape, &l.intermediate.forward(tape, &x)?)?;
+            let f = l.output.forward(tape, &Self::intermediate(tape, &l.intermediate, &x)?)?;
             let f = self.maybe_dropout(f, 2 + 2 * i as u32)?;
             x = l.output_norm.forward(tape, &x.add(&f)?)?;
         }
-        debug_assert_eq!(x.shape(), [b, t, h]);
-        Ok(x)
+        x.reshape(&[b, t, h])
+    }
+
+    /// The FFN's first linear + activation. Without gradients the activation is fused
+    /// into the matmul epilogue (the training path keeps the pre-activation for the backward).
+    fn intermediate(tape: &Tape, lin: &Linear, x: &Var) -> Result<Var> {
+        if tape.grad_enabled() {
+            return lin.forward(tape, x);
+        }
+        let opts = crate::ops::matmul::MatmulOpts {
+            trans_a: false,
+            trans_b: true,
+            bias: lin.bias.as_ref().map(|b| &b.value),
+            act: lin.act,
+        };
+        Ok(tape.constant(crate::ops::matmul::matmul(&x.value, &lin.weight.value, &opts)?))
+    }
+
+    /// Multi-head self-attention over `x` `[B*T, H]` -> `[B*T, H]` (output projection included).
+    fn self_attention(
+        &self,
+        tape: &Tape,
+        m: &MultiHeadAttention,
+        x: &Var,
+        b: usize,
+        t: usize,
+        mask: &Mask,
+    ) -> Result<Var> {
+        let (nh, dh) = (m.heads, m.head_dim);
+        // [B*T, H] -> [B, T, nh, Dh] -> [B, nh, T, Dh]
+        let split = |y: Var| y.reshape(&[b, t, nh, dh])?.permute(&[0, 2, 1, 3]);
+        let q = split(m.q.forward(tape, x)?)?;
+        let k = split(m.k.forward(tape, x)?)?;
+        let v = split(m.v.forward(tape, x)?)?;
+        let a = crate::autograd::attention(&q, &k, &v, None, mask, 1.0 / (dh as f32).sqrt())?;
+        // [B, nh, T, Dh] -> [B, T, nh, Dh] -> [B*T, H]
+        let merged = a.permute(&[0, 2, 1, 3])?.reshape(&[b * t, nh * dh])?;
+        m.o.forward(tape, &merged)
     }
 
     /// Sentence embeddings `[B, H]`: mean of the last hidden state over valid tokens,
@@ -602,7 +644,7 @@ impl BertTokenizer {
         Ok(())
     }
 
-    /// Token ids, token types and mask of one text ([CLS] ... [SEP], truncated).
+    /// Token ids and token types of one text ([CLS] ... [SEP], truncated).
     pub fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let e = self
             .inner
@@ -715,4 +757,4 @@ impl TextEncoder {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -303,6 +303,85 @@ mod tests {
         assert_eq!(render_template("{title}", &ItemMeta::default(), "9").unwrap(), "");
     }
 
+    /// A prepared dataset of 4 items (one without any text) and 3 users, no filtering.
+    fn tiny_prepared() -> Prepared {
+        use crate::data::{RawDataset, RawInteraction};
+        let mut raw = RawDataset { name: "tiny shop".into(), ..Default::default() };
+        for (u, items) in [("u1", ["10", "20", "30"]), ("u2", ["20", "30", "40"]), ("u3", ["10", "40", "30"])] {
+            for (t, i) in items.iter().enumerate() {
+                raw.interactions.push(RawInteraction {
+                    user: u.into(),
+                    item: i.to_string(),
+                    timestamp: t as i64,
+                    rating: None,
+                });
+            }
+        }
+        let m = |title: &str, cats: &[&str]| ItemMeta {
+            title: Some(title.into()),
+            categories: cats.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        raw.items.insert("10".into(), m("Toy Story", &["cats"]));
+        raw.items.insert("20".into(), m("The Cat", &["playing", "mat"]));
+        raw.items.insert("30".into(), m("Café", &[]));
+        let opts = crate::data::PrepareOptions { kcore: 0, ..Default::default() };
+        crate::data::prepare(&raw, &opts).unwrap()
+    }
+
+    #[test]
+    fn item_embeddings_are_aligned_cached_and_keyed_by_template() {
+        let gpu = Gpu::shared().unwrap();
+        let model = crate::models::bert::tests::tiny_tokenizer_dir();
+        let p = tiny_prepared();
+        assert_eq!(p.item_ids, vec!["10", "20", "30", "40"]);
+        let out = model.path().join("emb.safetensors");
+        let opts = EmbedOptions {
+            batch: 3,
+            max_len: 16,
+            model_dir: Some(model.path().to_path_buf()),
+            out: Some(out.clone()),
+            ..Default::default()
+        };
+        let first = item_text_embeddings_cached(&gpu, &p, &opts).unwrap();
+        assert!(!first.reused && first.path == out && out.is_file());
+        assert_eq!((first.n_items, first.dim, first.data.len()), (4, 16, 64));
+        // Row i = dense item i: compare with embedding each text alone.
+        let enc = TextEncoder::load(&gpu, model.path(), 16).unwrap();
+        let texts = item_texts(&p, DEFAULT_TEMPLATE).unwrap();
+        assert_eq!(texts, vec!["Toy Story cats", "The Cat playing mat", "Café", ""]);
+        for (i, t) in texts.iter().enumerate() {
+            let e = enc.embed(&[t.as_str()], 1, &mut |_| {}).unwrap();
+            let row = &first.data[i * 16..(i + 1) * 16];
+            let err = row.iter().zip(&e).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "item {i}: {err}");
+            let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "item {i} norm {norm}");
+        }
+        // Same dataset, template and model: the file is reused as is.
+        let again = item_text_embeddings_cached(&gpu, &p, &opts).unwrap();
+        assert!(again.reused);
+        assert_eq!(again.data, first.data);
+        let md = SafeTensorsFile::open(&out).unwrap().metadata();
+        assert_eq!(md["template"], DEFAULT_TEMPLATE);
+        assert_eq!(md["dataset"], "tiny shop");
+        // Another template changes the key: recomputed, and the file replaced.
+        let titles = EmbedOptions { template: "{title}".into(), ..opts.clone() };
+        let t = item_text_embeddings_cached(&gpu, &p, &titles).unwrap();
+        assert!(!t.reused);
+        assert_ne!(t.data, first.data);
+        assert!(!item_text_embeddings_cached(&gpu, &p, &opts).unwrap().reused, "stale file must not be reused");
+        // --force (reuse: false) recomputes even with a matching file.
+        let forced = EmbedOptions { reuse: false, ..opts.clone() };
+        assert!(!item_text_embeddings_cached(&gpu, &p, &forced).unwrap().reused);
+        // Bad inputs: a template error names the placeholder, a bad model dir its file.
+        let bad = EmbedOptions { template: "{nope}".into(), ..opts.clone() };
+        assert!(item_text_embeddings_cached(&gpu, &p, &bad).unwrap_err().to_string().contains("{nope}"));
+        let nodir = EmbedOptions { model_dir: Some(model.path().join("missing")), ..opts };
+        let e = format!("{:#}", item_text_embeddings_cached(&gpu, &p, &nodir).unwrap_err());
+        assert!(e.contains("missing") && e.contains("config.json"), "{e}");
+    }
+
     #[test]
     fn bad_templates_are_errors_naming_the_problem() {
         let e = check_template("{title} {rating}").unwrap_err().to_string();

@@ -258,6 +258,23 @@ fn bad_inputs_are_errors() {
 }
 
 #[test]
+fn hidden_dropout_only_when_training_and_reproducible() {
+    let gpu = Gpu::shared().unwrap();
+    let mut model = tiny(&gpu);
+    let input = BertInput::from_rows(&[vec![1, 2, 3, 4], vec![5, 6]], 0).unwrap();
+    let run = |m: &Bert, tape: Tape| m.forward(&tape, &input).unwrap().value.to_vec_f32().unwrap();
+    let plain = run(&model, Tape::no_grad());
+    model.dropout = Some(BertDropout { p: 0.5, seed: 7 });
+    // Inference ignores dropout; training applies it, the same way for the same seed.
+    assert_eq!(run(&model, Tape::no_grad()), plain);
+    let a = run(&model, Tape::new());
+    assert_ne!(a, plain);
+    assert_eq!(run(&model, Tape::new()), a);
+    model.dropout = Some(BertDropout { p: 0.5, seed: 8 });
+    assert_ne!(run(&model, Tape::new()), a);
+}
+
+#[test]
 fn random_init_trains_down() {
     // A few AdamW steps on a tiny random BERT: the loss (pull pooled embeddings toward
     // fixed targets) goes down, so the whole stack is trainable end to end.
@@ -283,7 +300,7 @@ fn random_init_trains_down() {
 
 /// A hand-made WordPiece tokenizer.json in the format of MiniLM's (BertNormalizer,
 /// BertPreTokenizer, [CLS] $A [SEP] template, fixed padding that must be overridden).
-const TINY_TOKENIZER: &str = r###"{
+pub(crate) const TINY_TOKENIZER: &str = r###"{
   "version": "1.0",
   "truncation": null,
   "padding": {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null,
@@ -313,7 +330,7 @@ const TINY_TOKENIZER: &str = r###"{
                       "##ing": 15, "cafe": 16}}
 }"###;
 
-fn tiny_tokenizer_dir() -> TestDir {
+pub(crate) fn tiny_tokenizer_dir() -> TestDir {
     let t = TestDir::new("bert-tok");
     std::fs::write(t.path().join("tokenizer.json"), TINY_TOKENIZER).unwrap();
     for f in ["config.json", "model.safetensors"] {
@@ -402,4 +419,46 @@ fn minilm_matches_sentence_transformers_on_20_titles() {
     }
     println!("MiniLM vs sentence-transformers: min cosine {:.8} (title {}: {:?})", min.0, min.1, fx.titles[min.1]);
     assert!(min.0 > 0.999, "title {} {:?}: cosine {}", min.1, fx.titles[min.1], min.0);
+}
+
+/// CPU seconds (user + system) of this process so far, from /proc (Linux), for
+/// throughput numbers that survive a shared machine; None elsewhere.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Throughput of MiniLM over ml-100k item texts (needs MiniLM and a prepared ml-100k in
+/// the cache): `cargo test --release --lib models::bert::tests::bench_minilm -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_minilm_ml100k_items() {
+    let (Some(dir), Ok(cache)) = (crate::io::fetch::local("minilm"), crate::io::fetch::cache_dir()) else {
+        println!("SKIPPED: MiniLM not cached");
+        return;
+    };
+    let Ok(p) = crate::data::Prepared::load(&cache.join("prepared/ml-100k-loo")) else {
+        println!("SKIPPED: no prepared ml-100k (run `genrec embed --dataset ml-100k` once)");
+        return;
+    };
+    let n: usize = std::env::var("BENCH_ITEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let gpu = Gpu::shared().unwrap();
+    let enc = TextEncoder::load(&gpu, &dir, DEFAULT_MAX_LEN).unwrap();
+    let texts = crate::models::embed::item_texts(&p, crate::models::embed::DEFAULT_TEMPLATE).unwrap();
+    let texts: Vec<&str> = texts.iter().take(n).map(String::as_str).collect();
+    let tokens: usize = enc.tokenizer.encode_many(&texts).unwrap().iter().map(|e| e.0.len()).sum();
+    enc.embed(&texts[..8], 8, &mut |_| {}).unwrap(); // compile pipelines
+    let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
+    enc.embed(&texts, 64, &mut |_| {}).unwrap();
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds().zip(c0).map(|(a, b)| a - b));
+    println!(
+        "MiniLM on {} ml-100k items ({tokens} tokens, batch 64, {}): {wall:.1}s wall = {:.1} items/s; {:.1} CPU-s = {:.1} items per CPU-s",
+        texts.len(),
+        gpu.describe(),
+        texts.len() as f64 / wall,
+        cpu.unwrap_or(f64::NAN),
+        texts.len() as f64 / cpu.unwrap_or(f64::NAN)
+    );
 }
