@@ -428,7 +428,7 @@ fn smollm2_real_weights_match_transformers() {
         let text = case["text"].as_str().unwrap();
         let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text, false).unwrap(), ids, "tokenization of {text:?} vs transformers");
-        let (_, logits) = m.session(&[ids.clone()], 1, ids.len() + 1).unwrap();
+        let (_, logits) = m.session(std::slice::from_ref(&ids), 1, ids.len() + 1).unwrap();
         let l = logits.to_vec_f32().unwrap();
         let top_i: Vec<usize> =
             case["top_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
