@@ -445,3 +445,17 @@ fn smollm2_real_weights_match_transformers() {
         eprintln!("smollm2 {text:?} -> {:?}", tok.decode(&gen, false).unwrap());
     }
 }
+
+#[test]
+fn config_json_round_trip_and_random_init_forward() {
+    let g = gpu();
+    let cfg = LlamaConfig::from_hf_json(&fixture("qwen2").join("config.json")).unwrap();
+    assert!(cfg.qkv_bias && !cfg.o_bias && cfg.tied && cfg.arch == "qwen2");
+    // transformers-4 style (rope_theta at the top level) reads back the same.
+    let back = LlamaConfig::from_hf_value(&cfg.to_hf_json(), "exported").unwrap();
+    assert_eq!(LlamaConfig { max_positions: cfg.max_positions, ..back }, cfg);
+    let m = Llama::new_random(&g, cfg.clone(), 11).unwrap();
+    let l = full_logits(&m, &[1, 2, 3]);
+    assert_eq!(l.len(), 3 * cfg.vocab);
+    assert!(l.iter().all(|x| x.is_finite()) && l.iter().any(|&x| x != 0.0));
+}
