@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     let (_, l) = m.session(&[prompt[..8].to_vec()], 1, 16)?;
     l.to_vec_f32()?;
     let t = Instant::now();
-    let (_, l) = m.session(&[prompt.clone()], 1, p + 1)?;
+    let (_, l) = m.session(std::slice::from_ref(&prompt), 1, p + 1)?;
     l.to_vec_f32()?;
     let s = t.elapsed().as_secs_f64();
     println!("prefill batch 1, {p} tokens: {:.2} s = {:.1} tokens/s", s, p as f64 / s);

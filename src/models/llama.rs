@@ -733,7 +733,7 @@ impl StepModel for LlamaSession<'_> {
             x = m.block(&tape, l, &x, &mask, Some(&pos), Some(&self.cache))?;
         }
         self.cache.len += 1;
-        Ok(m.head(&tape, &x)?.value.reshape(&[rows, m.cfg.vocab])?)
+        m.head(&tape, &x)?.value.reshape(&[rows, m.cfg.vocab])
     }
 
     fn reorder(&mut self, parents: &Tensor) -> Result<()> {

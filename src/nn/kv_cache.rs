@@ -294,7 +294,7 @@ mod tests {
         let gpu = Gpu::shared().unwrap();
         let cache = Tensor::zeros(&gpu, &[1, 2, 4, 8], DType::F32).unwrap();
         let e = |r: Result<()>, what: &str| {
-            let s = r.err().expect("expected an error").to_string();
+            let s = r.expect_err("expected an error").to_string();
             assert!(s.contains(what), "{s}");
         };
         e(kv_write(&cache, &Tensor::zeros(&gpu, &[1, 2, 5, 8], DType::F32).unwrap(), 0), "kv_write");

@@ -428,7 +428,7 @@ fn smollm2_real_weights_match_transformers() {
         let text = case["text"].as_str().unwrap();
         let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text, false).unwrap(), ids, "tokenization of {text:?} vs transformers");
-        let (_, logits) = m.session(&[ids.clone()], 1, ids.len() + 1).unwrap();
+        let (_, logits) = m.session(std::slice::from_ref(&ids), 1, ids.len() + 1).unwrap();
         let l = logits.to_vec_f32().unwrap();
         let top_i: Vec<usize> =
             case["top_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
@@ -444,4 +444,18 @@ fn smollm2_real_weights_match_transformers() {
         assert_eq!(gen, want, "greedy continuation of {text:?}: ours {:?}", tok.decode(&gen, false));
         eprintln!("smollm2 {text:?} -> {:?}", tok.decode(&gen, false).unwrap());
     }
+}
+
+#[test]
+fn config_json_round_trip_and_random_init_forward() {
+    let g = gpu();
+    let cfg = LlamaConfig::from_hf_json(&fixture("qwen2").join("config.json")).unwrap();
+    assert!(cfg.qkv_bias && !cfg.o_bias && cfg.tied && cfg.arch == "qwen2");
+    // transformers-4 style (rope_theta at the top level) reads back the same.
+    let back = LlamaConfig::from_hf_value(&cfg.to_hf_json(), "exported").unwrap();
+    assert_eq!(LlamaConfig { max_positions: cfg.max_positions, ..back }, cfg);
+    let m = Llama::new_random(&g, cfg.clone(), 11).unwrap();
+    let l = full_logits(&m, &[1, 2, 3]);
+    assert_eq!(l.len(), 3 * cfg.vocab);
+    assert!(l.iter().all(|x| x.is_finite()) && l.iter().any(|&x| x != 0.0));
 }
