@@ -8,6 +8,21 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Which trained generative system a command means: system, dataset, budget and seed name its run
+/// directory (`<cache>/runs/<dataset>/<budget>-seed<seed>/`).
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    system: genrec::pipeline::System,
+    /// A prepared dataset directory, `ml-100k`, or a name under <cache>/prepared/.
+    #[arg(long, default_value = "ml-100k")]
+    data: String,
+    #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
+    budget: genrec::pipeline::Budget,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The main job: fetch ml-100k, prepare it, train the baselines on the GPU,
@@ -28,47 +43,28 @@ enum Cmd {
     /// Train a generative recommender (item embeddings, tokenizer, T5) and
     /// evaluate it on the test split. Resumes from the run's checkpoint.
     Train {
-        #[arg(long, value_enum)]
-        system: genrec::pipeline::System,
-        /// A prepared dataset directory, `ml-100k`, or a name under <cache>/prepared/.
-        #[arg(long, default_value = "ml-100k")]
-        data: String,
-        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
-        budget: genrec::pipeline::Budget,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        run: RunArgs,
         /// Write the metrics (and training summary) as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
     /// Evaluate a trained generative recommender (full ranking, test split).
     Eval {
-        #[arg(long, value_enum)]
-        system: genrec::pipeline::System,
-        #[arg(long, default_value = "ml-100k")]
-        data: String,
-        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
-        budget: genrec::pipeline::Budget,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        run: RunArgs,
         /// valid or test.
         #[arg(long, default_value = "test")]
         split: String,
     },
     /// Top-K recommendations with titles for one user (by raw user id).
     Recommend {
-        #[arg(long, value_enum)]
-        system: genrec::pipeline::System,
+        #[command(flatten)]
+        run: RunArgs,
         #[arg(long)]
         user: String,
         #[arg(long, default_value_t = 10)]
         k: usize,
-        #[arg(long, default_value = "ml-100k")]
-        data: String,
-        #[arg(long, value_enum, default_value_t = genrec::pipeline::Budget::Auto)]
-        budget: genrec::pipeline::Budget,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
     },
     /// List GPU adapters with their features and limits (best first).
     Devices {
@@ -255,8 +251,8 @@ fn main() -> Result<()> {
             }
             genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out, fresh })?;
         }
-        Cmd::Train { system, data, budget, seed, out } => train(system, &data, budget, seed, out)?,
-        Cmd::Eval { system, data, budget, seed, split } => {
+        Cmd::Train { run, out } => train(run.system, &run.data, run.budget, run.seed, out)?,
+        Cmd::Eval { run: RunArgs { system, data, budget, seed }, split } => {
             use genrec::data::Split;
             let split = match split.as_str() {
                 "test" => Split::Test,
@@ -269,7 +265,7 @@ fn main() -> Result<()> {
             let report = model.evaluate(&data.eval_cases(split), &genrec::eval::Protocol::default())?;
             println!("{}", report.to_json());
         }
-        Cmd::Recommend { system, user, k, data, budget, seed } => {
+        Cmd::Recommend { run: RunArgs { system, data, budget, seed }, user, k } => {
             let gpu = genrec::gpu::Gpu::shared()?;
             let data = load_prepared(&data)?;
             let Some(u) = data.user_ids.iter().position(|x| *x == user) else {

@@ -105,7 +105,7 @@ fn sasrec_config(full: bool, seed: u64, max_history: usize) -> SasRecConfig {
     if full {
         SasRecConfig { epochs: 200, ..base }
     } else {
-        SasRecConfig { epochs: 10, batch_size: 256, lr: 2e-3, ..base }
+        SasRecConfig { epochs: 8, batch_size: 256, lr: 2e-3, ..base }
     }
 }
 
