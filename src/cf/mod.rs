@@ -122,22 +122,27 @@ mod tests {
     use crate::data::{prepare::prepare, PrepareOptions, Split};
     use crate::gpu::Gpu;
 
+    /// Trains a BPR model (LightGCN or MF) on planted communities and checks
+    /// that it learns them: the loss falls and recall@10 far exceeds popularity.
+    fn assert_learns_blocks(what: &str, data: &crate::data::Prepared, model: &lightgcn::LightGcn) {
+        let losses = model.fit(|_, _| Ok(true)).unwrap();
+        assert!(losses.last().unwrap() < &(losses[0] * 0.7), "{what}: BPR loss did not fall: {losses:?}");
+        let cases = data.eval_cases(Split::Test);
+        let protocol = Protocol { bootstrap: 0, exclude_history: true, ..Default::default() };
+        let r = model.evaluate(&cases, &protocol).unwrap().metric("recall", 10).unwrap();
+        let p = evaluate_popularity(data, &cases, &protocol).unwrap().metric("recall", 10).unwrap();
+        // 12 unseen items of the user's block vs 20 of the other: ranking the
+        // block first gives recall@10 ~ 10/12; uniform ranking ~ 10/32.
+        assert!(r > 0.7 && r > p + 0.25, "{what} recall@10 {r} vs popularity {p}");
+    }
+
     #[test]
     fn lightgcn_learns_planted_communities_and_beats_popularity() {
         let gpu = Gpu::shared().unwrap();
         let raw = synthetic_blocks(80, 40, 2, 10, 5);
         let data = prepare(&raw, &PrepareOptions { kcore: 0, ..Default::default() }).unwrap();
         let cfg = lightgcn::LightGcnConfig { d: 16, epochs: 60, batch_size: 256, lr: 1e-2, ..Default::default() };
-        let model = lightgcn::LightGcn::new(&gpu, &data, cfg).unwrap();
-        let losses = model.fit(|_, _| Ok(true)).unwrap();
-        assert!(losses.last().unwrap() < &(losses[0] * 0.7), "BPR loss did not fall: {losses:?}");
-        let cases = data.eval_cases(Split::Test);
-        let protocol = Protocol { bootstrap: 0, exclude_history: true, ..Default::default() };
-        let r = model.evaluate(&cases, &protocol).unwrap().metric("recall", 10).unwrap();
-        let p = evaluate_popularity(&data, &cases, &protocol).unwrap().metric("recall", 10).unwrap();
-        // 12 unseen items of the user's block vs 20 of the other: ranking the
-        // block first gives recall@10 ~ 10/12; uniform ranking ~ 10/32.
-        assert!(r > 0.7 && r > p + 0.25, "LightGCN recall@10 {r} vs popularity {p}");
+        assert_learns_blocks("LightGCN", &data, &lightgcn::LightGcn::new(&gpu, &data, cfg).unwrap());
     }
 
     #[test]
@@ -148,13 +153,7 @@ mod tests {
         let cfg = mf::MfConfig { d: 16, epochs: 60, batch_size: 256, lr: 1e-2, ..Default::default() };
         let model = mf::new(&gpu, &data, &cfg).unwrap();
         assert_eq!(model.cfg.layers, 0);
-        let losses = model.fit(|_, _| Ok(true)).unwrap();
-        assert!(losses.last().unwrap() < &(losses[0] * 0.7), "BPR loss did not fall: {losses:?}");
-        let cases = data.eval_cases(Split::Test);
-        let protocol = Protocol { bootstrap: 0, exclude_history: true, ..Default::default() };
-        let r = model.evaluate(&cases, &protocol).unwrap().metric("recall", 10).unwrap();
-        let p = evaluate_popularity(&data, &cases, &protocol).unwrap().metric("recall", 10).unwrap();
-        assert!(r > 0.7 && r > p + 0.25, "MF recall@10 {r} vs popularity {p}");
+        assert_learns_blocks("MF", &data, &model);
 
         // Export round trip.
         let dir = crate::io::TestDir::new("mf-export");
