@@ -167,6 +167,19 @@ fn tokenizer_config(method: Method, full: bool, seed: u64) -> TokenizerConfig {
     }
 }
 
+/// A run's cached identifiers (`<method>-ids.json`): the key of the inputs
+/// and settings they were trained from, the codes and the tokenizer report.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdsFile {
+    key: String,
+    codes: ItemCodes,
+    report: TokenizerReport,
+}
+
+fn ids_path(dir: &Path, method: Method) -> PathBuf {
+    dir.join(format!("{}-ids.json", method.name()))
+}
+
 /// Identifiers of every item for `method`, cached in `dir` under a key of
 /// the inputs and settings.
 fn identifiers(
@@ -178,21 +191,15 @@ fn identifiers(
     cfg: &TokenizerConfig,
     dir: &Path,
 ) -> Result<(ItemCodes, TokenizerReport)> {
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Cached {
-        key: String,
-        codes: ItemCodes,
-        report: TokenizerReport,
-    }
     let key = fingerprint_json(&(
         cfg,
         fingerprint(bytemuck::cast_slice(sem)),
         fingerprint(bytemuck::cast_slice(cf)),
         n_items,
     ))?;
-    let path = dir.join(format!("{}-ids.json", method.name()));
+    let path = ids_path(dir, method);
     if let Ok(text) = std::fs::read_to_string(&path) {
-        match serde_json::from_str::<Cached>(&text) {
+        match serde_json::from_str::<IdsFile>(&text) {
             Ok(c) if c.key == key => {
                 c.codes.validate(&path.display().to_string())?;
                 eprintln!("reusing {} identifiers from {}", method.name(), path.display());
@@ -204,7 +211,7 @@ fn identifiers(
     println!("training the {} tokenizer ({} epochs) ...", method.name(), cfg.epochs);
     let (codes, report) = tokenize::train_tokenizer(gpu, sem, n_items, Some(cf), cfg)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = serde_json::to_string(&Cached { key, codes: codes.clone(), report: report.clone() })?;
+    let json = serde_json::to_string(&IdsFile { key, codes: codes.clone(), report: report.clone() })?;
     crate::io::atomic_write(&path, |w| Ok(w.write_all(json.as_bytes())?))?;
     Ok((codes, report))
 }
@@ -273,7 +280,7 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed
 pub fn load_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed: u64) -> Result<Tiger> {
     let dir = run_dir(data, full, seed)?;
     let method = system.method();
-    let ids = dir.join(format!("{}-ids.json", method.name()));
+    let ids = ids_path(&dir, method);
     let ckpt = dir.join(format!("{}-best.safetensors", system.file_stem()));
     if !ids.exists() || !ckpt.exists() {
         bail!(
@@ -286,12 +293,8 @@ pub fn load_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed:
             system.file_stem().trim_end_matches("-tiger")
         );
     }
-    #[derive(serde::Deserialize)]
-    struct Cached {
-        codes: ItemCodes,
-    }
     let text = std::fs::read_to_string(&ids).with_context(|| format!("reading {}", ids.display()))?;
-    let c: Cached = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
+    let c: IdsFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
     let model = Tiger::new(gpu, system.file_stem(), &c.codes.codes, tiger_config(system, full, seed))?;
     model.load_weights(&ckpt)?;
     Ok(model)
