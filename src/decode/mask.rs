@@ -66,20 +66,26 @@ pub(crate) fn wg_for(gpu: &Gpu) -> usize {
     }
 }
 
+/// `nodes` must be U32 with one entry per row of `logits`.
+fn check_nodes(op: &str, logits: &Tensor, nodes: &Tensor) -> Result<()> {
+    check::dtype(op, "nodes", nodes, DType::U32)?;
+    let rows = logits.shape().first().copied().unwrap_or(0);
+    if nodes.numel() != rows {
+        bail!(
+            "{op}: nodes has shape {} but logits {} has {rows} rows",
+            shape_str(nodes.shape()),
+            shape_str(logits.shape())
+        );
+    }
+    Ok(())
+}
+
 /// Masked log-softmax of `logits` (F32 `[rows, V]`) given each row's trie node
 /// (`nodes`: U32 `[rows]`); returns F32 `[rows, V]`. `V` must exceed every
 /// token of the trie (EOS included).
 pub fn trie_log_softmax(logits: &Tensor, nodes: &Tensor, trie: &GpuTrie, norm: ScoreNorm) -> Result<Tensor> {
     const OP: &str = "trie_log_softmax";
-    check::dtype(OP, "nodes", nodes, DType::U32)?;
-    let rows = logits.shape().first().copied().unwrap_or(0);
-    if nodes.numel() != rows {
-        bail!(
-            "{OP}: nodes has shape {} but logits {} has {rows} rows",
-            shape_str(nodes.shape()),
-            shape_str(logits.shape())
-        );
-    }
+    check_nodes(OP, logits, nodes)?;
     masked_log_softmax(OP, logits, nodes, 1, trie, norm)
 }
 
@@ -88,15 +94,7 @@ pub fn trie_log_softmax(logits: &Tensor, nodes: &Tensor, trie: &GpuTrie, norm: S
 /// -inf), so `logits - lse` is the masked log-prob at allowed tokens and never NaN.
 pub fn trie_row_lse(logits: &Tensor, nodes: &Tensor, trie: &GpuTrie, norm: ScoreNorm) -> Result<Tensor> {
     const OP: &str = "trie_row_lse";
-    check::dtype(OP, "nodes", nodes, DType::U32)?;
-    let rows = logits.shape().first().copied().unwrap_or(0);
-    if nodes.numel() != rows {
-        bail!(
-            "{OP}: nodes has shape {} but logits {} has {rows} rows",
-            shape_str(nodes.shape()),
-            shape_str(logits.shape())
-        );
-    }
+    check_nodes(OP, logits, nodes)?;
     row_lse(OP, logits, nodes, 1, trie, norm)
 }
 
