@@ -197,6 +197,17 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let result = run(cli);
+    // GENREC_PROFILE=1: where the GPU time went (also when the command failed).
+    if std::env::var_os("GENREC_PROFILE").is_some() {
+        if let Some(report) = genrec::gpu::Gpu::shared().ok().and_then(|g| g.profile_report()) {
+            eprintln!("{report}");
+        }
+    }
+    result
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Devices { json } => {
             let adapters = genrec::gpu::list_adapters()?;
