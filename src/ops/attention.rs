@@ -46,6 +46,7 @@ use crate::gpu::{check, div_ceil, shape_str, DType, Gpu, Kernel, Params, Tensor}
 const OP: &str = "attention";
 const OP_BWD: &str = "attention_backward";
 /// Workgroup size of every attention kernel.
+/// Workgroup size of the plain kernels and of the 1-D ones (prep, dbias) in both variants.
 const WG: u32 = 32;
 /// Segments addressable by `MaskKind::Table`.
 pub const TABLE_SEGMENTS: usize = 16;
@@ -372,13 +373,52 @@ fn rows_per_invocation(dh: usize) -> u32 {
     }
 }
 
-fn kernel(entry: &'static str, dh: usize) -> Kernel {
+/// Which shader runs the row-parallel kernels (forward, dq, dk/dv).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// `attention.wgsl`: each invocation fetches its rows (GPUs), workgroups of [`WG`].
+    Plain,
+    /// `attention_sg.wgsl`: the lanes of one 8-lane subgroup share each row fetch (CPU
+    /// adapters, where every storage load is a per-lane loop); workgroups of 8.
+    Subgroup,
+}
+
+thread_local! {
+    /// Tests run both variants on one adapter.
+    static FORCE_VARIANT: std::cell::Cell<Option<Variant>> = const { std::cell::Cell::new(None) };
+}
+
+impl Variant {
+    fn for_gpu(gpu: &crate::gpu::Gpu) -> Variant {
+        if let Some(v) = FORCE_VARIANT.with(|f| f.get()) {
+            return v;
+        }
+        if gpu.is_cpu() && crate::ops::matmul::subgroup_kernel_ok(gpu) {
+            Variant::Subgroup
+        } else {
+            Variant::Plain
+        }
+    }
+    fn wg(self) -> u32 {
+        match self {
+            Variant::Plain => WG,
+            Variant::Subgroup => 8,
+        }
+    }
+}
+
+fn kernel_in(variant: Variant, entry: &'static str, dh: usize) -> Kernel {
     let blk = rows_per_invocation(dh);
-    Kernel::new(OP, "attention", entry)
+    let shader = if variant == Variant::Subgroup { "attention_sg" } else { "attention" };
+    Kernel::new(OP, shader, entry)
         .define("DH", format!("{dh}u"))
         .define("QB", format!("{blk}u"))
         .define("KB", format!("{blk}u"))
-        .define("WG", format!("{WG}u"))
+        .define("WG", format!("{}u", variant.wg()))
+}
+
+fn kernel(entry: &'static str, dh: usize) -> Kernel {
+    kernel_in(Variant::Plain, entry, dh)
 }
 
 /// Every attention kernel variant (for naga validation).
@@ -387,6 +427,9 @@ pub fn kernels() -> Vec<Kernel> {
     for dh in [4, 32, 64, 128] {
         for e in ["attn_fwd", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkdv", "attn_bwd_dbias"] {
             v.push(kernel(e, dh));
+        }
+        for e in ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"] {
+            v.push(kernel_in(Variant::Subgroup, e, dh));
         }
     }
     v
@@ -511,9 +554,10 @@ pub fn attention(
     };
     let p = params(&d, mask, bias.is_some(), scale, 0, false);
     let rows = d.tq * (d.hq / d.hkv);
-    let grid = [div_ceil(rows, (WG * rows_per_invocation(d.dh)) as usize), (d.b * d.hkv) as u32, 1];
+    let variant = Variant::for_gpu(gpu);
+    let grid = [div_ceil(rows, (variant.wg() * rows_per_invocation(d.dh)) as usize), (d.b * d.hkv) as u32, 1];
     gpu.dispatch(
-        &kernel("attn_fwd", d.dh),
+        &kernel_in(variant, "attn_fwd", d.dh),
         p.bytes(),
         &[q.buffer(), k.buffer(), v.buffer(), bias_t.buffer(), mask.tok.buffer(), out.buffer(), lse.buffer()],
         grid,
@@ -569,7 +613,9 @@ pub fn attention_backward(
     let p = params(&d, mask, bias.is_some(), scale, 0, want_dbias);
     let rows = d.tq * (d.hq / d.hkv);
     let blk = rows_per_invocation(d.dh) as usize;
-    let grid = [div_ceil(rows, WG as usize * blk), (d.b * d.hkv) as u32, 1];
+    let variant = Variant::for_gpu(gpu);
+    let wg = variant.wg() as usize;
+    let grid = [div_ceil(rows, wg * blk), (d.b * d.hkv) as u32, 1];
     let common =
         [q.buffer(), k.buffer(), v.buffer(), bias_t.buffer(), mask.tok.buffer(), dout.buffer(), stats.buffer()];
     let mut bufs = common.to_vec();
@@ -577,15 +623,15 @@ pub fn attention_backward(
     // A separate dummy: one buffer may not be bound read-only and read-write at once.
     let dummy_ds = Tensor::zeros(gpu, &[1], DType::F32)?;
     bufs.push(ds.as_ref().unwrap_or(&dummy_ds).buffer());
-    gpu.dispatch(&kernel("attn_bwd_dq", d.dh), p.bytes(), &bufs, grid)?;
+    gpu.dispatch(&kernel_in(variant, "attn_bwd_dq", d.dh), p.bytes(), &bufs, grid)?;
 
     let dk = Tensor::empty(gpu, k.shape(), DType::F32)?;
     let dv = Tensor::empty(gpu, v.shape(), DType::F32)?;
-    let grid = [div_ceil(d.tk, WG as usize * blk), (d.b * d.hkv) as u32, 1];
+    let grid = [div_ceil(d.tk, wg * blk), (d.b * d.hkv) as u32, 1];
     let mut bufs = common.to_vec();
     bufs.push(dk.buffer());
     bufs.push(dv.buffer());
-    gpu.dispatch(&kernel("attn_bwd_dkdv", d.dh), p.bytes(), &bufs, grid)?;
+    gpu.dispatch(&kernel_in(variant, "attn_bwd_dkdv", d.dh), p.bytes(), &bufs, grid)?;
 
     let dbias = match ds {
         Some(ds) => {
@@ -742,8 +788,22 @@ mod tests {
         (q, k, v, bias, mask.upload(&gpu).unwrap())
     }
 
-    /// Forward and backward on the GPU vs the f64 reference.
+    /// Forward and backward on the GPU vs the f64 reference, with each shader variant the
+    /// adapter can run (the subgroup one needs 8-lane subgroups, as lavapipe has).
     fn check_case(what: &str, c: &Case, mask: &MaskSpec) {
+        let gpu = Gpu::shared().unwrap();
+        let mut variants = vec![Variant::Plain];
+        if crate::ops::matmul::subgroup_kernel_ok(&gpu) {
+            variants.push(Variant::Subgroup);
+        }
+        for v in variants {
+            FORCE_VARIANT.with(|f| f.set(Some(v)));
+            check_case_in(&format!("{what} [{v:?}]"), c, mask);
+            FORCE_VARIANT.with(|f| f.set(None));
+        }
+    }
+
+    fn check_case_in(what: &str, c: &Case, mask: &MaskSpec) {
         let d = c.d;
         let (q, k, v, bias, m) = upload(c, mask);
         let r = attention(&q, &k, &v, bias.as_ref(), &m, c.scale).unwrap();
@@ -1079,9 +1139,25 @@ mod bench {
         );
     }
 
+    /// Both shader variants in one run (the subgroup one where the adapter has 8-lane subgroups).
+    /// `XDG_RUNTIME_DIR=/tmp cargo test --release --lib ops::attention::bench -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench_attention() {
+        let gpu = Gpu::shared().unwrap();
+        let mut variants = vec![Variant::Plain];
+        if crate::ops::matmul::subgroup_kernel_ok(&gpu) {
+            variants.push(Variant::Subgroup);
+        }
+        for v in variants {
+            eprintln!("-- variant {v:?}");
+            FORCE_VARIANT.with(|f| f.set(Some(v)));
+            bench_cases();
+        }
+        FORCE_VARIANT.with(|f| f.set(None));
+    }
+
+    fn bench_cases() {
         let tiger = AttnDims { b: 16, hq: 6, hkv: 6, tq: 64, tk: 64, dh: 64 };
         time("TIGER full", tiger, MaskSpec::full(64, 64));
         let smol = AttnDims { b: 1, hq: 9, hkv: 3, tq: 512, tk: 512, dh: 64 };
