@@ -103,6 +103,16 @@ pub fn encoder_input(items: &[Vec<u32>], history: &[u32], max_items: usize) -> R
     Ok(out)
 }
 
+/// A fixed, seed-independent subset of `n` cases (every k-th; `n = 0` or
+/// `n >= len` keeps all): validation on a budget.
+pub fn fixed_subset<T: Clone>(cases: Vec<T>, n: usize) -> Vec<T> {
+    if n == 0 || cases.len() <= n {
+        return cases;
+    }
+    let stride = cases.len() as f64 / n as f64;
+    (0..n).map(|i| cases[(i as f64 * stride) as usize].clone()).collect()
+}
+
 /// Learning rate at `step` of `total`: linear warm-up over `warmup` steps,
 /// then cosine decay to zero (the LETTER/TIGER code's schedule).
 pub fn warmup_cosine(base: f32, step: usize, total: usize, warmup: usize) -> f32 {
