@@ -1,5 +1,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use genrec::systems::GenerativeRecommender;
 
 #[derive(Parser)]
 #[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]
@@ -48,6 +49,9 @@ enum Cmd {
         /// Write the metrics (and training summary) as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Evaluate on a fixed subset of this many test users (0 = all; for slow systems such as letter-llm).
+        #[arg(long, default_value_t = 0)]
+        eval_users: usize,
     },
     /// Evaluate a trained generative recommender (full ranking, test split).
     Eval {
@@ -56,6 +60,9 @@ enum Cmd {
         /// valid or test.
         #[arg(long, default_value = "test")]
         split: String,
+        /// Evaluate on a fixed subset of this many users (0 = all; for slow systems such as letter-llm).
+        #[arg(long, default_value_t = 0)]
+        eval_users: usize,
     },
     /// Top-K recommendations with titles for one user (by raw user id).
     Recommend {
@@ -251,8 +258,8 @@ fn main() -> Result<()> {
             }
             genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out, fresh })?;
         }
-        Cmd::Train { run, out } => train(run.system, &run.data, run.budget, run.seed, out)?,
-        Cmd::Eval { run: RunArgs { system, data, budget, seed }, split } => {
+        Cmd::Train { run, out, eval_users } => train(run.system, &run.data, run.budget, run.seed, out, eval_users)?,
+        Cmd::Eval { run: RunArgs { system, data, budget, seed }, split, eval_users } => {
             use genrec::data::Split;
             let split = match split.as_str() {
                 "test" => Split::Test,
@@ -262,7 +269,8 @@ fn main() -> Result<()> {
             let gpu = genrec::gpu::Gpu::shared()?;
             let data = load_prepared(&data)?;
             let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
-            let report = model.evaluate(&data.eval_cases(split), &genrec::eval::Protocol::default())?;
+            let cases = genrec::pipeline::eval_subset(data.eval_cases(split), eval_users);
+            let report = model.evaluate(&cases, &genrec::eval::Protocol::default())?;
             println!("{}", report.to_json());
         }
         Cmd::Recommend { run: RunArgs { system, data, budget, seed }, user, k } => {
@@ -278,7 +286,7 @@ fn main() -> Result<()> {
             };
             case.history.extend(case.targets.drain(..));
             let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
-            let recs = model.recommend(std::slice::from_ref(&case), k.min(model.cfg.beams))?;
+            let recs = model.recommend(std::slice::from_ref(&case), k.min(model.beams()))?;
             genrec::pipeline::print_recommendations(&data, &case, &recs[0]);
         }
     }
@@ -419,14 +427,15 @@ fn train(
     budget: genrec::pipeline::Budget,
     seed: u64,
     out: Option<std::path::PathBuf>,
+    eval_users: usize,
 ) -> Result<()> {
     let gpu = genrec::gpu::Gpu::shared()?;
     println!("device: {}", gpu.describe());
     let data = load_prepared(data)?;
     let full = budget.is_full(&gpu);
     let trained = genrec::pipeline::train_system(&gpu, &data, system, full, seed)?;
-    let report =
-        trained.model.evaluate(&data.eval_cases(genrec::data::Split::Test), &genrec::eval::Protocol::default())?;
+    let cases = genrec::pipeline::eval_subset(data.eval_cases(genrec::data::Split::Test), eval_users);
+    let report = trained.model.evaluate(&cases, &genrec::eval::Protocol::default())?;
     println!(
         "{} on {}: best validation NDCG@10 {:.4} at epoch {}, {:.1} samples/s",
         system.name(),

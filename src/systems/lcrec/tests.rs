@@ -3,8 +3,9 @@ use crate::cf::{evaluate_popularity, synthetic_cycles};
 use crate::data::{prepare::prepare, PrepareOptions};
 use crate::models::llama::LlamaConfig;
 
-/// A word-level tokenizer for tests: every whitespace-separated word hashes to
-/// one of `vocab - 2` ids (FNV-1a); id 1 is EOS, 0 is never produced.
+/// A sentence-level tokenizer for tests (keeps prompts short): every piece of
+/// text between sentence marks (`.`, `?`, `:`, newlines) hashes to one of
+/// `vocab - 2` ids (FNV-1a); id 1 is EOS, 0 is never produced.
 struct WordTokenizer {
     vocab: usize,
 }
@@ -12,7 +13,9 @@ struct WordTokenizer {
 impl PromptTokenizer for WordTokenizer {
     fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
         Ok(text
-            .split_whitespace()
+            .split(['.', '?', ':', '\n'])
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
             .map(|w| {
                 let mut h = 0xcbf2_9ce4_8422_2325u64;
                 for b in w.bytes() {
@@ -58,11 +61,11 @@ fn tiny_cfg() -> LcRecConfig {
         max_items: 3,
         lr: 1e-2,
         batch_size: 32,
-        epochs: 14,
+        epochs: 30,
         warmup_frac: 0.05,
         beams: 10,
         decode_rows: 400,
-        eval_every: 7,
+        eval_every: 10,
         patience: 2,
         train_templates: 3,
         ..LcRecConfig::paper()
