@@ -1,6 +1,5 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use genrec::systems::GenerativeRecommender;
 
 #[derive(Parser)]
 #[command(name = "genrec", version, about = "Generative recommenders on any GPU (WebGPU + WGSL)")]

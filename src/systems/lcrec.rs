@@ -148,6 +148,10 @@ pub struct LcRecConfig {
     pub lora_dropout: f32,
     /// Store the frozen projection weights as f16.
     pub f16_base: bool,
+    /// Train every weight instead of LoRA adapters (for randomly initialised
+    /// test models, which have no pretrained base worth freezing).
+    #[serde(default)]
+    pub full_finetune: bool,
     /// History items in the prompt (most recent last).
     pub max_items: usize,
     pub lr: f32,
@@ -181,6 +185,7 @@ impl LcRecConfig {
             lora_alpha: 32.0,
             lora_dropout: 0.05,
             f16_base: true,
+            full_finetune: false,
             max_items: 20,
             lr: 1e-4,
             weight_decay: 0.01,
@@ -315,10 +320,16 @@ impl LcRec {
         let base_cfg = serde_json::to_value(&model.cfg)?;
         model.add_tokens(n_new, cfg.seed)?;
         let lora = cfg.lora()?;
-        model.apply_lora(&lora, cfg.f16_base, cfg.seed)?;
-        model.embed.frozen.set(false);
-        if let Some(h) = &model.lm_head {
-            h.frozen.set(false);
+        if cfg.full_finetune {
+            for p in model.named_params().values() {
+                p.frozen.set(false);
+            }
+        } else {
+            model.apply_lora(&lora, cfg.f16_base, cfg.seed)?;
+            model.embed.frozen.set(false);
+            if let Some(h) = &model.lm_head {
+                h.frozen.set(false);
+            }
         }
         let tokenizer_fingerprint = checkpoint::fingerprint_json(&codes)?;
         let config = serde_json::json!({
@@ -422,8 +433,13 @@ impl LcRec {
         let bt = self.batch(examples)?;
         let ids = Tensor::from_u32(&self.gpu, &bt.ids, &[bt.b, bt.t])?;
         let mask = Llama::padding_mask(&self.gpu, &bt.valid)?;
-        let logits = self.model.forward(tape, &ids, &mask, None)?;
-        let tgt = Tensor::from_i32(&self.gpu, &bt.targets, &[bt.b * bt.t])?;
+        // Logits only where a response token is predicted (prompt and padding rows are
+        // ignored by the loss anyway): [N, V] instead of [B*T, V].
+        let (rows, tgt): (Vec<u32>, Vec<i32>) =
+            bt.targets.iter().enumerate().filter(|(_, &y)| y >= 0).map(|(i, &y)| (i as u32, y)).unzip();
+        let rows = Tensor::from_u32(&self.gpu, &rows, &[tgt.len()])?;
+        let logits = self.model.forward_at(tape, &ids, &mask, None, &rows)?;
+        let tgt = Tensor::from_i32(&self.gpu, &tgt, &[rows.numel()])?;
         cross_entropy(&logits, &tgt, &CeOptions { tau: self.cfg.tau, ..Default::default() })
     }
 

@@ -56,16 +56,19 @@ fn tiny_llm(gpu: &Gpu) -> Llama {
 }
 
 fn tiny_cfg() -> LcRecConfig {
+    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     LcRecConfig {
         lora_dropout: 0.0,
+        lora_r: env("LCREC_R", 8.0) as usize,
+        full_finetune: env("LCREC_FULL", 0.0) > 0.0,
         max_items: 3,
-        lr: 1e-2,
-        batch_size: 32,
-        epochs: 30,
+        lr: env("LCREC_LR", 1e-2) as f32,
+        batch_size: env("LCREC_BATCH", 32.0) as usize,
+        epochs: env("LCREC_EPOCHS", 30.0) as usize,
         warmup_frac: 0.05,
         beams: 10,
         decode_rows: 400,
-        eval_every: 10,
+        eval_every: env("LCREC_EVAL", 10.0) as usize,
         patience: 2,
         train_templates: 3,
         ..LcRecConfig::paper()
@@ -129,6 +132,22 @@ fn prompt_and_loss_mask_cover_only_the_response() {
         assert_eq!(bt.valid[r].iter().filter(|&&v| v).count(), len);
         assert!(bt.valid[r][..len].iter().all(|&v| v));
         assert_eq!(&bt.ids[r * bt.t..r * bt.t + prompt.len()], prompt.as_slice());
+    }
+
+    // forward_at (logits at the response rows only) equals those rows of the full forward.
+    let ids = Tensor::from_u32(&gpu, &bt.ids, &[bt.b, bt.t]).unwrap();
+    let mask = Llama::padding_mask(&gpu, &bt.valid).unwrap();
+    let tape = Tape::no_grad();
+    let full = m.model().forward(&tape, &ids, &mask, None).unwrap().value.to_vec_f32().unwrap();
+    let rows: Vec<u32> = (0..bt.targets.len() as u32).filter(|&i| bt.targets[i as usize] >= 0).collect();
+    let rt = Tensor::from_u32(&gpu, &rows, &[rows.len()]).unwrap();
+    let at = m.model().forward_at(&tape, &ids, &mask, None, &rt).unwrap().value.to_vec_f32().unwrap();
+    let v = m.model().cfg.vocab;
+    assert_eq!(at.len(), rows.len() * v);
+    for (j, &r) in rows.iter().enumerate() {
+        let (a, b) = (&at[j * v..(j + 1) * v], &full[r as usize * v..(r as usize + 1) * v]);
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "forward_at row {r}: max diff {worst}");
     }
 }
 
