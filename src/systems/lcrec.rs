@@ -616,7 +616,7 @@ impl LcRec {
         if let Some(s) = &best_state {
             state::restore(&format!("{} best weights", self.name), &params, None, s, 0)?;
         }
-        if let Some(dir) = ckpt_dir {
+        if let Some(dir) = ckpt_dir.filter(|_| !self.cfg.full_finetune) {
             self.export(&dir.join(format!("{}-peft", self.name)))?;
         }
         let secs = t0.elapsed().as_secs_f64();
