@@ -22,7 +22,8 @@ fn main() -> anyhow::Result<()> {
     let Some(ids) = args.get(1) else {
         anyhow::bail!("usage: lcrec_bench <letter-ids.json> [train_samples] [batch] [users] [max_items]");
     };
-    let arg = |i: usize, d: usize| -> anyhow::Result<usize> { Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d)) };
+    let arg =
+        |i: usize, d: usize| -> anyhow::Result<usize> { Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d)) };
     let (n_train, batch, users, max_items) = (arg(2, 16)?, arg(3, 8)?, arg(4, 4)?, arg(5, 5)?);
     let text = std::fs::read_to_string(ids)?;
     let v: serde_json::Value = serde_json::from_str(&text)?;

@@ -390,7 +390,11 @@ impl LcRec {
         for &i in h {
             match self.item_tokens.get(i as usize) {
                 Some(t) => items.push(t.as_slice()),
-                None => bail!("{}: history holds item {i} but only {} items have identifiers", self.name, self.item_tokens.len()),
+                None => bail!(
+                    "{}: history holds item {i} but only {} items have identifiers",
+                    self.name,
+                    self.item_tokens.len()
+                ),
             }
         }
         self.prompter.prompt(t, &items)

