@@ -581,6 +581,17 @@ impl LcRec {
                 trained += chunk.len();
                 bar.inc(chunk.len() as u64);
                 bar.set_message(format!("loss {l:.4}"));
+                // Without a terminal the bar is hidden: log about ten lines per epoch instead.
+                if bar.is_hidden() && (ci + 1) % steps_per_epoch.div_ceil(10) == 0 {
+                    let secs = t0.elapsed().as_secs_f64();
+                    eprintln!(
+                        "{} epoch {} step {}/{steps_per_epoch}: loss {l:.4}, {:.3} samples/s",
+                        self.name,
+                        epoch + 1,
+                        ci + 1,
+                        trained as f64 / secs.max(1e-9)
+                    );
+                }
             }
             let mean = (sum / n_steps.max(1) as f64) as f32;
             losses.push(mean);
