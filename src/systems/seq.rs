@@ -156,6 +156,15 @@ mod tests {
     }
 
     #[test]
+    fn fixed_subset_takes_every_kth() {
+        let v: Vec<u32> = (0..10).collect();
+        assert_eq!(fixed_subset(v.clone(), 0), v);
+        assert_eq!(fixed_subset(v.clone(), 10), v);
+        assert_eq!(fixed_subset(v.clone(), 4), vec![0, 2, 5, 7]);
+        assert_eq!(fixed_subset(v, 1), vec![0]);
+    }
+
+    #[test]
     fn schedule_warms_up_then_decays_to_zero() {
         assert!((warmup_cosine(1.0, 0, 100, 10) - 0.1).abs() < 1e-6);
         assert!((warmup_cosine(1.0, 9, 100, 10) - 1.0).abs() < 1e-6);
