@@ -105,5 +105,8 @@ fn main() -> anyhow::Result<()> {
     }
     let mean = dec_times.iter().sum::<f64>() / dec_times.len() as f64;
     println!("decoding (encode + 5 x (step + reorder)): {:.1} users/s with {beams} beams", users as f64 / mean);
+    if let Some(report) = gpu.profile_report() {
+        println!("{report}");
+    }
     Ok(())
 }

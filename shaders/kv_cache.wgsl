@@ -1,78 +1,138 @@
-// Key/value cache for incremental decoding, batched over rows (users x beams).
-// See src/ops/kv_cache.rs for the launchers and the CPU reference.
+// Key/value caches of incremental decoding, batched over rows (users x beams); used by both the
+// T5 decoder and the LLaMA decoder. Launchers, CPU references and tests: src/ops/kv_cache.rs.
+// Every kernel moves 32-bit words, so f32, u32 and i32 tensors all work. One invocation per
+// output word; folded grid: idx = (wid.y * p.gx + wid.x) * WG + lid.x.
 //
-// Layouts (row-major, f32, moved as vec4: D is a multiple of 4, D4 = D / 4):
-//   cache, src, dst: [R, H, L, D]   one row per beam, L = the preallocated length
-//   new:             [R, H, D]      this step's key (or value) of every row and head
-//   parents:         [R] u32        new row r continues old row parents[r]
-//
-// kv_append:  cache[r, h, pos, :] = new[r, h, :]                      (in place)
-// kv_reorder: dst[r, h, j, :] = src[parents[r], h, j, :]  for j < n_copy
-//             dst[r, h, n_copy, :] = new[r, h, :]          when has_new
-// (a gather of cache rows fused with the next append). A parent >= R gives zero rows, never an
-// out-of-bounds read. Positions past those written are left as they are.
+// kv_write:    cache [B, H, CAP, DH], src [B, H, TN, DH]:
+//              cache[b, h, off + t, d] = src[b, h, t, d]                 (in place)
+//              (p.a = DH, p.b = TN, p.c = CAP, p.d = off)
+// kv_reorder:  src, dst [R, H, CAP, DH] (distinct), parents [R] u32, new [R, H, DH]:
+//              dst[r, h, j, :] = src[parents[r], h, j, :]   for j < n_copy (zeros for a parent >= R)
+//              dst[r, h, n_copy, :] = new[r, h, :]          when has_new
+//              (a beam reorder fused with the next step's write; slots past those written keep
+//              their contents)   (p.a = DH, p.b = H, p.c = CAP, p.d = n_copy, p.e = has_new, p.f = R)
+// gather_rows: src [RS, W], parents [R] u32 -> dst [R, W]:
+//              dst[r, c] = src[parents[r], c], zeros when parents[r] >= RS   (p.a = W, p.b = RS)
+// decode_meta: row_pad [R] i32 (leading padding slots of each row), cur = the slot being written:
+//              tok [R, 1 + CAP, 2] i32, the attention mask table of one decoding step
+//                (query: segment 0, position cur; key j: segment -1 if j < pad else 0, position j),
+//              pos [R] i32 = cur - pad (the RoPE position of the new token)    (p.a = CAP, p.b = cur)
 
 struct Params {
-    rows: u32,
-    heads: u32,
-    max_len: u32,
-    d4: u32,
-    // kv_append: the position written; kv_reorder: positions copied (0..n_copy).
-    pos: u32,
-    has_new: u32,
-    // Grid width in invocations (grids are folded into x and y).
-    row: u32,
-    _pad: u32,
+    n: u32,
+    a: u32,
+    b: u32,
+    c: u32,
+    d: u32,
+    e: u32,
+    f: u32,
+    gx: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// kv_append bindings
-@group(0) @binding(1) var<storage, read> a_new: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> a_cache: array<vec4<f32>>;
+// kv_write
+@group(0) @binding(1) var<storage, read_write> cache: array<u32>;
+@group(0) @binding(2) var<storage, read> src: array<u32>;
 
-// kv_reorder bindings
-@group(0) @binding(1) var<storage, read> r_new: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> r_src: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> r_parents: array<u32>;
-@group(0) @binding(4) var<storage, read_write> r_dst: array<vec4<f32>>;
+// kv_reorder
+@group(0) @binding(1) var<storage, read> re_new: array<u32>;
+@group(0) @binding(2) var<storage, read> re_src: array<u32>;
+@group(0) @binding(3) var<storage, read> re_parents: array<u32>;
+@group(0) @binding(4) var<storage, read_write> re_dst: array<u32>;
 
-// One invocation per vec4 of new: e = ((r * H + h) * D4 + d).
-@compute @workgroup_size(256)
-fn kv_append(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let e = gid.y * p.row + gid.x;
-    if (e >= p.rows * p.heads * p.d4) {
-        return;
-    }
-    let d = e % p.d4;
-    let rh = e / p.d4;
-    a_cache[(rh * p.max_len + p.pos) * p.d4 + d] = a_new[e];
+// gather_rows
+@group(0) @binding(1) var<storage, read> rows_src: array<u32>;
+@group(0) @binding(2) var<storage, read> parents: array<u32>;
+@group(0) @binding(3) var<storage, read_write> rows_dst: array<u32>;
+
+// decode_meta
+@group(0) @binding(1) var<storage, read> row_pad: array<i32>;
+@group(0) @binding(2) var<storage, read_write> tok: array<i32>;
+@group(0) @binding(3) var<storage, read_write> pos: array<i32>;
+
+fn flat(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * p.gx + wid.x) * WG + lid.x;
 }
 
-// One invocation per written vec4 of dst: e = (((r * H + h) * n_out + j) * D4 + d) with
-// n_out = n_copy + has_new.
-@compute @workgroup_size(256)
-fn kv_reorder(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let e = gid.y * p.row + gid.x;
-    let n_out = p.pos + p.has_new;
-    if (e >= p.rows * p.heads * n_out * p.d4) {
+@compute @workgroup_size(WG)
+fn kv_write(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = flat(wid, lid);
+    if (idx >= p.n) {
         return;
     }
-    let d = e % p.d4;
-    let t = e / p.d4;
-    let j = t % n_out;
-    let rh = t / n_out;
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let out = (rh * p.max_len + j) * p.d4 + d;
-    if (j < p.pos) {
-        let pr = r_parents[r];
-        if (pr < p.rows) {
-            r_dst[out] = r_src[((pr * p.heads + h) * p.max_len + j) * p.d4 + d];
+    let dh = p.a;
+    let tn = p.b;
+    let d = idx % dh;
+    let t = (idx / dh) % tn;
+    let bh = idx / (dh * tn);
+    cache[(bh * p.c + p.d + t) * dh + d] = src[idx];
+}
+
+// idx = ((r * H + h) * n_out + j) * DH + d over the written slots, n_out = n_copy + has_new.
+@compute @workgroup_size(WG)
+fn kv_reorder(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = flat(wid, lid);
+    if (idx >= p.n) {
+        return;
+    }
+    let dh = p.a;
+    let heads = p.b;
+    let cap = p.c;
+    let n_copy = p.d;
+    let n_out = n_copy + p.e;
+    let d = idx % dh;
+    let j = (idx / dh) % n_out;
+    let rh = idx / (dh * n_out);
+    let h = rh % heads;
+    let r = rh / heads;
+    let out = (rh * cap + j) * dh + d;
+    if (j < n_copy) {
+        let pr = re_parents[r];
+        if (pr < p.f) {
+            re_dst[out] = re_src[((pr * heads + h) * cap + j) * dh + d];
         } else {
-            r_dst[out] = vec4<f32>(0.0);
+            re_dst[out] = 0u;
         }
     } else {
-        r_dst[out] = r_new[rh * p.d4 + d];
+        re_dst[out] = re_new[rh * dh + d];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = flat(wid, lid);
+    if (idx >= p.n) {
+        return;
+    }
+    let r = idx / p.a;
+    let c = idx % p.a;
+    let par = parents[r];
+    if (par < p.b) {
+        rows_dst[idx] = rows_src[par * p.a + c];
+    } else {
+        rows_dst[idx] = 0u;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn decode_meta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = flat(wid, lid);
+    if (idx >= p.n) {
+        return;
+    }
+    let cap = p.a;
+    let cur = i32(p.b);
+    let r = idx / (cap + 1u);
+    let j = idx % (cap + 1u);
+    let pad = row_pad[r];
+    if (j == 0u) {
+        tok[2u * idx] = 0;
+        tok[2u * idx + 1u] = cur;
+        pos[r] = cur - pad;
+    } else {
+        let k = i32(j) - 1;
+        tok[2u * idx] = select(0, -1, k < pad);
+        tok[2u * idx + 1u] = k;
     }
 }

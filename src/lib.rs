@@ -7,6 +7,7 @@
 pub mod autograd;
 pub mod bench;
 pub mod cf;
+pub mod config;
 pub mod data;
 pub mod decode;
 pub mod eval;

@@ -21,6 +21,23 @@ struct RunArgs {
     budget: genrec::pipeline::Budget,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// A system configuration file replacing the defaults (layout: models/systems.toml).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Override one setting, e.g. `--set model.tau=0.8` (repeatable; see `genrec config`).
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+impl RunArgs {
+    /// The prepared data, the adapter and the resolved run.
+    fn open(&self) -> Result<(genrec::gpu::Gpu, genrec::data::Prepared, genrec::pipeline::Run)> {
+        let gpu = genrec::gpu::Gpu::shared()?;
+        let data = load_prepared(&self.data)?;
+        let src = genrec::config::ConfigSource { file: self.config.clone(), sets: self.sets.clone() };
+        let run = genrec::pipeline::Run::new(&data, self.system, self.budget.is_full(&gpu), self.seed, &src)?;
+        Ok((gpu, data, run))
+    }
 }
 
 #[derive(Subcommand)]
@@ -51,6 +68,12 @@ enum Cmd {
         /// Evaluate on a fixed subset of this many test users (0 = all; for slow systems such as letter-llm).
         #[arg(long, default_value_t = 0)]
         eval_users: usize,
+    },
+    /// Print the resolved configuration of a system (defaults from models/systems.toml,
+    /// then --config and --set) as TOML, and the run directory it trains into.
+    Config {
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Evaluate a trained generative recommender (full ranking, test split).
     Eval {
@@ -180,6 +203,17 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let result = run(cli);
+    // GENREC_PROFILE=1: where the GPU time went (also when the command failed).
+    if std::env::var_os("GENREC_PROFILE").is_some() {
+        if let Some(report) = genrec::gpu::Gpu::shared().ok().and_then(|g| g.profile_report()) {
+            eprintln!("{report}");
+        }
+    }
+    result
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Devices { json } => {
             let adapters = genrec::gpu::list_adapters()?;
@@ -257,24 +291,26 @@ fn main() -> Result<()> {
             }
             genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out, fresh })?;
         }
-        Cmd::Train { run, out, eval_users } => train(run.system, &run.data, run.budget, run.seed, out, eval_users)?,
-        Cmd::Eval { run: RunArgs { system, data, budget, seed }, split, eval_users } => {
+        Cmd::Train { run, out, eval_users } => train(&run, out, eval_users)?,
+        Cmd::Config { run } => {
+            let (_, _, run) = run.open()?;
+            println!("# {} — run directory {}\n{}", run.system.name(), run.dir.display(), run.cfg.to_toml()?);
+        }
+        Cmd::Eval { run, split, eval_users } => {
             use genrec::data::Split;
             let split = match split.as_str() {
                 "test" => Split::Test,
                 "valid" => Split::Valid,
                 other => anyhow::bail!("eval: --split must be valid or test, not {other:?}"),
             };
-            let gpu = genrec::gpu::Gpu::shared()?;
-            let data = load_prepared(&data)?;
-            let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
+            let (gpu, data, run) = run.open()?;
+            let model = genrec::pipeline::load_system(&gpu, &data, &run)?;
             let cases = genrec::pipeline::eval_subset(data.eval_cases(split), eval_users);
             let report = model.evaluate(&cases, &genrec::eval::Protocol::default())?;
             println!("{}", report.to_json());
         }
-        Cmd::Recommend { run: RunArgs { system, data, budget, seed }, user, k } => {
-            let gpu = genrec::gpu::Gpu::shared()?;
-            let data = load_prepared(&data)?;
+        Cmd::Recommend { run, user, k } => {
+            let (gpu, data, run) = run.open()?;
             let Some(u) = data.user_ids.iter().position(|x| *x == user) else {
                 anyhow::bail!("recommend: user {user:?} is not in {} ({} users)", data.name, data.n_users());
             };
@@ -284,7 +320,7 @@ fn main() -> Result<()> {
                 anyhow::bail!("recommend: user {user:?} has no held-out interactions to recommend after");
             };
             case.history.extend(case.targets.drain(..));
-            let model = genrec::pipeline::load_system(&gpu, &data, system, budget.is_full(&gpu), seed)?;
+            let model = genrec::pipeline::load_system(&gpu, &data, &run)?;
             let recs = model.recommend(std::slice::from_ref(&case), k.min(model.beams()))?;
             genrec::pipeline::print_recommendations(&data, &case, &recs[0]);
         }
@@ -420,19 +456,11 @@ fn embed(dataset: &str, opts: &genrec::models::embed::EmbedOptions) -> Result<()
 }
 
 /// `genrec train`: train one generative system, evaluate it, print and save the metrics.
-fn train(
-    system: genrec::pipeline::System,
-    data: &str,
-    budget: genrec::pipeline::Budget,
-    seed: u64,
-    out: Option<std::path::PathBuf>,
-    eval_users: usize,
-) -> Result<()> {
-    let gpu = genrec::gpu::Gpu::shared()?;
+fn train(args: &RunArgs, out: Option<std::path::PathBuf>, eval_users: usize) -> Result<()> {
+    let (gpu, data, run) = args.open()?;
     println!("device: {}", gpu.describe());
-    let data = load_prepared(data)?;
-    let full = budget.is_full(&gpu);
-    let trained = genrec::pipeline::train_system(&gpu, &data, system, full, seed)?;
+    let system = run.system;
+    let trained = genrec::pipeline::train_system(&gpu, &data, &run)?;
     let cases = genrec::pipeline::eval_subset(data.eval_cases(genrec::data::Split::Test), eval_users);
     let report = trained.model.evaluate(&cases, &genrec::eval::Protocol::default())?;
     println!(

@@ -19,12 +19,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::cf::{self, sasrec::SasRec, sasrec::SasRecConfig};
+use crate::config::{self, ConfigSource, SystemConfig};
 use crate::data::{self, EvalCase, Format, PrepareOptions, Prepared, Split};
 use crate::eval::{EvalReport, Protocol};
 use crate::gpu::Gpu;
 use crate::io::checkpoint::{fingerprint, fingerprint_json};
 use crate::systems::lcrec::{LcRec, LcRecConfig};
-use crate::systems::tiger::{FitSummary, Tiger, TigerConfig};
+use crate::systems::tiger::{FitSummary, Tiger};
 use crate::systems::GenerativeRecommender;
 use crate::tokenize::{self, ids::ItemCodes, report::TokenizerReport, Method, TokenizerConfig};
 
@@ -94,27 +95,40 @@ pub fn prepared_ml100k() -> Result<Prepared> {
     Ok(p)
 }
 
-/// Where a job's cached stages live.
-pub fn run_dir(data: &Prepared, full: bool, seed: u64) -> Result<PathBuf> {
-    let budget = if full { "full" } else { "small" };
-    Ok(crate::io::fetch::cache_dir()?.join("runs").join(&data.name).join(format!("{budget}-seed{seed}")))
+/// One system's run: its resolved configuration and the directory its
+/// stages are cached in (`<cache>/runs/<dataset>/<budget>-seed<seed>[-<tag>]/`,
+/// where a configuration other than the defaults adds a tag of its settings).
+pub struct Run {
+    pub system: System,
+    pub full: bool,
+    pub seed: u64,
+    pub cfg: SystemConfig,
+    pub dir: PathBuf,
 }
 
-/// SASRec as the quickstart trains it: 32-d (LETTER's CF dimension, spec
-/// §8.8), 2 blocks, 1 head, cross-entropy over all items.
-fn sasrec_config(full: bool, seed: u64, max_history: usize) -> SasRecConfig {
-    let base = SasRecConfig { d_model: 32, max_len: max_history.max(1), seed, ..Default::default() };
-    if full {
-        SasRecConfig { epochs: 200, ..base }
-    } else {
-        SasRecConfig { epochs: 8, batch_size: 256, lr: 2e-3, ..base }
+impl Run {
+    pub fn new(data: &Prepared, system: System, full: bool, seed: u64, src: &ConfigSource) -> Result<Run> {
+        let history = data.options.max_history;
+        let cfg = SystemConfig::resolve(system, full, seed, history, src)?;
+        let budget = if full { "full" } else { "small" };
+        let mut name = format!("{budget}-seed{seed}");
+        if !src.is_default() {
+            let defaults = SystemConfig::defaults(system, full, seed, history)?;
+            let tag = config::tag(&cfg)?;
+            if tag != config::tag(&defaults)? {
+                name = format!("{name}-{tag}");
+            }
+        }
+        let dir = crate::io::fetch::cache_dir()?.join("runs").join(&data.name).join(name);
+        Ok(Run { system, full, seed, cfg, dir })
     }
 }
 
-/// Train SASRec with validation NDCG@10 early stopping; also caches its
-/// item embeddings in `dir` for LETTER.
-fn train_sasrec(gpu: &Gpu, data: &Prepared, full: bool, seed: u64, dir: &Path) -> Result<(SasRec, f64)> {
-    let cfg = sasrec_config(full, seed, data.options.max_history);
+/// Train SASRec (`[sasrec]` of the configuration: LETTER's 32-d CF signal)
+/// with validation NDCG@10 early stopping; also caches its item embeddings
+/// in `dir` for LETTER.
+fn train_sasrec(gpu: &Gpu, data: &Prepared, cfg: &SasRecConfig, full: bool, dir: &Path) -> Result<(SasRec, f64)> {
+    let cfg = cfg.clone();
     println!("training SASRec ({} epochs max, d={}, {} blocks) ...", cfg.epochs, cfg.d_model, cfg.blocks);
     let valid = data.eval_cases(Split::Valid);
     let model = SasRec::new(gpu, data.n_items(), cfg)?;
@@ -146,27 +160,16 @@ const CF_FILE: &str = "sasrec-item-emb.safetensors";
 
 /// LETTER's CF embeddings: the run's cached SASRec item table, or a fresh
 /// SASRec when there is none.
-fn cf_embeddings(gpu: &Gpu, data: &Prepared, full: bool, seed: u64, dir: &Path) -> Result<Vec<f32>> {
-    let path = dir.join(CF_FILE);
+fn cf_embeddings(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Vec<f32>> {
+    let path = run.dir.join(CF_FILE);
     if path.exists() {
         let f = crate::io::safetensors::SafeTensorsFile::open(&path)?;
-        let t = f.get_shaped("item_emb", &[data.n_items(), 32])?;
+        let t = f.get_shaped("item_emb", &[data.n_items(), run.cfg.sasrec.d_model])?;
         eprintln!("reusing SASRec item embeddings from {}", path.display());
         return Ok(t.data);
     }
-    let (model, _) = train_sasrec(gpu, data, full, seed, dir)?;
+    let (model, _) = train_sasrec(gpu, data, &run.cfg.sasrec, run.full, &run.dir)?;
     model.item_embeddings()
-}
-
-/// Tokenizer settings per budget: the paper's (4 x 256 x 32) on a GPU; on a
-/// CPU adapter fewer epochs over the same architecture.
-fn tokenizer_config(method: Method, full: bool, seed: u64) -> TokenizerConfig {
-    let base = TokenizerConfig { seed, ..TokenizerConfig::for_method(method) };
-    if full {
-        TokenizerConfig { epochs: 2000, eval_every: 100, ..base }
-    } else {
-        TokenizerConfig { epochs: 60, eval_every: 10, div_n_init: 2, init_n_init: 2, ..base }
-    }
 }
 
 /// A run's cached identifiers (`<method>-ids.json`): the key of the inputs
@@ -216,16 +219,6 @@ fn identifiers(
     let json = serde_json::to_string(&IdsFile { key, codes: codes.clone(), report: report.clone() })?;
     crate::io::atomic_write(&path, |w| Ok(w.write_all(json.as_bytes())?))?;
     Ok((codes, report))
-}
-
-/// The generative model's configuration for a system and budget.
-pub fn tiger_config(system: System, full: bool, seed: u64) -> TigerConfig {
-    let base = if full { TigerConfig::paper() } else { TigerConfig::small() };
-    let base = TigerConfig { seed, ..base };
-    match system {
-        System::Tiger => base,
-        System::Letter | System::LetterLlm => base.with_letter_loss(),
-    }
 }
 
 /// LETTER-LLM's configuration for a budget (see `LcRecConfig::small`).
@@ -278,15 +271,23 @@ fn semantic_embeddings(gpu: &Gpu, data: &Prepared) -> Result<Vec<f32>> {
 
 /// `genrec train --system ...`: identifiers, then the generative model
 /// (resuming from the run directory's checkpoint when there is one).
-pub fn train_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed: u64) -> Result<TrainedSystem> {
-    let dir = run_dir(data, full, seed)?;
+pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSystem> {
+    let system = run.system;
+    let dir = &run.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cfg_path = dir.join(format!("{}-config.toml", system.file_stem()));
+    let text = run.cfg.to_toml()?;
+    crate::io::atomic_write(&cfg_path, |w| Ok(w.write_all(text.as_bytes())?))?;
+    println!("configuration: {}", cfg_path.display());
     let sem = semantic_embeddings(gpu, data)?;
-    let cf = cf_embeddings(gpu, data, full, seed, &dir)?;
+    let cf = cf_embeddings(gpu, data, run)?;
     let method = system.method();
-    let (codes, tokenizer) =
-        identifiers(gpu, method, &sem, &cf, data.n_items(), &tokenizer_config(method, full, seed), &dir)?;
+    if run.cfg.tokenizer.method != method {
+        bail!("{}: tokenizer.method must be {method:?} for {}", cfg_path.display(), system.name());
+    }
+    let (codes, tokenizer) = identifiers(gpu, method, &sem, &cf, data.n_items(), &run.cfg.tokenizer, dir)?;
     if system == System::LetterLlm {
-        let cfg = lcrec_config(full, seed);
+        let cfg = lcrec_config(run.full, run.seed);
         let mut model = lcrec_system(gpu, &codes.codes, cfg)?;
         let (trainable, all) = model.num_params();
         println!(
@@ -297,18 +298,17 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed
             model.added_tokens(),
             model.cfg.tau
         );
-        if !full {
+        if !run.full {
             println!(
                 "budget: small (CPU adapter): {} training prefixes per epoch x {} epochs, history <= {} items, \
                  {} validation users; pass --budget full for the LC-Rec configuration",
                 model.cfg.samples_per_epoch, model.cfg.epochs, model.cfg.max_items, model.cfg.valid_users
             );
         }
-        let fit = model.fit(data, Some(&dir))?;
+        let fit = model.fit(data, Some(dir))?;
         return Ok(TrainedSystem { model: Box::new(model), fit, tokenizer, codes });
     }
-    let cfg = tiger_config(system, full, seed);
-    let mut model = Tiger::new(gpu, system.file_stem(), &codes.codes, cfg)?;
+    let mut model = Tiger::new(gpu, system.file_stem(), &codes.codes, run.cfg.model.clone())?;
     println!(
         "training {} ({} parameters, vocabulary {}, τ = {}) ...",
         system.name(),
@@ -316,19 +316,13 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, system: System, full: bool, seed
         model.vocab().size(),
         model.cfg.tau
     );
-    let fit = model.fit(data, Some(&dir))?;
+    let fit = model.fit(data, Some(dir))?;
     Ok(TrainedSystem { model: Box::new(model), fit, tokenizer, codes })
 }
 
 /// A trained system loaded back from its run directory (for `eval` and `recommend`).
-pub fn load_system(
-    gpu: &Gpu,
-    data: &Prepared,
-    system: System,
-    full: bool,
-    seed: u64,
-) -> Result<Box<dyn GenerativeRecommender>> {
-    let dir = run_dir(data, full, seed)?;
+pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Box<dyn GenerativeRecommender>> {
+    let (system, dir) = (run.system, &run.dir);
     let method = system.method();
     let ids = ids_path(&dir, method);
     let ckpt = dir.join(format!("{}-best.safetensors", system.file_stem()));
@@ -346,11 +340,11 @@ pub fn load_system(
     let text = std::fs::read_to_string(&ids).with_context(|| format!("reading {}", ids.display()))?;
     let c: IdsFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
     if system == System::LetterLlm {
-        let model = lcrec_system(gpu, &c.codes.codes, lcrec_config(full, seed))?;
+        let model = lcrec_system(gpu, &c.codes.codes, lcrec_config(run.full, run.seed))?;
         model.load_weights(&ckpt)?;
         return Ok(Box::new(model));
     }
-    let model = Tiger::new(gpu, system.file_stem(), &c.codes.codes, tiger_config(system, full, seed))?;
+    let model = Tiger::new(gpu, system.file_stem(), &c.codes.codes, run.cfg.model.clone())?;
     model.load_weights(&ckpt)?;
     Ok(Box::new(model))
 }
@@ -416,9 +410,13 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<Vec<ModelResult>> {
     }
     let data = prepared_ml100k()?;
     println!("{}", data.stats);
-    let dir = run_dir(&data, full, opts.seed)?;
+    let runs: Vec<Run> = [System::Tiger, System::Letter]
+        .into_iter()
+        .map(|system| Run::new(&data, system, full, opts.seed, &ConfigSource::default()))
+        .collect::<Result<_>>()?;
+    let dir = &runs[0].dir;
     if opts.fresh && dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     let test = data.eval_cases(Split::Test);
     let protocol = Protocol::default();
@@ -435,15 +433,16 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<Vec<ModelResult>> {
         tokenizer: None,
     });
 
-    let (sasrec, secs) = train_sasrec(&gpu, &data, full, opts.seed, &dir)?;
+    let (sasrec, secs) = train_sasrec(&gpu, &data, &runs[0].cfg.sasrec, full, dir)?;
     let report = sasrec.evaluate(&test, &protocol)?;
     results.push(ModelResult { model: "SASRec".into(), train_seconds: secs, report, fit: None, tokenizer: None });
     drop(sasrec);
 
     let mut letter = None;
-    for system in [System::Tiger, System::Letter] {
+    for run in &runs {
+        let system = run.system;
         let t = Instant::now();
-        let trained = train_system(&gpu, &data, system, full, opts.seed)?;
+        let trained = train_system(&gpu, &data, run)?;
         let secs = t.elapsed().as_secs_f64();
         let report = trained.model.evaluate(&test, &protocol)?;
         results.push(ModelResult {

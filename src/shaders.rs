@@ -5,14 +5,7 @@ use crate::gpu::Kernel;
 
 /// Every kernel variant genrec compiles.
 pub fn all_kernels() -> Vec<Kernel> {
-    [
-        crate::ops::kernels(),
-        crate::quant::kernels(),
-        crate::bench::kernels(),
-        crate::decode::kernels(),
-        crate::nn::kv_cache::kernels(),
-    ]
-    .concat()
+    [crate::ops::kernels(), crate::quant::kernels(), crate::bench::kernels(), crate::decode::kernels()].concat()
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::ops::Act;
 /// Hyper-parameters (defaults: the SASRec paper's MovieLens settings, with
 /// the history length of genrec's prepared data).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SasRecConfig {
     pub d_model: usize,
     pub blocks: usize,

@@ -26,6 +26,8 @@ pub struct GpuInner {
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     pub(crate) pool: Mutex<BufferPool>,
     pub(crate) pending: Mutex<Pending>,
+    /// Per-kernel timing (`GENREC_PROFILE`).
+    pub(crate) profile: super::profile::Profile,
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
 }
@@ -224,6 +226,7 @@ impl Gpu {
                 pipelines: Mutex::new(HashMap::new()),
                 pool: Mutex::new(BufferPool::default()),
                 pending: Mutex::new(Pending { encoder: None, uniforms, uniform_offset: 0, dispatches: 0 }),
+                profile: super::profile::Profile::from_env(),
                 lost,
                 lost_reason,
             }),
@@ -367,7 +370,18 @@ impl Gpu {
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         }
+        if self.inner.profile.enabled {
+            drop(p);
+            let t = std::time::Instant::now();
+            self.sync()?;
+            self.inner.profile.add(format!("{}:{}", kernel.name, kernel.entry), t.elapsed());
+        }
         Ok(())
+    }
+
+    /// The per-kernel timing table when `GENREC_PROFILE` is set (see `gpu::profile`).
+    pub fn profile_report(&self) -> Option<String> {
+        self.inner.profile.report()
     }
 
     /// Compile (once) and return the pipeline for `kernel`.

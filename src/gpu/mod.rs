@@ -8,6 +8,7 @@
 pub mod device;
 pub mod kernel;
 pub mod pool;
+mod profile;
 pub mod tensor;
 
 pub use device::{list_adapters, AdapterSummary, Gpu};

@@ -5,7 +5,7 @@
 //! - **Training** ([`Llama::forward`]): the whole `[B, T]` batch through the autograd tape,
 //!   causal attention with padding as mask data, logits `[B*T, V]`.
 //! - **Inference** ([`Llama::session`], [`LlamaSession`]): prefill the prompts into a KV cache
-//!   (`nn::kv_cache`), then one token per row and step. Prompts of different lengths are
+//!   (`nn::kv_cache` on `ops::kv_cache`), then one token per row and step. Prompts of different lengths are
 //!   left-padded; the cache is reordered on the GPU (beam search), and the session implements
 //!   [`crate::decode::StepModel`]. [`Llama::generate_greedy`] decodes greedily on top of it.
 //!
@@ -29,11 +29,12 @@ use crate::decode::StepModel;
 use crate::gpu::{shape_str, DType, Gpu, Tensor};
 use crate::io::gguf::Gguf;
 use crate::io::HostTensor;
-use crate::nn::kv_cache::{gather_rows, kv_write, KvCache};
+use crate::nn::kv_cache::KvCache;
 use crate::nn::lora::{export_peft, LoraAdapter, LoraConfig, LoraLinear};
 use crate::nn::normal_init;
 use crate::ops;
 use crate::ops::attention::{Mask, MaskKind, MaskSpec};
+use crate::ops::kv_cache::{gather_rows, kv_write};
 
 /// Hyper-parameters of a LLaMA-family model.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -798,8 +798,9 @@ impl T5DecodeSession {
         let t = self.t;
         match &self.pending {
             None => {
-                ops::kv_cache::kv_append(&self.self_k[l], k, t)?;
-                ops::kv_cache::kv_append(&self.self_v[l], v, t)
+                let (rows, h, dk) = (self.rows(), self.model.cfg.heads, self.model.cfg.d_kv);
+                ops::kv_cache::kv_write(&self.self_k[l], &k.reshape(&[rows, h, 1, dk])?, t)?;
+                ops::kv_cache::kv_write(&self.self_v[l], &v.reshape(&[rows, h, 1, dk])?, t)
             }
             Some(par) => {
                 ops::kv_cache::kv_reorder(&self.spare, &self.self_k[l], par, t, Some(k))?;

@@ -37,7 +37,9 @@ use crate::nn::state;
 use crate::ops::adamw::AdamW as AdamWHp;
 
 /// Hyper-parameters of the generative recommender (model + training + decoding).
+/// The papers' values and the small budget are in `models/systems.toml` ([`crate::config`]).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TigerConfig {
     pub d_model: usize,
     pub heads: usize,
@@ -68,66 +70,6 @@ pub struct TigerConfig {
 }
 
 impl TigerConfig {
-    /// The LETTER code's TIGER configuration (letter.spec.md §2.4, §4): 4+4
-    /// layers, d_model 128, 6 heads x 64, FFN 1024, dropout 0.1, lr 5e-4, wd
-    /// 0.01, batch 1024, 200 epochs with 1% warm-up, 20 beams; τ = 1.
-    pub fn paper() -> TigerConfig {
-        TigerConfig {
-            d_model: 128,
-            heads: 6,
-            d_kv: 64,
-            d_ff: 1024,
-            enc_layers: 4,
-            dec_layers: 4,
-            dropout: 0.1,
-            max_items: 20,
-            lr: 5e-4,
-            weight_decay: 0.01,
-            batch_size: 1024,
-            epochs: 200,
-            warmup_frac: 0.01,
-            tau: 1.0,
-            beams: 20,
-            eval_every: 1,
-            patience: 20,
-            valid_users: 0,
-            samples_per_epoch: 0,
-            seed: 42,
-        }
-    }
-
-    /// A budget for CPU adapters (lavapipe on 2 cores, about 4 GFLOP/s): a
-    /// narrower, shallower T5 (2+2 layers, d_model 64, 4 heads x 16, FFN 256),
-    /// the last 6 history items, 6,400 sampled training prefixes per epoch for
-    /// 4 epochs, and one validation on 200 users at the end. Same loss,
-    /// schedule and decoding as the paper setup; far from converged.
-    pub fn small() -> TigerConfig {
-        TigerConfig {
-            d_model: 64,
-            heads: 4,
-            d_kv: 16,
-            d_ff: 256,
-            enc_layers: 2,
-            dec_layers: 2,
-            dropout: 0.1,
-            max_items: 6,
-            lr: 3e-3,
-            batch_size: 128,
-            epochs: 4,
-            warmup_frac: 0.05,
-            eval_every: 4,
-            patience: 1,
-            valid_users: 200,
-            samples_per_epoch: 6_400,
-            ..TigerConfig::paper()
-        }
-    }
-
-    /// LETTER-TIGER: the same with the ranking-guided loss, τ = 0.7.
-    pub fn with_letter_loss(self) -> TigerConfig {
-        TigerConfig { tau: 0.7, ..self }
-    }
-
     fn t5(&self, vocab: usize) -> T5Config {
         T5Config {
             d_model: self.d_model,
@@ -498,7 +440,11 @@ mod tests {
             beams: 10,
             eval_every: 8,
             patience: 3,
-            ..TigerConfig::paper()
+            weight_decay: 0.01,
+            tau: 1.0,
+            valid_users: 0,
+            samples_per_epoch: 0,
+            seed: 42,
         }
     }
 

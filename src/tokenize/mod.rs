@@ -93,6 +93,7 @@ pub enum CodebookInit {
 
 /// Everything [`train_tokenizer`] needs besides the data.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
     pub method: Method,
     /// Encoder hidden sizes; None = `RqVaeConfig::default_hidden(in_dim, e_dim)`.
