@@ -65,6 +65,9 @@ enum Cmd {
         /// Write the metrics (and training summary) as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Evaluate on a fixed subset of this many test users (0 = all; for slow systems such as letter-llm).
+        #[arg(long, default_value_t = 0)]
+        eval_users: usize,
     },
     /// Print the resolved configuration of a system (defaults from models/systems.toml,
     /// then --config and --set) as TOML, and the run directory it trains into.
@@ -79,6 +82,9 @@ enum Cmd {
         /// valid or test.
         #[arg(long, default_value = "test")]
         split: String,
+        /// Evaluate on a fixed subset of this many users (0 = all; for slow systems such as letter-llm).
+        #[arg(long, default_value_t = 0)]
+        eval_users: usize,
     },
     /// Top-K recommendations with titles for one user (by raw user id).
     Recommend {
@@ -285,12 +291,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             genrec::pipeline::quickstart(&genrec::pipeline::QuickstartOptions { budget, seed, out, fresh })?;
         }
-        Cmd::Train { run, out } => train(&run, out)?,
+        Cmd::Train { run, out, eval_users } => train(&run, out, eval_users)?,
         Cmd::Config { run } => {
             let (_, _, run) = run.open()?;
             println!("# {} — run directory {}\n{}", run.system.name(), run.dir.display(), run.cfg.to_toml()?);
         }
-        Cmd::Eval { run, split } => {
+        Cmd::Eval { run, split, eval_users } => {
             use genrec::data::Split;
             let split = match split.as_str() {
                 "test" => Split::Test,
@@ -299,7 +305,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let (gpu, data, run) = run.open()?;
             let model = genrec::pipeline::load_system(&gpu, &data, &run)?;
-            let report = model.evaluate(&data.eval_cases(split), &genrec::eval::Protocol::default())?;
+            let cases = genrec::pipeline::eval_subset(data.eval_cases(split), eval_users);
+            let report = model.evaluate(&cases, &genrec::eval::Protocol::default())?;
             println!("{}", report.to_json());
         }
         Cmd::Recommend { run, user, k } => {
@@ -314,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             case.history.extend(case.targets.drain(..));
             let model = genrec::pipeline::load_system(&gpu, &data, &run)?;
-            let recs = model.recommend(std::slice::from_ref(&case), k.min(model.cfg.beams))?;
+            let recs = model.recommend(std::slice::from_ref(&case), k.min(model.beams()))?;
             genrec::pipeline::print_recommendations(&data, &case, &recs[0]);
         }
     }
@@ -449,13 +456,13 @@ fn embed(dataset: &str, opts: &genrec::models::embed::EmbedOptions) -> Result<()
 }
 
 /// `genrec train`: train one generative system, evaluate it, print and save the metrics.
-fn train(args: &RunArgs, out: Option<std::path::PathBuf>) -> Result<()> {
+fn train(args: &RunArgs, out: Option<std::path::PathBuf>, eval_users: usize) -> Result<()> {
     let (gpu, data, run) = args.open()?;
     println!("device: {}", gpu.describe());
     let system = run.system;
     let trained = genrec::pipeline::train_system(&gpu, &data, &run)?;
-    let report =
-        trained.model.evaluate(&data.eval_cases(genrec::data::Split::Test), &genrec::eval::Protocol::default())?;
+    let cases = genrec::pipeline::eval_subset(data.eval_cases(genrec::data::Split::Test), eval_users);
+    let report = trained.model.evaluate(&cases, &genrec::eval::Protocol::default())?;
     println!(
         "{} on {}: best validation NDCG@10 {:.4} at epoch {}, {:.1} samples/s",
         system.name(),

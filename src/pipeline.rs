@@ -24,7 +24,9 @@ use crate::data::{self, EvalCase, Format, PrepareOptions, Prepared, Split};
 use crate::eval::{EvalReport, Protocol};
 use crate::gpu::Gpu;
 use crate::io::checkpoint::{fingerprint, fingerprint_json};
+use crate::systems::lcrec::{LcRec, LcRecConfig};
 use crate::systems::tiger::{FitSummary, Tiger};
+use crate::systems::GenerativeRecommender;
 use crate::tokenize::{self, ids::ItemCodes, report::TokenizerReport, Method, TokenizerConfig};
 
 /// How much training a job does.
@@ -56,7 +58,7 @@ pub enum System {
     Tiger,
     /// LETTER-TIGER: LETTER identifiers + T5 with the ranking-guided loss.
     Letter,
-    /// LETTER on the SmolLM2 LLM with LoRA (LC-Rec style). Not built yet.
+    /// LETTER on the SmolLM2-135M LLM with LoRA (LC-Rec style; not in the quickstart: slow on CPU adapters).
     LetterLlm,
 }
 
@@ -219,9 +221,36 @@ fn identifiers(
     Ok((codes, report))
 }
 
+/// LETTER-LLM's configuration for a budget (see `LcRecConfig::small`).
+pub fn lcrec_config(full: bool, seed: u64) -> LcRecConfig {
+    let base = if full { LcRecConfig::paper() } else { LcRecConfig::small() };
+    LcRecConfig { seed, ..base }
+}
+
+/// SmolLM2-135M-Instruct (fetched if missing) with its tokenizer, wrapped as
+/// LETTER-LLM over `codes`.
+fn lcrec_system(gpu: &Gpu, codes: &[Vec<u32>], cfg: LcRecConfig) -> Result<LcRec> {
+    let dir = crate::io::fetch::fetch("smollm2").context("fetching the SmolLM2-135M asset for LETTER-LLM")?;
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tok = crate::models::llama_tokenizer::LlamaTokenizer::from_gguf_file(&path)?;
+    let llm = crate::models::llama::Llama::from_gguf(gpu, &path)?;
+    LcRec::new(gpu, System::LetterLlm.file_stem(), llm, &tok, codes, cfg)
+}
+
+/// A fixed subset of `n` evaluation cases (every k-th user; 0 = all), for
+/// evaluating slow systems on a budget when asked to. Says what it kept.
+pub fn eval_subset(cases: Vec<EvalCase>, n: usize) -> Vec<EvalCase> {
+    let total = cases.len();
+    let kept = crate::systems::seq::fixed_subset(cases, n);
+    if kept.len() < total {
+        println!("evaluating on a fixed subset of {} of {total} users (every k-th, as asked)", kept.len());
+    }
+    kept
+}
+
 /// A trained generative system and how it got there.
 pub struct TrainedSystem {
-    pub model: Tiger,
+    pub model: Box<dyn GenerativeRecommender>,
     pub fit: FitSummary,
     pub tokenizer: TokenizerReport,
     pub codes: ItemCodes,
@@ -244,13 +273,6 @@ fn semantic_embeddings(gpu: &Gpu, data: &Prepared) -> Result<Vec<f32>> {
 /// (resuming from the run directory's checkpoint when there is one).
 pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSystem> {
     let system = run.system;
-    if system == System::LetterLlm {
-        bail!(
-            "{}: not built yet. The SmolLM2 backbone, LoRA and KV-cache decoding exist (models::llama, nn::lora), \
-             but the LC-Rec style instruction training loop does not; use --system tiger or --system letter",
-            system.name()
-        );
-    }
     let dir = &run.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cfg_path = dir.join(format!("{}-config.toml", system.file_stem()));
@@ -264,6 +286,28 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSyst
         bail!("{}: tokenizer.method must be {method:?} for {}", cfg_path.display(), system.name());
     }
     let (codes, tokenizer) = identifiers(gpu, method, &sem, &cf, data.n_items(), &run.cfg.tokenizer, dir)?;
+    if system == System::LetterLlm {
+        let cfg = lcrec_config(run.full, run.seed);
+        let mut model = lcrec_system(gpu, &codes.codes, cfg)?;
+        let (trainable, all) = model.num_params();
+        println!(
+            "training {} (SmolLM2-135M + LoRA r {}: {trainable} of {all} parameters trainable, {} code tokens added, \
+             τ = {}) ...",
+            system.name(),
+            model.cfg.lora_r,
+            model.added_tokens(),
+            model.cfg.tau
+        );
+        if !run.full {
+            println!(
+                "budget: small (CPU adapter): {} training prefixes per epoch x {} epochs, history <= {} items, \
+                 {} validation users; pass --budget full for the LC-Rec configuration",
+                model.cfg.samples_per_epoch, model.cfg.epochs, model.cfg.max_items, model.cfg.valid_users
+            );
+        }
+        let fit = model.fit(data, Some(dir))?;
+        return Ok(TrainedSystem { model: Box::new(model), fit, tokenizer, codes });
+    }
     let mut model = Tiger::new(gpu, system.file_stem(), &codes.codes, run.cfg.model.clone())?;
     println!(
         "training {} ({} parameters, vocabulary {}, τ = {}) ...",
@@ -273,11 +317,11 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSyst
         model.cfg.tau
     );
     let fit = model.fit(data, Some(dir))?;
-    Ok(TrainedSystem { model, fit, tokenizer, codes })
+    Ok(TrainedSystem { model: Box::new(model), fit, tokenizer, codes })
 }
 
 /// A trained system loaded back from its run directory (for `eval` and `recommend`).
-pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Tiger> {
+pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Box<dyn GenerativeRecommender>> {
     let (system, dir) = (run.system, &run.dir);
     let method = system.method();
     let ids = ids_path(&dir, method);
@@ -295,9 +339,14 @@ pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Tiger> {
     }
     let text = std::fs::read_to_string(&ids).with_context(|| format!("reading {}", ids.display()))?;
     let c: IdsFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
+    if system == System::LetterLlm {
+        let model = lcrec_system(gpu, &c.codes.codes, lcrec_config(run.full, run.seed))?;
+        model.load_weights(&ckpt)?;
+        return Ok(Box::new(model));
+    }
     let model = Tiger::new(gpu, system.file_stem(), &c.codes.codes, run.cfg.model.clone())?;
     model.load_weights(&ckpt)?;
-    Ok(model)
+    Ok(Box::new(model))
 }
 
 /// Display title of an item.

@@ -507,6 +507,31 @@ impl Llama {
         self.head(tape, &x)?.reshape(&[b * t, self.cfg.vocab])
     }
 
+    /// Trainable forward that applies the final norm and LM head only at the flattened
+    /// positions `rows` (u32 `[N]`, indices into `B*T`, e.g. a response's positions): logits
+    /// `[N, V]`. Same values as those rows of [`Llama::forward`], without the `[B*T, V]` tensor
+    /// (which outgrows storage-binding limits at SmolLM2's 49k vocabulary).
+    pub fn forward_at(
+        &self,
+        tape: &Tape,
+        ids: &Tensor,
+        mask: &Mask,
+        positions: Option<&Tensor>,
+        rows: &Tensor,
+    ) -> Result<Var> {
+        self.check_ids(ids)?;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        if rows.dtype() != DType::U32 || rows.rank() != 1 {
+            bail!("llama forward_at: rows must be u32 [N], got {:?} {}", rows.dtype(), shape_str(rows.shape()));
+        }
+        let mut x = autograd::embedding(&tape.param(&self.embed), ids)?;
+        for l in 0..self.layers.len() {
+            x = self.block(tape, l, &x, mask, positions, None)?;
+        }
+        let h = autograd::embedding(&x.reshape(&[b * t, self.cfg.d])?, rows)?;
+        self.head(tape, &h)
+    }
+
     /// Grow the vocabulary by `n` tokens (e.g. item codes): the embedding (and an untied head)
     /// get `n` new rows, each the mean of the existing rows plus normal noise of 0.02 x the rows'
     /// mean standard deviation. Tied models stay tied. Parameters are replaced: rebuild any

@@ -103,6 +103,16 @@ pub fn encoder_input(items: &[Vec<u32>], history: &[u32], max_items: usize) -> R
     Ok(out)
 }
 
+/// A fixed, seed-independent subset of `n` cases (every k-th; `n = 0` or
+/// `n >= len` keeps all): validation on a budget.
+pub fn fixed_subset<T: Clone>(cases: Vec<T>, n: usize) -> Vec<T> {
+    if n == 0 || cases.len() <= n {
+        return cases;
+    }
+    let stride = cases.len() as f64 / n as f64;
+    (0..n).map(|i| cases[(i as f64 * stride) as usize].clone()).collect()
+}
+
 /// Learning rate at `step` of `total`: linear warm-up over `warmup` steps,
 /// then cosine decay to zero (the LETTER/TIGER code's schedule).
 pub fn warmup_cosine(base: f32, step: usize, total: usize, warmup: usize) -> f32 {
@@ -143,6 +153,15 @@ mod tests {
         assert_eq!(encoder_input(&items, &[0, 1, 2], 2).unwrap(), vec![3, 6, 4, 7, 9, EOS]);
         assert_eq!(encoder_input(&items, &[], 2).unwrap(), vec![EOS]);
         assert!(encoder_input(&items, &[3], 2).is_err());
+    }
+
+    #[test]
+    fn fixed_subset_takes_every_kth() {
+        let v: Vec<u32> = (0..10).collect();
+        assert_eq!(fixed_subset(v.clone(), 0), v);
+        assert_eq!(fixed_subset(v.clone(), 10), v);
+        assert_eq!(fixed_subset(v.clone(), 4), vec![0, 2, 5, 7]);
+        assert_eq!(fixed_subset(v, 1), vec![0]);
     }
 
     #[test]

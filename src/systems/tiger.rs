@@ -170,12 +170,7 @@ impl Tiger {
         if samples.is_empty() {
             bail!("{}: the dataset has no training examples", self.name);
         }
-        let mut valid = data.eval_cases(Split::Valid);
-        if self.cfg.valid_users > 0 && valid.len() > self.cfg.valid_users {
-            // A fixed, seed-independent subset: every n-th user.
-            let stride = valid.len() as f64 / self.cfg.valid_users as f64;
-            valid = (0..self.cfg.valid_users).map(|i| valid[(i as f64 * stride) as usize].clone()).collect();
-        }
+        let valid = seq::fixed_subset(data.eval_cases(Split::Valid), self.cfg.valid_users);
         let per_epoch =
             if self.cfg.samples_per_epoch == 0 { samples.len() } else { self.cfg.samples_per_epoch.min(samples.len()) };
         let steps_per_epoch = per_epoch.div_ceil(self.cfg.batch_size);
