@@ -42,7 +42,9 @@ fn main() -> anyhow::Result<()> {
         max_items,
         // One validation user: the fit time is (almost) all training.
         valid_users: 1,
-        ..LcRecConfig::small()
+        ..genrec::config::SystemConfig::defaults(genrec::pipeline::System::LetterLlm, false, 42, 20)?
+            .llm
+            .ok_or_else(|| anyhow::anyhow!("letter-llm has no llm stage"))?
     };
     let mut m = LcRec::new(&gpu, "letter-llm-bench", llm, &tok, &codes, cfg)?;
     let (trainable, all) = m.num_params();

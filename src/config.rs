@@ -15,6 +15,7 @@ use toml::{Table, Value};
 
 use crate::cf::sasrec::SasRecConfig;
 use crate::pipeline::System;
+use crate::systems::lcrec::LcRecConfig;
 use crate::systems::tiger::TigerConfig;
 use crate::tokenize::{Method, TokenizerConfig};
 
@@ -23,7 +24,8 @@ pub const DEFAULTS: &str = include_str!("../models/systems.toml");
 const DEFAULTS_NAME: &str = "models/systems.toml";
 
 /// The stages a system file configures.
-const STAGES: [&str; 3] = ["sasrec", "tokenizer", "model"];
+const STAGES: [&str; 4] = ["sasrec", "tokenizer", "model", "llm"];
+const HEADINGS: [&str; 4] = ["tiger", "letter", "letter-llm", "small"];
 
 /// Where a configuration comes from besides the system, budget and seed.
 #[derive(Clone, Debug, Default)]
@@ -49,7 +51,11 @@ pub struct SystemConfig {
     /// The collaborative model whose item embeddings LETTER uses (and the SASRec baseline).
     pub sasrec: SasRecConfig,
     pub tokenizer: TokenizerConfig,
+    /// The T5 generator (TIGER, LETTER-TIGER).
     pub model: TigerConfig,
+    /// The LLM generator (LETTER-LLM only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LcRecConfig>,
 }
 
 impl SystemConfig {
@@ -71,13 +77,19 @@ impl SystemConfig {
         };
         let root: Table = text.parse().with_context(|| format!("{name}: not valid TOML"))?;
         for key in root.keys() {
-            if !["tiger", "letter", "small"].contains(&key.as_str()) {
-                bail!("{name}: unknown heading [{key}]; expected [tiger.*], [letter.*] or [small.*]");
+            if !HEADINGS.contains(&key.as_str()) {
+                bail!(
+                    "{name}: unknown heading [{key}]; expected one of {}",
+                    HEADINGS.map(|h| format!("[{h}.*]")).join(", ")
+                );
             }
         }
         let mut headings = vec!["tiger"];
         if matches!(system, System::Letter | System::LetterLlm) {
             headings.push("letter");
+        }
+        if system == System::LetterLlm {
+            headings.push("letter-llm");
         }
         if !full {
             headings.push("small");
@@ -103,12 +115,15 @@ impl SystemConfig {
             if key == "seed" {
                 bail!("--set {set:?}: seeds come from --seed");
             }
+            if stage == "llm" && system != System::LetterLlm {
+                bail!("--set {set:?}: llm settings apply to --system letter-llm only");
+            }
             stages[i].insert(key.to_string(), value);
         }
         for t in &mut stages {
             t.insert("seed".into(), Value::Integer(seed as i64));
         }
-        let [sasrec, tokenizer, model] = stages.try_into().expect("three stages");
+        let [sasrec, tokenizer, model, llm] = stages.try_into().expect("four stages");
         let mut sasrec = sasrec;
         sasrec.entry("max_len").or_insert(Value::Integer(history.max(1) as i64));
 
@@ -125,6 +140,10 @@ impl SystemConfig {
             sasrec: Value::Table(sasrec).try_into().with_context(|| what("sasrec"))?,
             tokenizer: Value::Table(tok).try_into().with_context(|| what("tokenizer"))?,
             model: Value::Table(model).try_into().with_context(|| what("model"))?,
+            llm: match system {
+                System::LetterLlm => Some(Value::Table(llm).try_into().with_context(|| what("llm"))?),
+                _ => None,
+            },
         })
     }
 
@@ -194,6 +213,13 @@ mod tests {
         let want = TokenizerConfig { epochs: 2000, eval_every: 100, seed: 7, ..TokenizerConfig::letter() };
         assert_eq!(serde_json::to_value(&letter.tokenizer).unwrap(), serde_json::to_value(&want).unwrap());
 
+        assert!(letter.llm.is_none());
+        let llm = SystemConfig::defaults(System::LetterLlm, true, 7, 20).unwrap().llm.unwrap();
+        assert_eq!((llm.lora_r, llm.lora_alpha, llm.lora_dropout, llm.lr, llm.tau), (8, 32.0, 0.05, 1e-4, 0.7));
+        assert_eq!((llm.max_items, llm.beams, llm.seed), (20, 20, 7));
+        let llm_small = SystemConfig::defaults(System::LetterLlm, false, 7, 20).unwrap().llm.unwrap();
+        assert_eq!((llm_small.max_items, llm_small.samples_per_epoch, llm_small.lora_r), (5, 256, 8));
+
         let small = SystemConfig::defaults(System::Letter, false, 7, 20).unwrap();
         assert_eq!((small.model.d_model, small.model.epochs, small.model.tau), (64, 4, 0.7));
         assert_eq!((small.tokenizer.epochs, small.tokenizer.method), (60, Method::Letter));
@@ -216,6 +242,7 @@ mod tests {
             ("model.lr", "STAGE.KEY=VALUE"),
             ("model.seed=3", "--seed"),
             ("model.epochs=many", "epochs"),
+            ("llm.lora_r=4", "letter-llm only"),
         ] {
             let src = ConfigSource { file: None, sets: vec![set.into()] };
             let e = format!("{:#}", SystemConfig::resolve(System::Tiger, true, 1, 20, &src).unwrap_err());

@@ -221,12 +221,6 @@ fn identifiers(
     Ok((codes, report))
 }
 
-/// LETTER-LLM's configuration for a budget (see `LcRecConfig::small`).
-pub fn lcrec_config(full: bool, seed: u64) -> LcRecConfig {
-    let base = if full { LcRecConfig::paper() } else { LcRecConfig::small() };
-    LcRecConfig { seed, ..base }
-}
-
 /// SmolLM2-135M-Instruct (fetched if missing) with its tokenizer, wrapped as
 /// LETTER-LLM over `codes`.
 fn lcrec_system(gpu: &Gpu, codes: &[Vec<u32>], cfg: LcRecConfig) -> Result<LcRec> {
@@ -287,7 +281,7 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSyst
     }
     let (codes, tokenizer) = identifiers(gpu, method, &sem, &cf, data.n_items(), &run.cfg.tokenizer, dir)?;
     if system == System::LetterLlm {
-        let cfg = lcrec_config(run.full, run.seed);
+        let cfg = run.cfg.llm.clone().context("LETTER-LLM run without an llm configuration")?;
         let mut model = lcrec_system(gpu, &codes.codes, cfg)?;
         let (trainable, all) = model.num_params();
         println!(
@@ -340,7 +334,11 @@ pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Box<dyn Gene
     let text = std::fs::read_to_string(&ids).with_context(|| format!("reading {}", ids.display()))?;
     let c: IdsFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", ids.display()))?;
     if system == System::LetterLlm {
-        let model = lcrec_system(gpu, &c.codes.codes, lcrec_config(run.full, run.seed))?;
+        let model = lcrec_system(
+            gpu,
+            &c.codes.codes,
+            run.cfg.llm.clone().context("LETTER-LLM run without an llm configuration")?,
+        )?;
         model.load_weights(&ckpt)?;
         return Ok(Box::new(model));
     }

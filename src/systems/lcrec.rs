@@ -140,8 +140,10 @@ impl Prompter {
     }
 }
 
-/// Hyper-parameters of LETTER-LLM.
+/// Hyper-parameters of LETTER-LLM. The paper's values and the small budget are in
+/// `models/systems.toml` ([`crate::config`], stage `llm`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LcRecConfig {
     pub lora_r: usize,
     pub lora_alpha: f32,
@@ -176,54 +178,6 @@ pub struct LcRecConfig {
 }
 
 impl LcRecConfig {
-    /// The LETTER/LC-Rec code's settings (spec §2.5, §4 Stage 2b): LoRA r 8, α 32,
-    /// dropout 0.05; lr 1e-4, wd 0.01, batch 128, 4 epochs, 1% warm-up, history 20,
-    /// 20 beams; τ = 0.7 (LETTER's ranking-guided loss, §8.7).
-    pub fn paper() -> LcRecConfig {
-        LcRecConfig {
-            lora_r: 8,
-            lora_alpha: 32.0,
-            lora_dropout: 0.05,
-            f16_base: true,
-            full_finetune: false,
-            max_items: 20,
-            lr: 1e-4,
-            weight_decay: 0.01,
-            batch_size: 128,
-            epochs: 4,
-            warmup_frac: 0.01,
-            tau: 0.7,
-            beams: 20,
-            decode_rows: 320,
-            train_templates: TEMPLATES.len(),
-            eval_every: 1,
-            patience: 2,
-            valid_users: 0,
-            samples_per_epoch: 0,
-            seed: 42,
-        }
-    }
-
-    /// A budget for CPU adapters (a 135M LLM trains at a few samples per
-    /// second at best there): the last 5 history items, 256 sampled training
-    /// prefixes in one epoch (batch 8, lr 5e-4), one validation on 20 users.
-    /// Far from converged; says so via `genrec train`'s printout.
-    pub fn small() -> LcRecConfig {
-        LcRecConfig {
-            max_items: 5,
-            lr: 5e-4,
-            batch_size: 8,
-            epochs: 1,
-            warmup_frac: 0.05,
-            decode_rows: 120,
-            eval_every: 1,
-            patience: 1,
-            valid_users: 20,
-            samples_per_epoch: 256,
-            ..LcRecConfig::paper()
-        }
-    }
-
     fn lora(&self) -> Result<LoraConfig> {
         LoraConfig::new(self.lora_r, self.lora_alpha, self.lora_dropout, &["q", "k", "v", "o", "gate", "up", "down"])
     }

