@@ -295,6 +295,17 @@ pub fn attention(
 }
 
 impl Var {
+    /// Row-wise dot products: self [B, D], m [B, K, D] -> [B, K] (`ops::rowdot`), e.g. BPR scores.
+    pub fn rowdot(&self, m: &Var) -> Result<Var> {
+        let y = ops::rowdot::rowdot(&self.value, &m.value)?;
+        let (a, mm) = (self.value.clone(), m.value.clone());
+        let (na, nm) = (self.requires_grad(), m.requires_grad());
+        Ok(self.tape.record(y, &[self, m], move |g| {
+            let (da, dm) = ops::rowdot::rowdot_backward(&a, &mm, g, na, nm)?;
+            Ok(vec![da, dm])
+        }))
+    }
+
     /// Sparse x dense: y = A x with `a` a device CSR (constant), x [cols, D].
     pub fn spmm(&self, a: &ops::spmm::Csr) -> Result<Var> {
         let y = a.a.matmul(&self.value)?;

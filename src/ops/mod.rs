@@ -28,6 +28,7 @@ pub mod reduce;
 pub mod relbias;
 pub mod rope;
 pub mod softmax;
+pub mod rowdot;
 pub mod spmm;
 
 #[cfg(test)]
@@ -142,6 +143,7 @@ pub fn kernels() -> Vec<Kernel> {
         relbias::kernels(),
         rope::kernels(),
         softmax::kernels(),
+        rowdot::kernels(),
         spmm::kernels(),
     ]
     .concat()
