@@ -82,9 +82,15 @@ impl LightGcn {
         if triples.is_empty() {
             bail!("lightgcn: the training split has no interactions");
         }
-        let adj = Csr::from_triples(gpu, n, n, &triples)?;
+        // Â is symmetric: one device copy serves the forward and the backward product.
+        let adj = Csr::symmetric(gpu, n, &triples)?;
         let emb = Tensor::from_f32(gpu, &normal_init(cfg.seed, n * cfg.d, 0.1), &[n, cfg.d])?;
         Ok(LightGcn { n_users: nu, n_items: ni, gpu: gpu.clone(), emb: Param::new("embedding", emb), adj, train, cfg })
+    }
+
+    /// The normalized adjacency Â ([n_users + n_items] square, symmetric).
+    pub fn adjacency(&self) -> &Csr {
+        &self.adj
     }
 
     pub fn params(&self) -> Vec<Rc<Param>> {
@@ -112,9 +118,9 @@ impl LightGcn {
         let items: Vec<u32> = triples.iter().flat_map(|t| [nu + t.1, nu + t.2]).collect();
         let users = Tensor::from_u32(&self.gpu, &users, &[b])?;
         let items = Tensor::from_u32(&self.gpu, &items, &[b, 2])?;
-        let eu = embedding(&fin, &users)?.reshape(&[b, 1, self.cfg.d])?; // [B, 1, d]
+        let eu = embedding(&fin, &users)?; // [B, d]
         let ei = embedding(&fin, &items)?; // [B, 2, d]
-        let scores = eu.matmul(&ei, false, true)?.reshape(&[b, 2])?; // [B, 2]: s+, s-
+        let scores = eu.rowdot(&ei)?; // [B, 2]: s+, s-
         let zeros = Tensor::from_i32(&self.gpu, &vec![0; b], &[b])?;
         let bpr = cross_entropy(&scores, &zeros, &CeOptions::default())?;
         // λ/B * (||E0_u||² + ||E0_i||² + ||E0_j||²), summed over the batch.

@@ -27,8 +27,8 @@ pub mod permute;
 pub mod reduce;
 pub mod relbias;
 pub mod rope;
-pub mod softmax;
 pub mod rowdot;
+pub mod softmax;
 pub mod spmm;
 
 #[cfg(test)]

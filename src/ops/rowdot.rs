@@ -109,8 +109,8 @@ pub fn rowdot_ref(a: &[f32], m: &[f32], b: usize, k: usize, d: usize) -> Vec<f32
     for bi in 0..b {
         for ki in 0..k {
             let row = &m[(bi * k + ki) * d..(bi * k + ki + 1) * d];
-            s[bi * k + ki] = row.iter().zip(&a[bi * d..(bi + 1) * d]).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>()
-                as f32;
+            s[bi * k + ki] =
+                row.iter().zip(&a[bi * d..(bi + 1) * d]).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
         }
     }
     s
