@@ -348,6 +348,10 @@ struct CfTrainArgs {
     patience: usize,
     #[arg(long, default_value_t = 1)]
     eval_every: usize,
+    /// Time budget: stop at the first epoch end after this many minutes of
+    /// training and validation (the run is then reported as stopped by the budget).
+    #[arg(long)]
+    max_train_minutes: Option<f64>,
     /// Write the run (config, per-epoch losses and validation NDCG@10, seconds per
     /// epoch, test metrics with and without history masking) as JSON.
     #[arg(long)]
@@ -366,6 +370,9 @@ struct EarlyStop<'a> {
     train_secs: f64,
     epochs: usize,
     log: Vec<serde_json::Value>,
+    start: std::time::Instant,
+    /// "patience", "time budget" or "max epochs" (the default until another fires).
+    stopped_by: &'static str,
 }
 
 impl<'a> EarlyStop<'a> {
@@ -379,6 +386,8 @@ impl<'a> EarlyStop<'a> {
             train_secs: 0.0,
             epochs: 0,
             log: Vec::new(),
+            start: std::time::Instant::now(),
+            stopped_by: "max epochs",
         }
     }
 
@@ -388,7 +397,9 @@ impl<'a> EarlyStop<'a> {
         self.epochs = epoch + 1;
         let mut entry = serde_json::json!({ "epoch": epoch + 1, "loss": loss });
         let mut go_on = true;
-        if self.args.patience > 0 && (epoch + 1) % self.args.eval_every.max(1) == 0 {
+        let over_budget = self.args.max_train_minutes.is_some_and(|m| self.start.elapsed().as_secs_f64() > m * 60.0);
+        // Past the budget, validate this epoch too so the kept weights are the best seen.
+        if self.args.patience > 0 && ((epoch + 1) % self.args.eval_every.max(1) == 0 || over_budget) {
             let v = valid_ndcg10()?;
             entry["valid_ndcg10"] = serde_json::json!(v);
             eprintln!("epoch {}: loss {loss:.4}, valid NDCG@10 {v:.4}", epoch + 1);
@@ -398,7 +409,15 @@ impl<'a> EarlyStop<'a> {
             } else {
                 self.evals_since_best += 1;
                 go_on = self.evals_since_best < self.args.patience;
+                if !go_on {
+                    self.stopped_by = "patience";
+                }
             }
+        }
+        if go_on && over_budget {
+            eprintln!("time budget of {:?} minutes reached after epoch {}", self.args.max_train_minutes, epoch + 1);
+            self.stopped_by = "time budget";
+            go_on = false;
         }
         self.log.push(entry);
         self.last = std::time::Instant::now();
@@ -489,10 +508,11 @@ fn train_cf(
     let (es, best) = stop;
     let per_epoch = es.train_secs / es.epochs.max(1) as f64;
     println!(
-        "{model} on {} ({:.1}s of training and evaluation; {} epochs, {per_epoch:.2} s per training epoch{})",
+        "{model} on {} ({:.1}s of training and evaluation; {} epochs, stopped by {}, {per_epoch:.2} s per training epoch{})",
         data.name,
         t0.elapsed().as_secs_f64(),
         es.epochs,
+        es.stopped_by,
         best.map(|(e, v)| format!("; best validation NDCG@10 {v:.4} at epoch {e}")).unwrap_or_default()
     );
     let mut test_json = serde_json::Map::new();
@@ -523,6 +543,7 @@ fn train_cf(
             "seconds_per_epoch": per_epoch,
             "best_epoch": best.map(|b| b.0),
             "best_valid_ndcg10": best.map(|b| b.1),
+            "stopped_by": es.stopped_by,
             "main_protocol_history_masked": main_masked,
             "test": test_json,
             "epochs": es.log,
