@@ -49,7 +49,7 @@ impl SpmmKernel {
 
     /// The fastest kernel for row width `d` on `gpu`.
     pub fn best(gpu: &Gpu, d: usize) -> SpmmKernel {
-        if d % 4 != 0 {
+        if !d.is_multiple_of(4) {
             SpmmKernel::Scalar
         } else if crate::ops::matmul::subgroup_kernel_ok(gpu) {
             SpmmKernel::Subgroup
@@ -138,7 +138,7 @@ impl CsrGpu {
         if self.rows == 0 || d == 0 {
             return Ok(y);
         }
-        if which != SpmmKernel::Scalar && d % 4 != 0 {
+        if which != SpmmKernel::Scalar && !d.is_multiple_of(4) {
             bail!("{OP}: the {which:?} kernel needs D % 4 == 0, got dense operand {}", shape_str(x.shape()));
         }
         if which == SpmmKernel::Subgroup && !crate::ops::matmul::subgroup_kernel_ok(x.gpu()) {
