@@ -46,3 +46,25 @@ fn spmm(@builtin(global_invocation_id) gid: vec3<u32>) {
         y[out + l] = acc[l];
     }
 }
+
+// ---- spmm_v4: the same product for D % 4 == 0 with x and y read as vec4:
+// one invocation per (row, vec4 column group); `p.d` holds D / 4 here. One
+// 16-byte load of x per edge instead of four scalar loads (llvmpipe turns
+// each storage load into a per-lane loop, so fewer loads is what counts).
+@group(0) @binding(4) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> y4: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn spmm_v4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let flat = gid.y * p.row_width + gid.x;
+    let r = flat / p.d;
+    let q = flat % p.d;
+    if (r >= p.rows) {
+        return;
+    }
+    var acc = vec4<f32>(0.0);
+    for (var e = row_ptr[r]; e < row_ptr[r + 1u]; e = e + 1u) {
+        acc += val[e] * x4[col[e] * p.d + q];
+    }
+    y4[r * p.d + q] = acc;
+}

@@ -160,6 +160,8 @@ enum Cmd {
         /// Embeddings output (safetensors: item_emb, and user_emb for lightgcn/mf).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        train: CfTrainArgs,
     },
     /// Embed every item's text of a prepared dataset with all-MiniLM-L6-v2 (or a HF BERT
     /// directory) on the GPU; cached as safetensors ([n_items, dim], row i = dense item id i).
@@ -271,7 +273,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Fetch { asset, from } => fetch(&asset, from)?,
-        Cmd::Cf { model, data, dim, epochs, seed, out } => train_cf(&model, &data, dim, epochs, seed, out)?,
+        Cmd::Cf { model, data, dim, epochs, seed, out, train } => {
+            train_cf(&model, &data, dim, epochs, seed, out, &train)?
+        }
         Cmd::Embed { dataset, template, batch, max_len, out, model_dir, force } => {
             let opts = genrec::models::embed::EmbedOptions {
                 template,
@@ -371,8 +375,113 @@ fn load_prepared(dataset: &str) -> Result<genrec::data::Prepared> {
     }
 }
 
+/// Optional training controls of `genrec cf` (defaults: each model's own config).
+#[derive(clap::Args, Debug, Clone, Default)]
+struct CfTrainArgs {
+    /// Learning rate (default: the model's config).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Batch size (default: the model's config).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Early stopping: evaluate validation NDCG@10 every `eval_every` epochs and
+    /// stop after this many evaluations without improvement, keeping the best
+    /// weights (0 = train all epochs, no validation).
+    #[arg(long, default_value_t = 0)]
+    patience: usize,
+    #[arg(long, default_value_t = 1)]
+    eval_every: usize,
+    /// Time budget: stop at the first epoch end after this many minutes of
+    /// training and validation (the run is then reported as stopped by the budget).
+    #[arg(long)]
+    max_train_minutes: Option<f64>,
+    /// Write the run (config, per-epoch losses and validation NDCG@10, seconds per
+    /// epoch, test metrics with and without history masking) as JSON.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+/// Validation-driven early stopping shared by the CF models: call `epoch_end`
+/// from the model's `on_epoch`; it times training epochs (excluding evaluation),
+/// evaluates every `eval_every` epochs and snapshots the best weights.
+struct EarlyStop<'a> {
+    args: &'a CfTrainArgs,
+    params: Vec<std::rc::Rc<genrec::autograd::Param>>,
+    best: Option<(usize, f64, std::collections::BTreeMap<String, genrec::io::HostTensor>)>,
+    evals_since_best: usize,
+    last: std::time::Instant,
+    train_secs: f64,
+    epochs: usize,
+    log: Vec<serde_json::Value>,
+    start: std::time::Instant,
+    /// "patience", "time budget" or "max epochs" (the default until another fires).
+    stopped_by: &'static str,
+}
+
+impl<'a> EarlyStop<'a> {
+    fn new(args: &'a CfTrainArgs, params: Vec<std::rc::Rc<genrec::autograd::Param>>) -> Self {
+        EarlyStop {
+            args,
+            params,
+            best: None,
+            evals_since_best: 0,
+            last: std::time::Instant::now(),
+            train_secs: 0.0,
+            epochs: 0,
+            log: Vec::new(),
+            start: std::time::Instant::now(),
+            stopped_by: "max epochs",
+        }
+    }
+
+    /// Returns whether to keep training. `valid_ndcg10` evaluates the current weights.
+    fn epoch_end(&mut self, epoch: usize, loss: f32, valid_ndcg10: impl FnOnce() -> Result<f64>) -> Result<bool> {
+        self.train_secs += self.last.elapsed().as_secs_f64();
+        self.epochs = epoch + 1;
+        let mut entry = serde_json::json!({ "epoch": epoch + 1, "loss": loss });
+        let mut go_on = true;
+        let over_budget = self.args.max_train_minutes.is_some_and(|m| self.start.elapsed().as_secs_f64() > m * 60.0);
+        // Past the budget, validate this epoch too so the kept weights are the best seen.
+        if self.args.patience > 0 && ((epoch + 1) % self.args.eval_every.max(1) == 0 || over_budget) {
+            let v = valid_ndcg10()?;
+            entry["valid_ndcg10"] = serde_json::json!(v);
+            eprintln!("epoch {}: loss {loss:.4}, valid NDCG@10 {v:.4}", epoch + 1);
+            if self.best.as_ref().is_none_or(|b| v > b.1) {
+                self.best = Some((epoch + 1, v, genrec::nn::state::snapshot(&self.params, None)?));
+                self.evals_since_best = 0;
+            } else {
+                self.evals_since_best += 1;
+                go_on = self.evals_since_best < self.args.patience;
+                if !go_on {
+                    self.stopped_by = "patience";
+                }
+            }
+        }
+        if go_on && over_budget {
+            eprintln!("time budget of {:?} minutes reached after epoch {}", self.args.max_train_minutes, epoch + 1);
+            self.stopped_by = "time budget";
+            go_on = false;
+        }
+        self.log.push(entry);
+        self.last = std::time::Instant::now();
+        Ok(go_on)
+    }
+
+    /// Restores the best weights (if validation ran); returns (best epoch, best valid NDCG@10).
+    fn finish(&self) -> Result<Option<(usize, f64)>> {
+        match &self.best {
+            Some((e, v, state)) => {
+                genrec::nn::state::restore("cf early stopping", &self.params, None, state, 0)?;
+                Ok(Some((*e, *v)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 /// `genrec cf`: train one collaborative baseline, evaluate it on the test
-/// split, and export its embeddings.
+/// split (full ranking, with and without the user's history masked), and
+/// export its embeddings.
 fn train_cf(
     model: &str,
     data: &str,
@@ -380,6 +489,7 @@ fn train_cf(
     epochs: usize,
     seed: u64,
     out: Option<std::path::PathBuf>,
+    args: &CfTrainArgs,
 ) -> Result<()> {
     use genrec::cf;
     use genrec::data::Split;
@@ -387,42 +497,102 @@ fn train_cf(
     let gpu = genrec::gpu::Gpu::shared()?;
     let data = load_prepared(data)?;
     let test = data.eval_cases(Split::Test);
+    let valid = data.eval_cases(Split::Valid);
+    let quick = |exclude_history| Protocol { exclude_history, bootstrap: 0, ..Default::default() };
     let t0 = std::time::Instant::now();
-    let (report, items, users) = match model {
+    // Sequential models rank all items (the quickstart protocol); general ones
+    // are ranked with training items masked, as RecBole does. Both are reported.
+    let (main_masked, reports, items, users, stop, config) = match model {
         "sasrec" => {
-            let cfg = cf::sasrec::SasRecConfig {
+            let mut cfg = cf::sasrec::SasRecConfig {
                 d_model: dim,
                 epochs,
                 seed,
                 max_len: data.options.max_history.max(1),
                 ..Default::default()
             };
+            cfg.lr = args.lr.unwrap_or(cfg.lr);
+            cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
             let m = cf::sasrec::SasRec::new(&gpu, data.n_items(), cfg)?;
-            m.fit(&data, |_, _| Ok(true))?;
-            (m.evaluate(&test, &Protocol::default())?, m.item_embeddings()?, None)
+            let mut es = EarlyStop::new(args, m.params());
+            m.fit(&data, |e, l| {
+                es.epoch_end(e, l, || Ok(m.evaluate(&valid, &quick(false))?.metric("ndcg", 10).unwrap_or(0.0)))
+            })?;
+            let best = es.finish()?;
+            let reps = [m.evaluate(&test, &Protocol::default())?, m.evaluate(&test, &quick(true))?];
+            (false, reps, m.item_embeddings()?, None, (es, best), serde_json::to_value(&m.cfg)?)
         }
         "lightgcn" | "mf" => {
             let m = if model == "mf" {
-                cf::mf::new(&gpu, &data, &cf::mf::MfConfig { d: dim, epochs, seed, ..Default::default() })?
+                let mut c = cf::mf::MfConfig { d: dim, epochs, seed, ..Default::default() };
+                c.lr = args.lr.unwrap_or(c.lr);
+                c.batch_size = args.batch_size.unwrap_or(c.batch_size);
+                cf::mf::new(&gpu, &data, &c)?
             } else {
-                let cfg = cf::lightgcn::LightGcnConfig { d: dim, epochs, seed, ..Default::default() };
-                cf::lightgcn::LightGcn::new(&gpu, &data, cfg)?
+                let mut c = cf::lightgcn::LightGcnConfig { d: dim, epochs, seed, ..Default::default() };
+                c.lr = args.lr.unwrap_or(c.lr);
+                c.batch_size = args.batch_size.unwrap_or(c.batch_size);
+                cf::lightgcn::LightGcn::new(&gpu, &data, c)?
             };
-            m.fit(|_, _| Ok(true))?;
-            // General recommenders are ranked with training items masked, as RecBole does.
-            let protocol = Protocol { exclude_history: true, ..Default::default() };
+            let mut es = EarlyStop::new(args, m.params());
+            m.fit(|e, l| {
+                es.epoch_end(e, l, || Ok(m.evaluate(&valid, &quick(true))?.metric("ndcg", 10).unwrap_or(0.0)))
+            })?;
+            let best = es.finish()?;
+            let reps = [
+                m.evaluate(&test, &quick(false))?,
+                m.evaluate(&test, &Protocol { exclude_history: true, ..Default::default() })?,
+            ];
             let (u, i) = m.embeddings()?;
-            (m.evaluate(&test, &protocol)?, i, Some(u))
+            (true, reps, i, Some(u), (es, best), serde_json::to_value(&m.cfg)?)
         }
         other => anyhow::bail!("cf: unknown model {other:?} (expected sasrec, lightgcn or mf)"),
     };
-    println!("{model} on {} ({:.1}s of training and evaluation)", data.name, t0.elapsed().as_secs_f64());
-    for name in ["recall", "ndcg"] {
-        for k in [5, 10, 20] {
-            if let Some(v) = report.metric(name, k) {
-                println!("  {name}@{k}: {v:.4}");
+    let (es, best) = stop;
+    let per_epoch = es.train_secs / es.epochs.max(1) as f64;
+    println!(
+        "{model} on {} ({:.1}s of training and evaluation; {} epochs, stopped by {}, {per_epoch:.2} s per training epoch{})",
+        data.name,
+        t0.elapsed().as_secs_f64(),
+        es.epochs,
+        es.stopped_by,
+        best.map(|(e, v)| format!("; best validation NDCG@10 {v:.4} at epoch {e}")).unwrap_or_default()
+    );
+    let mut test_json = serde_json::Map::new();
+    for (masked, report) in [(false, &reports[0]), (true, &reports[1])] {
+        let tag = if masked { "history masked" } else { "all items" };
+        let main = if masked == main_masked { " (main protocol)" } else { "" };
+        println!("  test, {tag}{main}:");
+        let mut m = serde_json::Map::new();
+        for name in ["recall", "ndcg"] {
+            for k in [5, 10, 20] {
+                if let Some(v) = report.metric(name, k) {
+                    println!("    {name}@{k}: {v:.4}");
+                    m.insert(format!("{name}@{k}"), serde_json::json!(v));
+                }
             }
         }
+        test_json.insert(if masked { "history_masked".into() } else { "all_items".into() }, m.into());
+    }
+    if let Some(path) = &args.report {
+        let j = serde_json::json!({
+            "model": model,
+            "dataset": data.name,
+            "seed": seed,
+            "config": config,
+            "device": gpu.describe(),
+            "epochs_trained": es.epochs,
+            "train_seconds": es.train_secs,
+            "seconds_per_epoch": per_epoch,
+            "best_epoch": best.map(|b| b.0),
+            "best_valid_ndcg10": best.map(|b| b.1),
+            "stopped_by": es.stopped_by,
+            "main_protocol_history_masked": main_masked,
+            "test": test_json,
+            "epochs": es.log,
+        });
+        genrec::io::atomic_write(path, |w| Ok(serde_json::to_writer_pretty(w, &j)?))?;
+        println!("report written to {}", path.display());
     }
     if let Some(out) = out {
         cf::save_embeddings(&out, model, &data.name, dim, &items, users.as_deref())?;

@@ -152,6 +152,15 @@ mod tests {
         let g = gpu();
         let ids = Tensor::from_u32(&g, &[3, 0, 3, 5, 1], &[5]).unwrap();
         check_gradients(&g, &[inp(18, &[6, 4])], |_, v| embedding(&v[0], &ids), 1e-2, 1e-2, 1e-3).unwrap();
+        // The same lookup through a host-built CSR ([2, 3] ids, repeats included).
+        let csr = crate::ops::embedding::IdCsr::from_host(&g, &[3, 0, 3, 5, 1, 3], &[2, 3], 6).unwrap();
+        check_gradients(&g, &[inp(18, &[6, 4])], |_, v| crate::autograd::embedding_csr(&v[0], &csr), 1e-2, 1e-2, 1e-3)
+            .unwrap();
+        let small = crate::ops::embedding::IdCsr::from_host(&g, &[0, 1], &[2], 2).unwrap();
+        let t = crate::autograd::Tape::new();
+        let table = t.input(Tensor::from_f32(&g, &[0.0; 12], &[3, 4]).unwrap());
+        let e = crate::autograd::embedding_csr(&table, &small).unwrap_err().to_string();
+        assert!(e.contains("embedding_csr") && e.contains("[3, 4]"), "{e}");
         let targets = Tensor::from_i32(&g, &[2, -100, 0, 6], &[4]).unwrap();
         for tau in [1.0, 0.5] {
             let o = CeOptions { tau, ..Default::default() };

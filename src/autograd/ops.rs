@@ -188,6 +188,32 @@ pub fn embedding(table: &Var, ids: &Tensor) -> Result<Var> {
     }))
 }
 
+/// `embedding` with ids given as a prebuilt `IdCsr` (e.g. `IdCsr::from_host`, built
+/// on the CPU in well under a millisecond): the backward reuses it instead of
+/// sorting the ids on the GPU, and one CSR can serve several tables.
+/// Output: `csr.ids.shape() + [D]`.
+pub fn embedding_csr(table: &Var, csr: &ops::embedding::IdCsr) -> Result<Var> {
+    let ids = &csr.ids;
+    if csr.vocab != table.value.shape()[0] {
+        bail!(
+            "embedding_csr: the ids' CSR is for {} rows but the table is {}",
+            csr.vocab,
+            shape_str(table.value.shape())
+        );
+    }
+    let flat = ids.reshape(&[ids.numel()])?;
+    let y = ops::embedding::gather(&table.value, &flat)?;
+    let mut shape = ids.shape().to_vec();
+    shape.push(table.value.last_dim());
+    let y = y.reshape(&shape)?;
+    let d = table.value.last_dim();
+    let csr = csr.clone();
+    Ok(table.tape.record(y, &[table], move |g| {
+        let g2 = g.reshape(&[flat.numel(), d])?;
+        Ok(vec![Some(ops::embedding::scatter_add_csr(&g2, &csr)?)])
+    }))
+}
+
 /// Options of `cross_entropy`, owned so the backward pass can keep them.
 #[derive(Clone, Debug)]
 pub struct CeOptions {
@@ -295,6 +321,17 @@ pub fn attention(
 }
 
 impl Var {
+    /// Row-wise dot products: self [B, D], m [B, K, D] -> [B, K] (`ops::rowdot`), e.g. BPR scores.
+    pub fn rowdot(&self, m: &Var) -> Result<Var> {
+        let y = ops::rowdot::rowdot(&self.value, &m.value)?;
+        let (a, mm) = (self.value.clone(), m.value.clone());
+        let (na, nm) = (self.requires_grad(), m.requires_grad());
+        Ok(self.tape.record(y, &[self, m], move |g| {
+            let (da, dm) = ops::rowdot::rowdot_backward(&a, &mm, g, na, nm)?;
+            Ok(vec![da, dm])
+        }))
+    }
+
     /// Sparse x dense: y = A x with `a` a device CSR (constant), x [cols, D].
     pub fn spmm(&self, a: &ops::spmm::Csr) -> Result<Var> {
         let y = a.a.matmul(&self.value)?;

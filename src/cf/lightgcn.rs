@@ -16,12 +16,13 @@ use std::rc::Rc;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 
-use crate::autograd::{cross_entropy, embedding, CeOptions, Param, Tape, Var};
+use crate::autograd::{cross_entropy, embedding_csr, CeOptions, Param, Tape, Var};
 use crate::data::{EvalCase, Prepared};
 use crate::eval::{EvalReport, Evaluator, Protocol};
 use crate::gpu::{Gpu, Tensor};
 use crate::nn::{normal_init, optim::AdamW};
 use crate::ops::adamw::AdamW as AdamWHp;
+use crate::ops::embedding::IdCsr;
 use crate::ops::spmm::Csr;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -82,9 +83,15 @@ impl LightGcn {
         if triples.is_empty() {
             bail!("lightgcn: the training split has no interactions");
         }
-        let adj = Csr::from_triples(gpu, n, n, &triples)?;
+        // Â is symmetric: one device copy serves the forward and the backward product.
+        let adj = Csr::symmetric(gpu, n, &triples)?;
         let emb = Tensor::from_f32(gpu, &normal_init(cfg.seed, n * cfg.d, 0.1), &[n, cfg.d])?;
         Ok(LightGcn { n_users: nu, n_items: ni, gpu: gpu.clone(), emb: Param::new("embedding", emb), adj, train, cfg })
+    }
+
+    /// The normalized adjacency Â ([n_users + n_items] square, symmetric).
+    pub fn adjacency(&self) -> &Csr {
+        &self.adj
     }
 
     pub fn params(&self) -> Vec<Rc<Param>> {
@@ -110,16 +117,19 @@ impl LightGcn {
         let (fin, e0) = self.propagate(tape)?;
         let users: Vec<u32> = triples.iter().map(|t| t.0).collect();
         let items: Vec<u32> = triples.iter().flat_map(|t| [nu + t.1, nu + t.2]).collect();
-        let users = Tensor::from_u32(&self.gpu, &users, &[b])?;
-        let items = Tensor::from_u32(&self.gpu, &items, &[b, 2])?;
-        let eu = embedding(&fin, &users)?.reshape(&[b, 1, self.cfg.d])?; // [B, 1, d]
-        let ei = embedding(&fin, &items)?; // [B, 2, d]
-        let scores = eu.matmul(&ei, false, true)?.reshape(&[b, 2])?; // [B, 2]: s+, s-
+        // Ids are sorted into CSRs on the host once per batch; each serves the
+        // backward of both tables it indexes (layer mean and ego embeddings).
+        let n = self.n_users + self.n_items;
+        let users = IdCsr::from_host(&self.gpu, &users, &[b], n)?;
+        let items = IdCsr::from_host(&self.gpu, &items, &[b, 2], n)?;
+        let eu = embedding_csr(&fin, &users)?; // [B, d]
+        let ei = embedding_csr(&fin, &items)?; // [B, 2, d]
+        let scores = eu.rowdot(&ei)?; // [B, 2]: s+, s-
         let zeros = Tensor::from_i32(&self.gpu, &vec![0; b], &[b])?;
         let bpr = cross_entropy(&scores, &zeros, &CeOptions::default())?;
         // λ/B * (||E0_u||² + ||E0_i||² + ||E0_j||²), summed over the batch.
-        let ego_u = embedding(&e0, &users)?;
-        let ego_i = embedding(&e0, &items)?;
+        let ego_u = embedding_csr(&e0, &users)?;
+        let ego_i = embedding_csr(&e0, &items)?;
         let reg = ego_u.mul(&ego_u)?.sum_all()?.add(&ego_i.mul(&ego_i)?.sum_all()?)?.scale(self.cfg.l2 / b as f32)?;
         bpr.add(&reg)
     }

@@ -27,6 +27,7 @@ pub mod permute;
 pub mod reduce;
 pub mod relbias;
 pub mod rope;
+pub mod rowdot;
 pub mod softmax;
 pub mod spmm;
 
@@ -142,6 +143,7 @@ pub fn kernels() -> Vec<Kernel> {
         relbias::kernels(),
         rope::kernels(),
         softmax::kernels(),
+        rowdot::kernels(),
         spmm::kernels(),
     ]
     .concat()
