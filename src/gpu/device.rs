@@ -48,6 +48,15 @@ const UNIFORM_ARENA_BYTES: u64 = 1 << 20;
 /// Largest parameter block a kernel may take.
 pub const MAX_PARAM_BYTES: u64 = 256;
 
+/// One resource bound to a kernel by [`Gpu::dispatch_with`].
+#[derive(Clone, Copy)]
+pub enum Binding<'a> {
+    /// A storage (or uniform) buffer, bound whole.
+    Buffer(&'a wgpu::Buffer),
+    /// A texture view (sampled or storage texture, as the shader declares it).
+    Texture(&'a wgpu::TextureView),
+}
+
 /// What `genrec devices` prints for each adapter.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterSummary {
@@ -308,6 +317,19 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        let bindings: Vec<Binding> = buffers.iter().map(|b| Binding::Buffer(b)).collect();
+        self.dispatch_with(kernel, params, &bindings, workgroups)
+    }
+
+    /// [`Gpu::dispatch`] with texture bindings too: `bindings` are bound in order at
+    /// bindings 1, 2, ... (the pipeline layout is derived from the shader).
+    pub fn dispatch_with(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        bindings: &[Binding],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
         self.check_alive(kernel.name)?;
         let max_wg = self.inner.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max_wg) {
@@ -340,7 +362,7 @@ impl Gpu {
         let bound = (params.len().max(16) as u64).div_ceil(16) * 16;
         self.inner.queue.write_buffer(&p.uniforms, offset, &block[..bound as usize]);
 
-        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        let mut entries = Vec::with_capacity(bindings.len() + 1);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -349,8 +371,12 @@ impl Gpu {
                 size: std::num::NonZeroU64::new(bound),
             }),
         });
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        for (i, b) in bindings.iter().enumerate() {
+            let resource = match b {
+                Binding::Buffer(b) => b.as_entire_binding(),
+                Binding::Texture(v) => wgpu::BindingResource::TextureView(v),
+            };
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
         }
         let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.name),

@@ -10,7 +10,7 @@ pub mod kernel;
 pub mod pool;
 pub mod tensor;
 
-pub use device::{list_adapters, AdapterSummary, Gpu};
+pub use device::{list_adapters, AdapterSummary, Binding, Gpu};
 pub use kernel::{div_ceil, Kernel};
 pub use tensor::{check, shape_str, DType, Tensor};
 

@@ -22,7 +22,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::gpu::{check, div_ceil, shape_str, DType, Gpu, Kernel, Params, Tensor};
+use crate::gpu::{check, div_ceil, shape_str, Binding, DType, Gpu, Kernel, Params, Tensor};
 use crate::ops::Act;
 
 /// Options for [`matmul`]. `Default` is a plain `A @ B`.
@@ -69,6 +69,13 @@ pub struct Plan {
     /// where it applies (no transposes, f32 B, K and N multiples of 4, an
     /// adapter whose subgroups are exactly `SG_LANES` wide).
     pub subgroup: bool,
+    /// Register path: use the texture-fed kernel `mm_tex` (shaders/matmul_tex.wgsl,
+    /// operands packed by shaders/matmul_tex_pack.wgsl) where the packed operands fit
+    /// the adapter's texture limits; it takes transposes, f16 B and any K, N.
+    pub texture: bool,
+    /// Texture path: only for problems of at least this many multiply-adds (M N K x batch);
+    /// below it the two packing dispatches cost more than they save.
+    pub tex_min_macs: usize,
 }
 
 /// Rows per workgroup of `mm_sg` (the generator's RM) and its subgroup width.
@@ -83,18 +90,47 @@ pub fn subgroup_kernel_ok(gpu: &Gpu) -> bool {
         && i.subgroup_max_size as usize == SG_LANES
 }
 
+/// Rows per workgroup of `mm_tex` (the generator's RM), texels (4 columns each) per
+/// packed B panel row, texels of K per unrolled chunk, and the packed textures' width.
+pub const TEX_ROWS: usize = 16;
+const TEX_PANEL: usize = 16;
+const TEX_CHUNK: usize = 8;
+const TEX_WIDTH: usize = 1024;
+/// `Plan::tex_min_macs` of the adapter plan.
+pub const TEX_MIN_MACS: usize = 1 << 18;
+
+/// Whether the adapter can run `mm_tex`: a CPU adapter (where texture loads beat
+/// storage-buffer loads) with 8-lane subgroups.
+pub fn texture_kernel_ok(gpu: &Gpu) -> bool {
+    gpu.is_cpu() && subgroup_kernel_ok(gpu)
+}
+
 impl Plan {
     /// The plan for an adapter: register blocking on CPU adapters, tiling otherwise.
     pub fn for_gpu(gpu: &Gpu) -> Plan {
         if gpu.is_cpu() {
-            Plan { subgroup: subgroup_kernel_ok(gpu), ..Self::with_path(Path::Register) }
+            let sg = subgroup_kernel_ok(gpu);
+            let texture = texture_kernel_ok(gpu);
+            Plan { subgroup: sg, texture, tex_min_macs: TEX_MIN_MACS, ..Self::with_path(Path::Register) }
         } else {
             Self::with_path(Path::Tiled)
         }
     }
     /// The tile shapes used for a given path.
     pub fn with_path(path: Path) -> Plan {
-        Plan { path, rm: 8, cn: 2, wg: 8, tm: 64, tn: 64, tk: 16, unrolled: true, subgroup: false }
+        Plan {
+            path,
+            rm: 8,
+            cn: 2,
+            wg: 8,
+            tm: 64,
+            tn: 64,
+            tk: 16,
+            unrolled: true,
+            subgroup: false,
+            texture: false,
+            tex_min_macs: 0,
+        }
     }
     /// Output rows x columns covered by one workgroup.
     pub fn tile(&self) -> (usize, usize) {
@@ -134,6 +170,20 @@ fn sg_kernel() -> Kernel {
     Kernel::new("matmul", "matmul_sg", "mm_sg").trusted(true)
 }
 
+fn tex_kernel() -> Kernel {
+    // Every texel index is inside the packed (zero-padded) textures by construction
+    // (see the layout in shaders/matmul_tex.wgsl); bias and C accesses are guarded.
+    Kernel::new("matmul", "matmul_tex", "mm_tex").trusted(true)
+}
+
+fn pack_kernel(b_operand: bool, trans: bool, f16: bool) -> Kernel {
+    // Source loads are guarded by the logical [rows, cols] bounds; stores stay below `total`.
+    Kernel::new("matmul", "matmul_tex_pack", if b_operand { "pack_b" } else { "pack_a" })
+        .define("TRANS", trans)
+        .define("F16", f16)
+        .trusted(true)
+}
+
 fn rowsum_kernel() -> Kernel {
     Kernel::new("matmul_rowsum", "matmul_rowsum", "rowsum").trusted(true)
 }
@@ -154,6 +204,17 @@ pub fn kernels() -> Vec<Kernel> {
         }
     }
     v.push(sg_kernel());
+    v.push(tex_kernel());
+    for b_operand in [false, true] {
+        for trans in [false, true] {
+            for f16 in [false, true] {
+                if f16 && !b_operand {
+                    continue; // A is always f32
+                }
+                v.push(pack_kernel(b_operand, trans, f16));
+            }
+        }
+    }
     v.push(rowsum_kernel());
     v
 }
@@ -249,7 +310,16 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         }
     }
     let gpu = a.gpu();
-    // The subgroup kernel (the fastest on CPU adapters) takes untransposed f32
+    if plan.path == Path::Register
+        && plan.texture
+        && texture_kernel_ok(gpu)
+        && d.batch * d.m * d.n * d.k >= plan.tex_min_macs
+    {
+        if let Some(out) = matmul_tex(a, b, opts, &d)? {
+            return Ok(out);
+        }
+    }
+    // The subgroup kernel (the fastest buffer kernel on CPU adapters) takes untransposed f32
     // operands only: when the shapes suit it, materialize the transposes with
     // `permute` (O(MK + KN) work against the product's O(MNK)).
     let sg_shape_ok = plan.path == Path::Register
@@ -309,6 +379,102 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
     gpu.dispatch(&kernel, params.bytes(), &[a.buffer(), b.buffer(), bias_buf, out.buffer()], [nx, wy, wz as u32])?;
     Ok(out)
+}
+
+/// An rgba32float texture holding `texels` vec4 texels as a linear array (texel i at
+/// (i % TEX_WIDTH, i / TEX_WIDTH)), writable and readable as a storage texture.
+fn packed_texture(gpu: &Gpu, texels: usize) -> wgpu::TextureView {
+    let tex = gpu.device().create_texture(&wgpu::TextureDescriptor {
+        label: Some("matmul packed operand"),
+        size: wgpu::Extent3d {
+            width: TEX_WIDTH as u32,
+            height: texels.div_ceil(TEX_WIDTH).max(1) as u32,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::STORAGE_BINDING,
+        view_formats: &[],
+    });
+    tex.create_view(&Default::default())
+}
+
+/// A grid of `groups` workgroups folded into x and y (x at most 65535).
+fn fold_grid(groups: usize) -> [u32; 3] {
+    let gx = groups.clamp(1, 65535);
+    [gx as u32, groups.div_ceil(gx) as u32, 1]
+}
+
+/// The texture path (`mm_tex`): pack A and B into zero-padded textures, then one
+/// dispatch. `None` when the packed operands exceed the adapter's texture limits
+/// (the caller falls back to the buffer kernels).
+fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Option<Tensor>> {
+    const OP: &str = "matmul";
+    let gpu = a.gpu();
+    // Padded sizes: K to whole chunks, M to whole row tiles, N to whole panels.
+    let kp4 = d.k.div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
+    let mp = d.m.div_ceil(TEX_ROWS) * TEX_ROWS;
+    let ns = d.n.div_ceil(4 * TEX_PANEL);
+    let a_entries = if d.sa != 0 { d.batch } else { 1 };
+    let b_entries = if d.sb != 0 { d.batch } else { 1 };
+    let a_texels = a_entries * mp * kp4;
+    let b_texels = b_entries * ns * 4 * kp4 * TEX_PANEL;
+    let max_texels = TEX_WIDTH * gpu.limits().max_texture_dimension_2d as usize;
+    if a_texels > max_texels || b_texels > max_texels {
+        return Ok(None);
+    }
+    let ny = mp / TEX_ROWS;
+    let fold = ny.div_ceil(65535);
+    let wz = d.batch * fold;
+    if wz > 65535 {
+        return Ok(None);
+    }
+    let at = packed_texture(gpu, a_texels);
+    let bt = packed_texture(gpu, b_texels);
+    // pack_a: logical A is [M, K] ([K, M] stored when transposed).
+    let pa = Params::new().u(d.m).u(d.k).u(mp).u(kp4).u(d.sa).u(a_texels);
+    let grid = fold_grid(a_texels.div_ceil(64));
+    let pa = pa.u(grid[0] as usize);
+    gpu.dispatch_with(
+        &pack_kernel(false, opts.trans_a, false),
+        pa.bytes(),
+        &[Binding::Buffer(a.buffer()), Binding::Texture(&at)],
+        grid,
+    )?;
+    // pack_b: logical B is [K, N] ([N, K] stored when transposed), in panels of 4 TEX_PANEL columns.
+    let pb = Params::new().u(d.k).u(d.n).u(ns).u(4 * kp4).u(d.sb).u(b_texels);
+    let grid = fold_grid(b_texels.div_ceil(64));
+    let pb = pb.u(grid[0] as usize);
+    gpu.dispatch_with(
+        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16),
+        pb.bytes(),
+        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt)],
+        grid,
+    )?;
+    let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
+    let params = Params::new()
+        .u(d.m)
+        .u(d.n)
+        .u(kp4)
+        .u(mp)
+        .u(ns)
+        .u((d.sa != 0) as usize)
+        .u((d.sb != 0) as usize)
+        .u(opts.act.code() as usize)
+        .u(opts.bias.is_some() as usize)
+        .u(ny)
+        .u(fold);
+    let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
+    gpu.dispatch_with(
+        &tex_kernel(),
+        params.bytes(),
+        &[Binding::Texture(&at), Binding::Texture(&bt), Binding::Buffer(bias_buf), Binding::Buffer(out.buffer())],
+        [ns as u32, ny.min(65535) as u32, wz as u32],
+    )
+    .map_err(|e| e.context(format!("{OP}: texture kernel for {:?}", d)))?;
+    Ok(Some(out))
 }
 
 /// Sum over rows: `x` viewed as `[rows, cols]` -> `[cols]`.
@@ -516,6 +682,9 @@ mod tests {
         let mut v = vec![reg, Plan { unrolled: false, ..reg }, Plan::with_path(Path::Tiled)];
         if subgroup_kernel_ok(&Gpu::shared().unwrap()) {
             v.push(Plan { subgroup: true, ..reg });
+        }
+        if texture_kernel_ok(&Gpu::shared().unwrap()) {
+            v.push(Plan { subgroup: true, texture: true, ..reg });
         }
         v
     }
