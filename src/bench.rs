@@ -247,10 +247,13 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
     if matmul::subgroup_kernel_ok(gpu) {
         plans.insert(0, ("matmul[register, subgroup]", Plan { subgroup: true, ..register }));
     }
+    if matmul::texture_kernel_ok(gpu) {
+        plans.insert(0, ("matmul[texture]", Plan { subgroup: true, texture: true, ..register }));
+    }
     let mut cases = Vec::new();
     for &(name, plan) in &plans {
         for &(m, k, n, label) in &shapes {
-            if name == "matmul[register]" && plans.len() == 3 && label != "square" {
+            if name == "matmul[register]" && plans.len() >= 3 && label != "square" {
                 continue; // the subgroup kernel is the CPU path here; compare at one shape
             }
             if plan.path == Path::Tiled && gpu.is_cpu() {

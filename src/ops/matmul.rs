@@ -772,6 +772,48 @@ mod tests {
     }
 
     #[test]
+    fn texture_kernel_edges() {
+        // mm_tex: M not a multiple of its 16 rows, N not a multiple of its 64-column panels
+        // (nor of 4), K not a multiple of its 32-deep chunks (nor of 4), several chunks,
+        // transposes, f16 B, batches with shared operands, bias + activation.
+        let gpu = Gpu::shared().unwrap();
+        if !texture_kernel_ok(&gpu) {
+            eprintln!("not a CPU adapter with 8-lane subgroups: mm_tex not tested");
+            return;
+        }
+        let plan = Plan { subgroup: true, texture: true, ..Plan::with_path(Path::Register) };
+        for &(m, k, n) in &[(1, 1, 1), (7, 33, 257), (33, 257, 7), (17, 64, 65), (16, 96, 128), (257, 7, 33)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                check_case(plan, &shape2(m, k, ta), &shape2(k, n, tb), ta, tb, true, Act::Gelu, false, 95);
+            }
+            check_case(plan, &[m, k], &shape2(k, n, true), false, true, false, Act::None, true, 96);
+        }
+        check_case(plan, &[3, 9, 40], &[3, 40, 70], false, false, true, Act::None, false, 97);
+        check_case(plan, &[3, 40, 9], &[40, 70], true, false, false, Act::Relu, false, 98);
+        check_case(plan, &[9, 40], &[3, 70, 40], false, true, true, Act::None, true, 99);
+    }
+
+    #[test]
+    fn texture_path_falls_back_when_operands_exceed_texture_limits() {
+        // A [M, 1] packs to M x 8 texels: past the adapter's 2-D texture limit the launcher
+        // must take the buffer kernels (same result).
+        let gpu = Gpu::shared().unwrap();
+        if !texture_kernel_ok(&gpu) {
+            eprintln!("not a CPU adapter with 8-lane subgroups: mm_tex not tested");
+            return;
+        }
+        let m = TEX_WIDTH * gpu.limits().max_texture_dimension_2d as usize / TEX_CHUNK + 1;
+        let d = dims("t", &[m, 1], &[1, 2], false, false).unwrap();
+        let a = Tensor::from_f32(&gpu, &vec![0.5; m], &[m, 1]).unwrap();
+        let b = Tensor::from_f32(&gpu, &[2.0, -1.0], &[1, 2]).unwrap();
+        assert!(matmul_tex(&a, &b, &MatmulOpts::default(), &d).unwrap().is_none());
+        let plan = Plan { subgroup: true, texture: true, ..Plan::with_path(Path::Register) };
+        let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan).unwrap().to_vec_f32().unwrap();
+        assert_eq!(got.len(), 2 * m);
+        assert!(got.chunks(2).all(|r| r == [1.0, -0.5]));
+    }
+
+    #[test]
     fn bias_and_every_activation() {
         for plan in plans() {
             for act in [Act::None, Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Sigmoid, Act::Tanh] {
