@@ -253,6 +253,56 @@ fn sum_b(lid: u32, v: f32) -> f32 {
     return red_b[0];
 }
 
+// CPU adapters with 8-lane subgroups (lavapipe): one subgroup per row (WG = 8),
+// statistics by subgroupAdd (no workgroup memory, no barriers, which are coroutine
+// switches on llvmpipe) and x re-read for each pass (the row is in cache) instead
+// of being held in a private array. LayerNorm statistics are exact two-pass (mean,
+// then the sum of squared deviations).
+@compute @workgroup_size(WG)
+fn forward_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(subgroup_invocation_id) lane: u32) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return; // uniform over the workgroup
+    }
+    let base = row * p.cols;
+    let c4 = (p.cols + 3u) / 4u;
+    let layer = p.mode == 1u;
+    let inv_cols = 1.0 / f32(p.cols);
+    var mean = 0.0;
+    var acc = vec4<f32>(0.0);
+    if (layer) {
+        for (var j = lane; j < c4; j += WG) {
+            acc += ld_x(base, j);
+        }
+        mean = subgroupAdd(hsum(acc)) * inv_cols;
+        acc = vec4<f32>(0.0);
+        for (var j = lane; j < c4; j += WG) {
+            let d = select(vec4<f32>(0.0), ld_x(base, j) - mean, lanes(j));
+            acc = fma(d, d, acc);
+        }
+    } else {
+        for (var j = lane; j < c4; j += WG) {
+            let v = ld_x(base, j);
+            acc = fma(v, v, acc);
+        }
+    }
+    let rstd = inverseSqrt(subgroupAdd(hsum(acc)) * inv_cols + p.eps);
+    for (var j = lane; j < c4; j += WG) {
+        var y = (ld_x(base, j) - mean) * rstd * ld_w(j);
+        if (layer) {
+            y += ld_b(j);
+        }
+        st_y(base, j, y);
+    }
+    if (lane == 0u) {
+        frstd[row] = rstd;
+        if (layer) {
+            fmean[row] = mean;
+        }
+    }
+}
+
 // ROWS rows per workgroup (rows g * ROWS ..), each held in registers: a thread
 // keeps its PER vec4s (j = lid + k * WG) of x, and of w and b for all ROWS rows,
 // so x is read once, y written once, w and b once per ROWS rows. LayerNorm
