@@ -341,7 +341,7 @@ mod tests {
         gpu.dispatch(&copy_kernel(), params.bytes(), &[src.buffer(), dst.buffer()], [2, 1, 1]).unwrap();
         assert_eq!(dst.to_vec_f32().unwrap(), data);
         let out = Tensor::zeros(&gpu, &[100], DType::F32).unwrap();
-        let params = Params::new().u(4).u(100).u(2);
+        let params = Params::new().u(8).u(100).u(2);
         gpu.dispatch(&fma_kernel(), params.bytes(), &[out.buffer()], [2, 1, 1]).unwrap();
         let v = out.to_vec_f32().unwrap();
         assert!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{v:?}");
