@@ -184,6 +184,34 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let lab = Lab { gpu: Gpu::shared()? };
     let exp = args[1].as_str();
+    if exp == "api" {
+        // api M K N iters: the library matmul on the texture and subgroup plans.
+        use genrec::gpu::Tensor;
+        use genrec::ops::matmul::{matmul_with_plan, MatmulOpts, Path, Plan};
+        let (m, k, n, iters) = (arg(&args, 2, 1024), arg(&args, 3, 1024), arg(&args, 4, 1024), arg(&args, 5, 5));
+        let gpu = &lab.gpu;
+        let a = Tensor::from_f32(gpu, &vec![0.5; m * k], &[m, k])?;
+        let b = Tensor::from_f32(gpu, &vec![0.25; k * n], &[k, n])?;
+        let reg = Plan::with_path(Path::Register);
+        for (name, plan) in
+            [("texture", Plan { subgroup: true, texture: true, ..reg }), ("subgroup", Plan { subgroup: true, ..reg })]
+        {
+            let _ = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan)?.to_vec_f32()?;
+            let (t0, c0) = (Instant::now(), cpu_seconds());
+            for _ in 0..iters {
+                let _ = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan)?;
+            }
+            gpu.sync()?;
+            let (w, c) = (t0.elapsed().as_secs_f64() * 1e3 / iters as f64, (cpu_seconds() - c0) * 1e3 / iters as f64);
+            let fl = 2.0 * (m * n * k) as f64;
+            println!(
+                "api {name} {m}x{k}x{n}: wall {w:.1} ms {:.2} GFLOP/s | cpu {c:.1} ms {:.2} GFLOP/cpu-s",
+                fl / w / 1e6,
+                fl / c / 1e6
+            );
+        }
+        return Ok(());
+    }
     let src = std::fs::read_to_string(&args[2])?;
     let entry = args[3].as_str();
     use wgpu::BufferUsages as U;
@@ -306,6 +334,37 @@ fn main() -> Result<()> {
                 "mm {entry} {m}x{k}x{n}: wall {w:.1} ms {:.2} GFLOP/s | cpu {cp:.1} ms {:.2} GFLOP/cpu-s | maxerr {maxerr:.2e}",
                 fl / w / 1e6,
                 fl / cp / 1e6
+            );
+        }
+        // rows: x [rows, cols] -> y; entry "copy" (grid rows/16 x 1: 16 rows per workgroup of 64,
+        // one vec4 per thread per row... shader decides) or row kernels (one workgroup per row).
+        // Params {rows, cols, grid_x}; bindings x (1), w (2), y (3). args: rows cols groups_x groups_y
+        "rows" => {
+            let (rows, cols) = (arg(&args, 4, 4096), arg(&args, 5, 4096));
+            let (gx, gy) = (arg(&args, 6, 4096) as u32, arg(&args, 7, 1) as u32);
+            let xv: Vec<f32> = (0..rows * cols).map(|i| ((i * 7 + 3) % 13) as f32 * 0.1 - 0.6).collect();
+            let wv: Vec<f32> = (0..cols).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
+            let x = lab.buf(bytemuck::cast_slice(&xv), U::STORAGE);
+            let wb = lab.buf(bytemuck::cast_slice(&wv), U::STORAGE);
+            let y = lab.buf(&vec![0u8; rows * cols * 4], U::STORAGE);
+            let p = lab.buf(&u32s(&[rows as u32, cols as u32, gx]), U::UNIFORM);
+            let (w, c) = lab.time(&src, entry, &[B::Uniform(&p), B::Ro(&x), B::Ro(&wb), B::Rw(&y)], [gx, gy, 1], 5)?;
+            let yv = lab.read(&y);
+            // Check row 3 against RMSNorm (or copy).
+            let r = 3;
+            let xs = &xv[r * cols..(r + 1) * cols];
+            let ms: f64 = xs.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / cols as f64;
+            let rstd = 1.0 / (ms + 1e-6).sqrt();
+            let mut err = 0f64;
+            for j in 0..cols {
+                let want = if entry.starts_with("copy") { xs[j] as f64 } else { xs[j] as f64 * rstd * wv[j] as f64 };
+                err = err.max((want - yv[r * cols + j] as f64).abs());
+            }
+            let gb = (rows * cols * 8) as f64;
+            println!(
+                "rows {entry}: wall {w:.2} ms {:.2} GB/s | cpu {c:.2} ms {:.2} GB/cpu-s | err {err:.1e}",
+                gb / w / 1e6,
+                gb / c / 1e6
             );
         }
         _ => bail!("unknown experiment {exp}"),

@@ -25,6 +25,8 @@ pub struct GpuInner {
     pub limits: wgpu::Limits,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     pub(crate) pool: Mutex<BufferPool>,
+    /// Idle rgba32float storage textures by (width, height) (see `Gpu::take_texture`).
+    textures: Mutex<HashMap<(u32, u32), Vec<wgpu::Texture>>>,
     pub(crate) pending: Mutex<Pending>,
     lost: Arc<AtomicBool>,
     lost_reason: Arc<Mutex<String>>,
@@ -232,6 +234,7 @@ impl Gpu {
                 limits,
                 pipelines: Mutex::new(HashMap::new()),
                 pool: Mutex::new(BufferPool::default()),
+                textures: Mutex::new(HashMap::new()),
                 pending: Mutex::new(Pending { encoder: None, uniforms, uniform_offset: 0, dispatches: 0 }),
                 lost,
                 lost_reason,
@@ -269,6 +272,34 @@ impl Gpu {
             bail!("{op}: the GPU device was lost ({}); reopen it to continue", self.inner.lost_reason.lock().unwrap());
         }
         Ok(())
+    }
+
+    /// An rgba32float texture of `width` x `height` usable as a read and write storage
+    /// texture, from the idle pool when one of that size is there. Its contents are
+    /// unspecified (a kernel must write every texel it later reads). Give it back with
+    /// [`Gpu::give_back_texture`] once its uses are recorded: later recorded work is
+    /// ordered after them, as for recycled buffers. Pooling also spares wgpu's zero
+    /// initialization of every fresh texture (a slow per-texel clear on lavapipe).
+    pub fn take_texture(&self, width: u32, height: u32) -> wgpu::Texture {
+        if let Some(t) = self.inner.textures.lock().unwrap().get_mut(&(width, height)).and_then(|v| v.pop()) {
+            return t;
+        }
+        self.inner.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("storage texture"),
+            size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::STORAGE_BINDING,
+            view_formats: &[],
+        })
+    }
+
+    /// Return a texture from [`Gpu::take_texture`] to the idle pool.
+    pub fn give_back_texture(&self, t: wgpu::Texture) {
+        let key = (t.width(), t.height());
+        self.inner.textures.lock().unwrap().entry(key).or_default().push(t);
     }
 
     /// Largest single storage binding, in bytes.

@@ -381,24 +381,13 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     Ok(out)
 }
 
-/// An rgba32float texture holding `texels` vec4 texels as a linear array (texel i at
-/// (i % TEX_WIDTH, i / TEX_WIDTH)), writable and readable as a storage texture.
-fn packed_texture(gpu: &Gpu, texels: usize) -> wgpu::TextureView {
-    let tex = gpu.device().create_texture(&wgpu::TextureDescriptor {
-        label: Some("matmul packed operand"),
-        size: wgpu::Extent3d {
-            width: TEX_WIDTH as u32,
-            height: texels.div_ceil(TEX_WIDTH).max(1) as u32,
-            depth_or_array_layers: 1,
-        },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::STORAGE_BINDING,
-        view_formats: &[],
-    });
-    tex.create_view(&Default::default())
+/// An rgba32float storage texture (from the device's pool) holding at least `texels`
+/// vec4 texels as a linear array: texel i at (i % TEX_WIDTH, i / TEX_WIDTH). The height
+/// is rounded up to a power of two (at most `max_height`) so that nearby shapes share
+/// pooled textures.
+fn packed_texture(gpu: &Gpu, texels: usize, max_height: usize) -> wgpu::Texture {
+    let rows = texels.div_ceil(TEX_WIDTH).max(1);
+    gpu.take_texture(TEX_WIDTH as u32, rows.next_power_of_two().min(max_height).max(rows) as u32)
 }
 
 /// A grid of `groups` workgroups folded into x and y (x at most 65535).
@@ -421,7 +410,8 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
     let b_entries = if d.sb != 0 { d.batch } else { 1 };
     let a_texels = a_entries * mp * kp4;
     let b_texels = b_entries * ns * 4 * kp4 * TEX_PANEL;
-    let max_texels = TEX_WIDTH * gpu.limits().max_texture_dimension_2d as usize;
+    let max_height = gpu.limits().max_texture_dimension_2d as usize;
+    let max_texels = TEX_WIDTH * max_height;
     if a_texels > max_texels || b_texels > max_texels {
         return Ok(None);
     }
@@ -431,8 +421,10 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
     if wz > 65535 {
         return Ok(None);
     }
-    let at = packed_texture(gpu, a_texels);
-    let bt = packed_texture(gpu, b_texels);
+    let a_tex = packed_texture(gpu, a_texels, max_height);
+    let b_tex = packed_texture(gpu, b_texels, max_height);
+    let at = a_tex.create_view(&Default::default());
+    let bt = b_tex.create_view(&Default::default());
     // pack_a: logical A is [M, K] ([K, M] stored when transposed).
     let pa = Params::new().u(d.m).u(d.k).u(mp).u(kp4).u(d.sa).u(a_texels);
     let grid = fold_grid(a_texels.div_ceil(64));
@@ -474,6 +466,9 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
         [ns as u32, ny.min(65535) as u32, wz as u32],
     )
     .map_err(|e| e.context(format!("{OP}: texture kernel for {:?}", d)))?;
+    // Their uses are recorded: later work that takes them again is ordered after these.
+    gpu.give_back_texture(a_tex);
+    gpu.give_back_texture(b_tex);
     Ok(Some(out))
 }
 
