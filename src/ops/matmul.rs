@@ -13,7 +13,14 @@
 //! Two kernel paths, chosen in one place (`Plan::for_gpu`):
 //! - `Path::Register` (CPU adapters such as lavapipe): barrier-free register
 //!   blocking; A rows depend only on the workgroup id so every SIMD lane reads
-//!   the same A values, B is read as vec4 column groups.
+//!   the same A values, B is read as vec4 column groups. On a CPU adapter with
+//!   8-lane subgroups the fastest kernel is `mm_tex` (`Plan::texture`,
+//!   shaders/matmul_tex.wgsl): A and B are first packed into zero-padded
+//!   rgba32float storage textures (shaders/matmul_tex_pack.wgsl, which also
+//!   applies transposes and widens f16 B), because llvmpipe runs a storage-texture
+//!   load as straight-line SIMD code but a storage-buffer load as a per-lane loop.
+//!   Problems too small to repay the two packing dispatches (`Plan::tex_min_macs`)
+//!   or too large for the adapter's texture limits take `mm_sg` or `mm_reg8`.
 //! - `Path::Tiled` (real GPUs): 16x16 workgroups staging tiles of A and B in
 //!   workgroup memory.
 //!
@@ -73,8 +80,9 @@ pub struct Plan {
     /// operands packed by shaders/matmul_tex_pack.wgsl) where the packed operands fit
     /// the adapter's texture limits; it takes transposes, f16 B and any K, N.
     pub texture: bool,
-    /// Texture path: only for problems of at least this many multiply-adds (M N K x batch);
-    /// below it the two packing dispatches cost more than they save.
+    /// Texture path: only for problems of at least this many multiply-adds (M N K x batch)
+    /// whose output is large next to the packed operands (M N >= TEX_MIN_RATIO (M + N));
+    /// otherwise packing costs more than it saves. 0: always (when the textures fit).
     pub tex_min_macs: usize,
 }
 
@@ -98,6 +106,10 @@ const TEX_CHUNK: usize = 8;
 const TEX_WIDTH: usize = 1024;
 /// `Plan::tex_min_macs` of the adapter plan.
 pub const TEX_MIN_MACS: usize = 1 << 18;
+/// Multiply-adds per packed element (M N K / ((M + N) K)) below which packing does not pay:
+/// on lavapipe [2560, 64] x [64, 64] ran 2.5x slower than `mm_sg` (ratio 62), [512]^3
+/// (ratio 256) and [2560, 64] x [64, 1352] (ratio 885) 1.3x and 1.8x faster.
+const TEX_MIN_RATIO: usize = 128;
 
 /// Whether the adapter can run `mm_tex`: a CPU adapter (where texture loads beat
 /// storage-buffer loads) with 8-lane subgroups.
@@ -310,11 +322,9 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         }
     }
     let gpu = a.gpu();
-    if plan.path == Path::Register
-        && plan.texture
-        && texture_kernel_ok(gpu)
-        && d.batch * d.m * d.n * d.k >= plan.tex_min_macs
-    {
+    let tex_pays = plan.tex_min_macs == 0
+        || (d.batch * d.m * d.n * d.k >= plan.tex_min_macs && d.m * d.n >= TEX_MIN_RATIO * (d.m + d.n));
+    if plan.path == Path::Register && plan.texture && texture_kernel_ok(gpu) && tex_pays {
         if let Some(out) = matmul_tex(a, b, opts, &d)? {
             return Ok(out);
         }
