@@ -1,7 +1,8 @@
 //! Scratch micro-benchmarks for lavapipe kernel experiments (WGSL read at run time,
 //! so a shader tweak needs no rebuild). Not part of the library.
 //!
-//! `cargo run --release --example mm_lab -- <experiment> <wgsl file> [args]`
+//! `cargo run --release --example mm_lab -- <experiment> <wgsl file> [args]`; experiments and
+//! their shaders: tools/mm_lab/README.md.
 
 use std::time::Instant;
 
@@ -212,7 +213,7 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let src = std::fs::read_to_string(&args[2])?;
+    let src = std::fs::read_to_string(&args[2])?; // see tools/mm_lab/README.md
     let entry = args[3].as_str();
     use wgpu::BufferUsages as U;
     match exp {
