@@ -171,7 +171,7 @@ impl Lab {
 
 fn u32s(v: &[u32]) -> Vec<u8> {
     let mut x: Vec<u32> = v.to_vec();
-    while x.len() < 4 || x.len() % 4 != 0 {
+    while x.len() < 4 || !x.len().is_multiple_of(4) {
         x.push(0);
     }
     bytemuck::cast_slice(&x).to_vec()
