@@ -247,10 +247,13 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
     if matmul::subgroup_kernel_ok(gpu) {
         plans.insert(0, ("matmul[register, subgroup]", Plan { subgroup: true, ..register }));
     }
+    if matmul::texture_kernel_ok(gpu) {
+        plans.insert(0, ("matmul[texture]", Plan { subgroup: true, texture: true, ..register }));
+    }
     let mut cases = Vec::new();
     for &(name, plan) in &plans {
         for &(m, k, n, label) in &shapes {
-            if name == "matmul[register]" && plans.len() == 3 && label != "square" {
+            if name == "matmul[register]" && plans.len() >= 3 && label != "square" {
                 continue; // the subgroup kernel is the CPU path here; compare at one shape
             }
             if plan.path == Path::Tiled && gpu.is_cpu() {
@@ -338,7 +341,7 @@ mod tests {
         gpu.dispatch(&copy_kernel(), params.bytes(), &[src.buffer(), dst.buffer()], [2, 1, 1]).unwrap();
         assert_eq!(dst.to_vec_f32().unwrap(), data);
         let out = Tensor::zeros(&gpu, &[100], DType::F32).unwrap();
-        let params = Params::new().u(4).u(100).u(2);
+        let params = Params::new().u(8).u(100).u(2);
         gpu.dispatch(&fma_kernel(), params.bytes(), &[out.buffer()], [2, 1, 1]).unwrap();
         let v = out.to_vec_f32().unwrap();
         assert!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{v:?}");

@@ -25,6 +25,8 @@ pub struct GpuInner {
     pub limits: wgpu::Limits,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     pub(crate) pool: Mutex<BufferPool>,
+    /// Idle rgba32float storage textures by (width, height) (see `Gpu::take_texture`).
+    textures: Mutex<HashMap<(u32, u32), Vec<wgpu::Texture>>>,
     pub(crate) pending: Mutex<Pending>,
     /// Per-kernel timing (`GENREC_PROFILE`).
     pub(crate) profile: super::profile::Profile,
@@ -49,6 +51,15 @@ pub(crate) struct Pending {
 const UNIFORM_ARENA_BYTES: u64 = 1 << 20;
 /// Largest parameter block a kernel may take.
 pub const MAX_PARAM_BYTES: u64 = 256;
+
+/// One resource bound to a kernel by [`Gpu::dispatch_with`].
+#[derive(Clone, Copy)]
+pub enum Binding<'a> {
+    /// A storage (or uniform) buffer, bound whole.
+    Buffer(&'a wgpu::Buffer),
+    /// A texture view (sampled or storage texture, as the shader declares it).
+    Texture(&'a wgpu::TextureView),
+}
 
 /// What `genrec devices` prints for each adapter.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -225,6 +236,7 @@ impl Gpu {
                 limits,
                 pipelines: Mutex::new(HashMap::new()),
                 pool: Mutex::new(BufferPool::default()),
+                textures: Mutex::new(HashMap::new()),
                 pending: Mutex::new(Pending { encoder: None, uniforms, uniform_offset: 0, dispatches: 0 }),
                 profile: super::profile::Profile::from_env(),
                 lost,
@@ -263,6 +275,34 @@ impl Gpu {
             bail!("{op}: the GPU device was lost ({}); reopen it to continue", self.inner.lost_reason.lock().unwrap());
         }
         Ok(())
+    }
+
+    /// An rgba32float texture of `width` x `height` usable as a read and write storage
+    /// texture, from the idle pool when one of that size is there. Its contents are
+    /// unspecified (a kernel must write every texel it later reads). Give it back with
+    /// [`Gpu::give_back_texture`] once its uses are recorded: later recorded work is
+    /// ordered after them, as for recycled buffers. Pooling also spares wgpu's zero
+    /// initialization of every fresh texture (a slow per-texel clear on lavapipe).
+    pub fn take_texture(&self, width: u32, height: u32) -> wgpu::Texture {
+        if let Some(t) = self.inner.textures.lock().unwrap().get_mut(&(width, height)).and_then(|v| v.pop()) {
+            return t;
+        }
+        self.inner.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("storage texture"),
+            size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::STORAGE_BINDING,
+            view_formats: &[],
+        })
+    }
+
+    /// Return a texture from [`Gpu::take_texture`] to the idle pool.
+    pub fn give_back_texture(&self, t: wgpu::Texture) {
+        let key = (t.width(), t.height());
+        self.inner.textures.lock().unwrap().entry(key).or_default().push(t);
     }
 
     /// Largest single storage binding, in bytes.
@@ -311,6 +351,19 @@ impl Gpu {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        let bindings: Vec<Binding> = buffers.iter().map(|b| Binding::Buffer(b)).collect();
+        self.dispatch_with(kernel, params, &bindings, workgroups)
+    }
+
+    /// [`Gpu::dispatch`] with texture bindings too: `bindings` are bound in order at
+    /// bindings 1, 2, ... (the pipeline layout is derived from the shader).
+    pub fn dispatch_with(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        bindings: &[Binding],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
         self.check_alive(kernel.name)?;
         let max_wg = self.inner.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max_wg) {
@@ -343,7 +396,7 @@ impl Gpu {
         let bound = (params.len().max(16) as u64).div_ceil(16) * 16;
         self.inner.queue.write_buffer(&p.uniforms, offset, &block[..bound as usize]);
 
-        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        let mut entries = Vec::with_capacity(bindings.len() + 1);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -352,8 +405,12 @@ impl Gpu {
                 size: std::num::NonZeroU64::new(bound),
             }),
         });
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        for (i, b) in bindings.iter().enumerate() {
+            let resource = match b {
+                Binding::Buffer(b) => b.as_entire_binding(),
+                Binding::Texture(v) => wgpu::BindingResource::TextureView(v),
+            };
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
         }
         let bind_group = self.inner.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.name),

@@ -11,7 +11,7 @@ pub mod pool;
 mod profile;
 pub mod tensor;
 
-pub use device::{list_adapters, AdapterSummary, Gpu};
+pub use device::{list_adapters, AdapterSummary, Binding, Gpu};
 pub use kernel::{div_ceil, Kernel};
 pub use tensor::{check, shape_str, DType, Tensor};
 

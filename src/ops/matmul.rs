@@ -13,7 +13,14 @@
 //! Two kernel paths, chosen in one place (`Plan::for_gpu`):
 //! - `Path::Register` (CPU adapters such as lavapipe): barrier-free register
 //!   blocking; A rows depend only on the workgroup id so every SIMD lane reads
-//!   the same A values, B is read as vec4 column groups.
+//!   the same A values, B is read as vec4 column groups. On a CPU adapter with
+//!   8-lane subgroups the fastest kernel is `mm_tex` (`Plan::texture`,
+//!   shaders/matmul_tex.wgsl): A and B are first packed into zero-padded
+//!   rgba32float storage textures (shaders/matmul_tex_pack.wgsl, which also
+//!   applies transposes and widens f16 B), because llvmpipe runs a storage-texture
+//!   load as straight-line SIMD code but a storage-buffer load as a per-lane loop.
+//!   Problems too small to repay the two packing dispatches (`Plan::tex_min_macs`)
+//!   or too large for the adapter's texture limits take `mm_sg` or `mm_reg8`.
 //! - `Path::Tiled` (real GPUs): 16x16 workgroups staging tiles of A and B in
 //!   workgroup memory.
 //!
@@ -22,7 +29,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::gpu::{check, div_ceil, shape_str, DType, Gpu, Kernel, Params, Tensor};
+use crate::gpu::{check, div_ceil, shape_str, Binding, DType, Gpu, Kernel, Params, Tensor};
 use crate::ops::Act;
 
 /// Options for [`matmul`]. `Default` is a plain `A @ B`.
@@ -69,6 +76,14 @@ pub struct Plan {
     /// where it applies (no transposes, f32 B, K and N multiples of 4, an
     /// adapter whose subgroups are exactly `SG_LANES` wide).
     pub subgroup: bool,
+    /// Register path: use the texture-fed kernel `mm_tex` (shaders/matmul_tex.wgsl,
+    /// operands packed by shaders/matmul_tex_pack.wgsl) where the packed operands fit
+    /// the adapter's texture limits; it takes transposes, f16 B and any K, N.
+    pub texture: bool,
+    /// Texture path: only for problems of at least this many multiply-adds (M N K x batch)
+    /// whose output is large next to the packed operands (M N >= TEX_MIN_RATIO (M + N));
+    /// otherwise packing costs more than it saves. 0: always (when the textures fit).
+    pub tex_min_macs: usize,
 }
 
 /// Rows per workgroup of `mm_sg` (the generator's RM) and its subgroup width.
@@ -83,18 +98,51 @@ pub fn subgroup_kernel_ok(gpu: &Gpu) -> bool {
         && i.subgroup_max_size as usize == SG_LANES
 }
 
+/// Rows per workgroup of `mm_tex` (the generator's RM), texels (4 columns each) per
+/// packed B panel row, texels of K per unrolled chunk, and the packed textures' width.
+pub const TEX_ROWS: usize = 16;
+const TEX_PANEL: usize = 16;
+const TEX_CHUNK: usize = 8;
+const TEX_WIDTH: usize = 1024;
+/// `Plan::tex_min_macs` of the adapter plan.
+pub const TEX_MIN_MACS: usize = 1 << 18;
+/// Multiply-adds per packed element (M N K / ((M + N) K)) below which packing does not pay:
+/// on lavapipe [2560, 64] x [64, 64] ran 2.5x slower than `mm_sg` (ratio 62), [512]^3
+/// (ratio 256) and [2560, 64] x [64, 1352] (ratio 885) 1.3x and 1.8x faster.
+const TEX_MIN_RATIO: usize = 128;
+
+/// Whether the adapter can run `mm_tex`: a CPU adapter (where texture loads beat
+/// storage-buffer loads) with 8-lane subgroups.
+pub fn texture_kernel_ok(gpu: &Gpu) -> bool {
+    gpu.is_cpu() && subgroup_kernel_ok(gpu)
+}
+
 impl Plan {
     /// The plan for an adapter: register blocking on CPU adapters, tiling otherwise.
     pub fn for_gpu(gpu: &Gpu) -> Plan {
         if gpu.is_cpu() {
-            Plan { subgroup: subgroup_kernel_ok(gpu), ..Self::with_path(Path::Register) }
+            let sg = subgroup_kernel_ok(gpu);
+            let texture = texture_kernel_ok(gpu);
+            Plan { subgroup: sg, texture, tex_min_macs: TEX_MIN_MACS, ..Self::with_path(Path::Register) }
         } else {
             Self::with_path(Path::Tiled)
         }
     }
     /// The tile shapes used for a given path.
     pub fn with_path(path: Path) -> Plan {
-        Plan { path, rm: 8, cn: 2, wg: 8, tm: 64, tn: 64, tk: 16, unrolled: true, subgroup: false }
+        Plan {
+            path,
+            rm: 8,
+            cn: 2,
+            wg: 8,
+            tm: 64,
+            tn: 64,
+            tk: 16,
+            unrolled: true,
+            subgroup: false,
+            texture: false,
+            tex_min_macs: 0,
+        }
     }
     /// Output rows x columns covered by one workgroup.
     pub fn tile(&self) -> (usize, usize) {
@@ -134,6 +182,20 @@ fn sg_kernel() -> Kernel {
     Kernel::new("matmul", "matmul_sg", "mm_sg").trusted(true)
 }
 
+fn tex_kernel() -> Kernel {
+    // Every texel index is inside the packed (zero-padded) textures by construction
+    // (see the layout in shaders/matmul_tex.wgsl); bias and C accesses are guarded.
+    Kernel::new("matmul", "matmul_tex", "mm_tex").trusted(true)
+}
+
+fn pack_kernel(b_operand: bool, trans: bool, f16: bool) -> Kernel {
+    // Source loads are guarded by the logical [rows, cols] bounds; stores stay below `total`.
+    Kernel::new("matmul", "matmul_tex_pack", if b_operand { "pack_b" } else { "pack_a" })
+        .define("TRANS", trans)
+        .define("F16", f16)
+        .trusted(true)
+}
+
 fn rowsum_kernel() -> Kernel {
     Kernel::new("matmul_rowsum", "matmul_rowsum", "rowsum").trusted(true)
 }
@@ -154,6 +216,17 @@ pub fn kernels() -> Vec<Kernel> {
         }
     }
     v.push(sg_kernel());
+    v.push(tex_kernel());
+    for b_operand in [false, true] {
+        for trans in [false, true] {
+            for f16 in [false, true] {
+                if f16 && !b_operand {
+                    continue; // A is always f32
+                }
+                v.push(pack_kernel(b_operand, trans, f16));
+            }
+        }
+    }
     v.push(rowsum_kernel());
     v
 }
@@ -249,7 +322,14 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         }
     }
     let gpu = a.gpu();
-    // The subgroup kernel (the fastest on CPU adapters) takes untransposed f32
+    let tex_pays = plan.tex_min_macs == 0
+        || (d.batch * d.m * d.n * d.k >= plan.tex_min_macs && d.m * d.n >= TEX_MIN_RATIO * (d.m + d.n));
+    if plan.path == Path::Register && plan.texture && texture_kernel_ok(gpu) && tex_pays {
+        if let Some(out) = matmul_tex(a, b, opts, &d)? {
+            return Ok(out);
+        }
+    }
+    // The subgroup kernel (the fastest buffer kernel on CPU adapters) takes untransposed f32
     // operands only: when the shapes suit it, materialize the transposes with
     // `permute` (O(MK + KN) work against the product's O(MNK)).
     let sg_shape_ok = plan.path == Path::Register
@@ -309,6 +389,97 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
     gpu.dispatch(&kernel, params.bytes(), &[a.buffer(), b.buffer(), bias_buf, out.buffer()], [nx, wy, wz as u32])?;
     Ok(out)
+}
+
+/// An rgba32float storage texture (from the device's pool) holding at least `texels`
+/// vec4 texels as a linear array: texel i at (i % TEX_WIDTH, i / TEX_WIDTH). The height
+/// is rounded up to a power of two (at most `max_height`) so that nearby shapes share
+/// pooled textures.
+fn packed_texture(gpu: &Gpu, texels: usize, max_height: usize) -> wgpu::Texture {
+    let rows = texels.div_ceil(TEX_WIDTH).max(1);
+    gpu.take_texture(TEX_WIDTH as u32, rows.next_power_of_two().min(max_height).max(rows) as u32)
+}
+
+/// A grid of `groups` workgroups folded into x and y (x at most 65535).
+fn fold_grid(groups: usize) -> [u32; 3] {
+    let gx = groups.clamp(1, 65535);
+    [gx as u32, groups.div_ceil(gx) as u32, 1]
+}
+
+/// The texture path (`mm_tex`): pack A and B into zero-padded textures, then one
+/// dispatch. `None` when the packed operands exceed the adapter's texture limits
+/// (the caller falls back to the buffer kernels).
+fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Option<Tensor>> {
+    const OP: &str = "matmul";
+    let gpu = a.gpu();
+    // Padded sizes: K to whole chunks, M to whole row tiles, N to whole panels.
+    let kp4 = d.k.div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
+    let mp = d.m.div_ceil(TEX_ROWS) * TEX_ROWS;
+    let ns = d.n.div_ceil(4 * TEX_PANEL);
+    let a_entries = if d.sa != 0 { d.batch } else { 1 };
+    let b_entries = if d.sb != 0 { d.batch } else { 1 };
+    let a_texels = a_entries * mp * kp4;
+    let b_texels = b_entries * ns * 4 * kp4 * TEX_PANEL;
+    let max_height = gpu.limits().max_texture_dimension_2d as usize;
+    let max_texels = TEX_WIDTH * max_height;
+    if a_texels > max_texels || b_texels > max_texels {
+        return Ok(None);
+    }
+    let ny = mp / TEX_ROWS;
+    let fold = ny.div_ceil(65535);
+    let wz = d.batch * fold;
+    if wz > 65535 {
+        return Ok(None);
+    }
+    let a_tex = packed_texture(gpu, a_texels, max_height);
+    let b_tex = packed_texture(gpu, b_texels, max_height);
+    let at = a_tex.create_view(&Default::default());
+    let bt = b_tex.create_view(&Default::default());
+    // pack_a: logical A is [M, K] ([K, M] stored when transposed).
+    let pa = Params::new().u(d.m).u(d.k).u(mp).u(kp4).u(d.sa).u(a_texels);
+    let grid = fold_grid(a_texels.div_ceil(64));
+    let pa = pa.u(grid[0] as usize);
+    gpu.dispatch_with(
+        &pack_kernel(false, opts.trans_a, false),
+        pa.bytes(),
+        &[Binding::Buffer(a.buffer()), Binding::Texture(&at)],
+        grid,
+    )?;
+    // pack_b: logical B is [K, N] ([N, K] stored when transposed), in panels of 4 TEX_PANEL columns.
+    let pb = Params::new().u(d.k).u(d.n).u(ns).u(4 * kp4).u(d.sb).u(b_texels);
+    let grid = fold_grid(b_texels.div_ceil(64));
+    let pb = pb.u(grid[0] as usize);
+    gpu.dispatch_with(
+        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16),
+        pb.bytes(),
+        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt)],
+        grid,
+    )?;
+    let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
+    let params = Params::new()
+        .u(d.m)
+        .u(d.n)
+        .u(kp4)
+        .u(mp)
+        .u(ns)
+        .u((d.sa != 0) as usize)
+        .u((d.sb != 0) as usize)
+        .u(opts.act.code() as usize)
+        .u(opts.bias.is_some() as usize)
+        .u(ny)
+        .u(fold);
+    let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
+    gpu.dispatch_with(
+        &tex_kernel(),
+        params.bytes(),
+        &[Binding::Texture(&at), Binding::Texture(&bt), Binding::Buffer(bias_buf), Binding::Buffer(out.buffer())],
+        [ns as u32, ny.min(65535) as u32, wz as u32],
+    )
+    .map_err(|e| e.context(format!("{OP}: texture kernel for {:?}", d)))?;
+    // Their uses are recorded: later work that takes them again is ordered after these.
+    gpu.give_back_texture(a_tex);
+    gpu.give_back_texture(b_tex);
+    Ok(Some(out))
 }
 
 /// Sum over rows: `x` viewed as `[rows, cols]` -> `[cols]`.
@@ -517,6 +688,9 @@ mod tests {
         if subgroup_kernel_ok(&Gpu::shared().unwrap()) {
             v.push(Plan { subgroup: true, ..reg });
         }
+        if texture_kernel_ok(&Gpu::shared().unwrap()) {
+            v.push(Plan { subgroup: true, texture: true, ..reg });
+        }
         v
     }
 
@@ -600,6 +774,48 @@ mod tests {
         check_case(plan, &[3, 9, 40], &[3, 40, 20], false, false, true, Act::None, false, 91);
         check_case(plan, &[3, 9, 40], &[40, 20], false, false, false, Act::Relu, false, 92);
         check_case(plan, &[9, 40], &[3, 40, 20], false, false, true, Act::None, false, 93);
+    }
+
+    #[test]
+    fn texture_kernel_edges() {
+        // mm_tex: M not a multiple of its 16 rows, N not a multiple of its 64-column panels
+        // (nor of 4), K not a multiple of its 32-deep chunks (nor of 4), several chunks,
+        // transposes, f16 B, batches with shared operands, bias + activation.
+        let gpu = Gpu::shared().unwrap();
+        if !texture_kernel_ok(&gpu) {
+            eprintln!("not a CPU adapter with 8-lane subgroups: mm_tex not tested");
+            return;
+        }
+        let plan = Plan { subgroup: true, texture: true, ..Plan::with_path(Path::Register) };
+        for &(m, k, n) in &[(1, 1, 1), (7, 33, 257), (33, 257, 7), (17, 64, 65), (16, 96, 128), (257, 7, 33)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                check_case(plan, &shape2(m, k, ta), &shape2(k, n, tb), ta, tb, true, Act::Gelu, false, 95);
+            }
+            check_case(plan, &[m, k], &shape2(k, n, true), false, true, false, Act::None, true, 96);
+        }
+        check_case(plan, &[3, 9, 40], &[3, 40, 70], false, false, true, Act::None, false, 97);
+        check_case(plan, &[3, 40, 9], &[40, 70], true, false, false, Act::Relu, false, 98);
+        check_case(plan, &[9, 40], &[3, 70, 40], false, true, true, Act::None, true, 99);
+    }
+
+    #[test]
+    fn texture_path_falls_back_when_operands_exceed_texture_limits() {
+        // A [M, 1] packs to M x 8 texels: past the adapter's 2-D texture limit the launcher
+        // must take the buffer kernels (same result).
+        let gpu = Gpu::shared().unwrap();
+        if !texture_kernel_ok(&gpu) {
+            eprintln!("not a CPU adapter with 8-lane subgroups: mm_tex not tested");
+            return;
+        }
+        let m = TEX_WIDTH * gpu.limits().max_texture_dimension_2d as usize / TEX_CHUNK + 1;
+        let d = dims("t", &[m, 1], &[1, 2], false, false).unwrap();
+        let a = Tensor::from_f32(&gpu, &vec![0.5; m], &[m, 1]).unwrap();
+        let b = Tensor::from_f32(&gpu, &[2.0, -1.0], &[1, 2]).unwrap();
+        assert!(matmul_tex(&a, &b, &MatmulOpts::default(), &d).unwrap().is_none());
+        let plan = Plan { subgroup: true, texture: true, ..Plan::with_path(Path::Register) };
+        let got = matmul_with_plan(&a, &b, &MatmulOpts::default(), &plan).unwrap().to_vec_f32().unwrap();
+        assert_eq!(got.len(), 2 * m);
+        assert!(got.chunks(2).all(|r| r == [1.0, -0.5]));
     }
 
     #[test]

@@ -27,6 +27,8 @@ const LAYER: usize = 1;
 /// Rows per workgroup of the register-cached forward when there are many rows
 /// (w and b are then read once per this many rows).
 const CACHED_ROWS: usize = 8;
+/// Threads per workgroup of `forward_sg`: one 8-lane subgroup (matmul::SG_LANES).
+const SG_WG: usize = 8;
 
 fn kernel(entry: &'static str, aligned: bool) -> Kernel {
     kernel_sized(entry, WG, 1, 1, aligned)
@@ -45,6 +47,11 @@ fn kernel_sized(entry: &'static str, wg: usize, per: usize, rows: usize, aligned
 fn forward_kernel(x: &Tensor) -> (Kernel, [u32; 3]) {
     let (rows, cols) = (x.rows(), x.last_dim());
     let aligned = cols % 4 == 0;
+    if cpu_shapes(x.gpu()) && crate::ops::matmul::subgroup_kernel_ok(x.gpu()) {
+        // CPU adapter with 8-lane subgroups: one subgroup per row (faster than the
+        // register-cached kernel there: no private arrays, no barriers).
+        return (kernel_sized("forward_sg", SG_WG, 1, 1, aligned), grid(rows));
+    }
     match cached_shape(cpu_shapes(x.gpu()), cols) {
         Some((wg, per)) => {
             let r = if rows >= 64 * CACHED_ROWS { CACHED_ROWS } else { 1 };
@@ -60,6 +67,7 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", aligned));
         v.push(kernel("backward", aligned));
+        v.push(kernel_sized("forward_sg", SG_WG, 1, 1, aligned));
         for (wg, per) in cached_variants() {
             for rows in [1, CACHED_ROWS] {
                 v.push(kernel_sized("forward_cached", wg, per, rows, aligned));
