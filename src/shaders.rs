@@ -11,6 +11,7 @@ pub fn all_kernels() -> Vec<Kernel> {
         crate::bench::kernels(),
         crate::decode::kernels(),
         crate::nn::kv_cache::kernels(),
+        crate::tokenize::mq::kernels(),
     ]
     .concat()
 }

@@ -35,6 +35,7 @@
 
 pub mod cli;
 pub mod ids;
+pub mod mq;
 pub mod report;
 pub mod rqvae;
 
@@ -71,7 +72,7 @@ impl Method {
         match s.to_ascii_lowercase().as_str() {
             "rqvae" | "tiger" => Ok(Method::RqVae),
             "letter" => Ok(Method::Letter),
-            _ => bail!("unknown tokenizer method {s:?}; expected rqvae or letter"),
+            _ => bail!("unknown tokenizer method {s:?}; expected rqvae or letter (or mq for `genrec tokenize`)"),
         }
     }
     pub fn name(self) -> &'static str {
