@@ -4,28 +4,25 @@
 //! min-cost flow; `max_iter = 10`, `n_init = 10`).
 //!
 //! Here: distances `[n, k]` are computed on the GPU (`pairwise_sqdist`); the
-//! assignment step is solved **exactly** on the host by [`constrained_assign`],
-//! successive shortest paths on the transportation network
-//! points -> clusters -> sink, where each cluster's sink arc has a lower tier of
-//! `size_min` units at cost `-B` (B larger than any assignment's total cost
-//! spread, so lower bounds are met first) and an upper tier up to `size_max` at
-//! cost 0. Points are inserted one at a time (as in the Hungarian method); a
-//! shortest augmenting path may move already-assigned points between clusters,
-//! over the k-node "move" graph whose edge a -> b costs
-//! `min over p in a of (D[p][b] - D[p][a])`. The move graph is kept up to date
-//! incrementally (only the rows of clusters an augmenting path touched are
-//! recomputed, O(|cluster| k) each) and the shortest paths are found by a dense
-//! Dijkstra on reduced costs `w(a, b) + pi(a) - pi(b)`, with the potentials pi
-//! the previous insertion's distances (Johnson / the Hungarian method: edges of
-//! a shortest-path tree stay tight, edges created by moving a point along it
-//! have non-negative reduced cost by the triangle inequality, and the new
-//! point's arcs are start labels, which Dijkstra allows to be arbitrary). Cost:
-//! O(n k^2 + path rows) per assignment step, against O(n^2 k + n k^3) for the
-//! previous Bellman-Ford version (kept as the test reference); LETTER's
-//! init-time call (1,682 items into 256 clusters, 10 rounds x 10 restarts per
-//! level) goes from not finishing in 10 minutes to seconds. When the
-//! unconstrained argmin already satisfies the bounds it is returned directly
-//! (it is then optimal).
+//! assignment step is solved **exactly** on the host by [`constrained_assign`]
+//! as a min-cost flow: start from the unconstrained argmin (optimal for its own
+//! cluster sizes; returned directly when it satisfies the bounds) and repair it
+//! by successive shortest paths over the k-node "move" graph whose edge a -> b
+//! costs `min over p in a of (D[p][b] - D[p][a])`. A path starts at a cluster
+//! giving up a point (cost -B while above `size_max`, 0 while above `size_min`;
+//! B exceeds any assignment's cost spread, so violations are repaired first),
+//! moves one point along each edge, and ends at a cluster absorbing one (-B
+//! while below `size_min`, 0 while below `size_max`); paths are augmented while
+//! their cost is negative. The move graph is kept incrementally (only rows of
+//! clusters a path touched are recomputed) and shortest paths come from a dense
+//! Dijkstra on reduced costs `w(a, b) + pi(a) - pi(b)` with Johnson potentials
+//! (0 at the argmin, where every move costs >= 0; then the last distances:
+//! tree edges stay tight and edges created by moving a point along a shortest
+//! path have non-negative reduced cost by the triangle inequality). Cost:
+//! O(n k + (#augmentations) k^2), #augmentations ~ the total bound violation of
+//! the argmin, against O(n^2 k + n k^3) for the previous version (points
+//! inserted one by one, Bellman-Ford over a move graph rebuilt from every
+//! assigned point; kept as the test reference).
 //! The centroid (mean) step runs on the host in f64.
 
 use anyhow::{bail, Result};
@@ -103,33 +100,29 @@ pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, siz
     let lo = cost.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = cost.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let big = (n as f64 + 1.0) * (hi - lo + 1.0);
-    let tol = 1e-12 * (1.0 + hi.abs().max(lo.abs()));
-    const NONE: u32 = u32::MAX;
-    let mut assign = vec![NONE; n];
-    let mut size = vec![0usize; k];
-    // Members of every cluster (unordered).
+    let tol = 1e-12 * (1.0 + hi.abs().max(lo.abs())) * n as f64;
+    // Repair the argmin assignment (optimal for its own sizes) by successive
+    // shortest paths: a path starts at a cluster that gives a point up (cost
+    // -B while it is above size_max, 0 while above size_min), moves points
+    // along move edges, and ends at a cluster that absorbs one (-B while below
+    // size_min, 0 while below size_max). Paths are augmented while their cost
+    // is negative, so all bound violations are repaired first.
+    let mut assign = argmin;
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for (p, &c) in assign.iter().enumerate() {
+        members[c as usize].push(p);
+    }
     // Move graph: w[a * k + b] = min over p in a of (cost[p][b] - cost[p][a]),
-    // attained by point wp[a * k + b]; kept up to date row by row (only the
-    // rows of clusters whose membership changed are recomputed).
+    // attained by point wp[a * k + b]; only the rows of clusters an augmenting
+    // path touched are recomputed.
     let mut w = vec![f64::INFINITY; k * k];
     let mut wp = vec![0usize; k * k];
-    // Johnson potentials of the clusters: every move edge has a non-negative
-    // reduced cost w[a][b] + pi[a] - pi[b], so Dijkstra finds the shortest
-    // augmenting paths (pi = the previous insertion's distances; see the
-    // module doc).
-    let mut pi = vec![0f64; k];
-    let mut dist = vec![0f64; k];
-    let mut red = vec![0f64; k];
-    let mut done = vec![false; k];
-    let mut pred: Vec<Option<(usize, usize)>> = vec![None; k];
-    let rebuild_row = |a: usize, members: &[Vec<usize>], assign: &[u32], w: &mut [f64], wp: &mut [usize]| {
+    let rebuild_row = |a: usize, members: &[Vec<usize>], w: &mut [f64], wp: &mut [usize]| {
         let row = &mut w[a * k..(a + 1) * k];
         row.iter_mut().for_each(|v| *v = f64::INFINITY);
         let mut ms = members[a].clone();
-        ms.sort_unstable(); // lowest point index wins ties, independent of insertion order
+        ms.sort_unstable(); // lowest point index wins ties, independent of history
         for &p in &ms {
-            debug_assert_eq!(assign[p] as usize, a);
             let cr = &cost[p * k..(p + 1) * k];
             for b in 0..k {
                 let c = cr[b] - cr[a];
@@ -140,20 +133,57 @@ pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, siz
             }
         }
     };
-    for s in 0..n {
-        // Dijkstra on reduced costs from the new point's arcs (labels
-        // cost[s][c] - pi[c]; arbitrary start labels are fine for Dijkstra).
+    for a in 0..k {
+        rebuild_row(a, &members, &mut w, &mut wp);
+    }
+    let give = |sz: usize| {
+        if sz > size_max {
+            -big
+        } else if sz > size_min {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    };
+    let absorb = |sz: usize| {
+        if sz < size_min {
+            -big
+        } else if sz < size_max {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    };
+    // Johnson potentials: every move edge keeps a non-negative reduced cost
+    // w[a][b] + pi[a] - pi[b] (all w >= 0 at the argmin, so pi = 0 to start;
+    // then pi = the last shortest distances).
+    let mut pi = vec![0f64; k];
+    let mut dist = vec![0f64; k];
+    let mut red = vec![0f64; k];
+    let mut done = vec![false; k];
+    let mut pred: Vec<Option<(usize, usize)>> = vec![None; k];
+    for _aug in 0..=n * k {
+        let mut any = false;
         for c in 0..k {
-            red[c] = cost[s * k + c] - pi[c];
+            let g = give(size[c]);
+            red[c] = if g.is_finite() { g - pi[c] } else { f64::INFINITY };
+            any |= g.is_finite();
             done[c] = false;
             pred[c] = None;
         }
+        if !any {
+            break;
+        }
+        // Dense Dijkstra on reduced costs (start labels may be arbitrary).
         for _ in 0..k {
             let mut a = usize::MAX;
             for c in 0..k {
-                if !done[c] && (a == usize::MAX || red[c] < red[a] - tol) {
+                if !done[c] && red[c].is_finite() && (a == usize::MAX || red[c] < red[a] - tol) {
                     a = c;
                 }
+            }
+            if a == usize::MAX {
+                break;
             }
             done[a] = true;
             if members[a].is_empty() {
@@ -164,37 +194,27 @@ pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, siz
                 if done[b] || !e.is_finite() {
                     continue;
                 }
-                // Reduced cost, clamped at 0 against rounding.
-                let r = (e + pi[a] - pi[b]).max(0.0);
+                let r = (e + pi[a] - pi[b]).max(0.0); // clamped against rounding
                 if red[a] + r < red[b] - tol {
                     red[b] = red[a] + r;
                     pred[b] = Some((a, wp[a * k + b]));
                 }
             }
         }
+        let mut best = (-tol, usize::MAX);
         for c in 0..k {
-            dist[c] = red[c] + pi[c];
-        }
-        let term = |c: usize| {
-            if size[c] < size_min {
-                -big
-            } else if size[c] < size_max {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        };
-        let mut best = (f64::INFINITY, usize::MAX);
-        for c in 0..k {
-            let t = dist[c] + term(c);
-            if t < best.0 - tol {
-                best = (t, c);
+            if red[c].is_finite() {
+                dist[c] = red[c] + pi[c];
+                let t = dist[c] + absorb(size[c]);
+                if t < best.0 {
+                    best = (t, c);
+                }
             }
         }
         if best.1 == usize::MAX {
-            bail!("{op}: no feasible augmenting path for point {s} (bounds [{size_min}, {size_max}], [{n}, {k}])");
+            break; // no improving path: optimal
         }
-        // Walk the path back: each predecessor edge moves one point into `cur`.
+        // Walk the path back from its end: each predecessor edge moves one point.
         let mut cur = best.1;
         size[cur] += 1;
         let mut touched = vec![cur];
@@ -210,12 +230,20 @@ pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, siz
                 bail!("{op}: internal error: cyclic augmenting path");
             }
         }
-        assign[s] = cur as u32;
-        members[cur].push(s);
+        size[cur] -= 1;
         for &a in &touched {
-            rebuild_row(a, &members, &assign, &mut w, &mut wp);
+            rebuild_row(a, &members, &mut w, &mut wp);
         }
-        pi.copy_from_slice(&dist);
+        // Unreached clusters (none while a giver exists: the move graph is
+        // complete among non-empty clusters) keep their potential.
+        for c in 0..k {
+            if red[c].is_finite() {
+                pi[c] = dist[c];
+            }
+        }
+    }
+    if size.iter().any(|&s| s < size_min || s > size_max) {
+        bail!("{op}: no feasible assignment found (bounds [{size_min}, {size_max}], [{n}, {k}])");
     }
     Ok(assign)
 }
