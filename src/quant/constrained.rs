@@ -252,6 +252,7 @@ pub fn constrained_assign(cost: &[f64], n: usize, k: usize, size_min: usize, siz
 /// every assigned point at every insertion, O(n^2 k + n k^3)): the test
 /// reference of [`constrained_assign`].
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 fn constrained_assign_bellman_ford(cost: &[f64], n: usize, k: usize, size_min: usize, size_max: usize) -> Vec<u32> {
     let lo = cost.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = cost.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

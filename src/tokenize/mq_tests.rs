@@ -3,6 +3,8 @@
 //! straight-through losses (both variants), the mask being fresh and never
 //! written into the batch, training on clustered data, determinism, bad input.
 
+#![allow(clippy::needless_range_loop)]
+
 use super::*;
 use crate::autograd::check::check_gradients;
 use crate::gpu::Gpu;
