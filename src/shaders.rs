@@ -5,7 +5,14 @@ use crate::gpu::Kernel;
 
 /// Every kernel variant genrec compiles.
 pub fn all_kernels() -> Vec<Kernel> {
-    [crate::ops::kernels(), crate::quant::kernels(), crate::bench::kernels(), crate::decode::kernels()].concat()
+    [
+        crate::ops::kernels(),
+        crate::quant::kernels(),
+        crate::bench::kernels(),
+        crate::decode::kernels(),
+        crate::tokenize::mq::kernels(),
+    ]
+    .concat()
 }
 
 #[cfg(test)]

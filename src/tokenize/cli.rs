@@ -2,11 +2,18 @@
 //! files and write `codes.json` (`ItemCodes`), `report.json`
 //! (`TokenizerReport`), `histogram.png` (first-level code frequencies) and
 //! `model.safetensors` (the trained RQ-VAE, `RqVae::load`).
+//!
+//! `--method mq` (TokenRec) instead reads user and item CF embeddings from one
+//! file (`genrec cf --out`: `user_emb`, `item_emb`), trains both
+//! MQ-tokenizers and writes `user_codes.json`, `item_codes.json`,
+//! `report.json` (`{"users": MqReport, "items": MqReport}`),
+//! `{user,item}_histogram.png` and `{user,item}_model.safetensors`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::mq::{tokenize_users_items, MqTokenizerConfig, MqVariant};
 use super::{report, train_tokenizer_model, CodebookInit, Method, TokenizerConfig};
 use crate::gpu::Gpu;
 use crate::io::safetensors::SafeTensorsFile;
@@ -14,7 +21,7 @@ use crate::io::safetensors::SafeTensorsFile;
 /// Arguments of `genrec tokenize`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TokenizeArgs {
-    /// Tokenizer: rqvae (TIGER) or letter.
+    /// Tokenizer: rqvae (TIGER), letter, or mq (TokenRec's users + items).
     #[arg(long, default_value = "rqvae")]
     pub method: String,
     /// Item semantic embeddings, safetensors with one [items, D] tensor (row i = item i).
@@ -63,6 +70,28 @@ pub struct TokenizeArgs {
     pub eval_every: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// mq: tensor name of the user embeddings in --emb (default user_emb; --emb-key
+    /// names the item tensor, default item_emb).
+    #[arg(long)]
+    pub user_key: Option<String>,
+    /// mq: codes per user codebook (default: --codes, else 256).
+    #[arg(long)]
+    pub user_codes: Option<usize>,
+    /// mq: probability of masking an input element during training (0.2).
+    #[arg(long)]
+    pub mask_ratio: Option<f32>,
+    /// mq: parallel (the paper's K encoders) or residual (the code's shared encoder).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// mq: re-run the k-means codebook initialization every N epochs (0: only at the start).
+    #[arg(long)]
+    pub kmeans_every: Option<usize>,
+    /// mq: fraction of rows held out for checkpoint selection (0.2).
+    #[arg(long)]
+    pub valid_ratio: Option<f64>,
+    /// mq: append a disambiguation token to colliding code tuples.
+    #[arg(long)]
+    pub unique_ids: bool,
 }
 
 /// Load the rank-2 tensor `key` (or the only tensor) of a safetensors file.
@@ -123,8 +152,101 @@ pub fn config(a: &TokenizeArgs) -> Result<TokenizerConfig> {
     Ok(c)
 }
 
+/// The MQ-tokenizer configurations (users, items) from the arguments.
+pub fn mq_configs(a: &TokenizeArgs) -> Result<(MqTokenizerConfig, MqTokenizerConfig)> {
+    let mut c = MqTokenizerConfig::tokenrec(256);
+    c.seed = a.seed;
+    if let Some(v) = a.epochs {
+        c.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        c.batch_size = v;
+    }
+    if let Some(v) = a.levels {
+        c.books = v;
+    }
+    if let Some(v) = a.e_dim {
+        c.code_dim = v;
+    }
+    if let Some(v) = a.eval_every {
+        c.eval_every = v;
+    }
+    if let Some(v) = a.mask_ratio {
+        c.mask_ratio = v;
+    }
+    if let Some(v) = a.kmeans_every {
+        c.kmeans_every = v;
+    }
+    if let Some(v) = a.valid_ratio {
+        c.valid_ratio = v;
+    }
+    if let Some(v) = &a.variant {
+        c.variant = MqVariant::parse(v)?;
+    }
+    if let Some(h) = &a.hidden {
+        let v: Result<Vec<usize>, _> = h.split(',').map(|s| s.trim().parse::<usize>()).collect();
+        let v = v.with_context(|| format!("--hidden {h:?}: expected comma-separated sizes"))?;
+        c.dec_hidden = v.iter().rev().cloned().collect();
+        c.enc_hidden = v;
+    }
+    c.unique_ids = a.unique_ids;
+    let mut items = c.clone();
+    if let Some(v) = a.codes {
+        items.codebook_size = v;
+    }
+    let mut users = c;
+    users.codebook_size = a.user_codes.or(a.codes).unwrap_or(256);
+    // Different initial weights for the two tokenizers.
+    users.seed = a.seed.wrapping_add(1);
+    Ok((users, items))
+}
+
+/// `genrec tokenize --method mq`.
+fn run_mq(a: &TokenizeArgs) -> Result<()> {
+    let (ucfg, icfg) = mq_configs(a)?;
+    let (users, nu, du) = load_matrix(&a.emb, Some(a.user_key.as_deref().unwrap_or("user_emb")))?;
+    let (items, ni, di) = load_matrix(&a.emb, Some(a.emb_key.as_deref().unwrap_or("item_emb")))?;
+    eprintln!("tokenize: mq ({:?}) on {nu} users x {du}-d and {ni} items x {di}-d", icfg.variant);
+    let gpu = Gpu::shared()?;
+    let out = tokenize_users_items(&gpu, &users, nu, &items, ni, &ucfg, &icfg)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    out.users.save(&a.out.join("user_codes.json"))?;
+    out.items.save(&a.out.join("item_codes.json"))?;
+    let json = serde_json::json!({ "users": out.user_report, "items": out.item_report });
+    let path = a.out.join("report.json");
+    crate::io::atomic_write(&path, |w| Ok(serde_json::to_writer_pretty(&mut *w, &json)?))
+        .with_context(|| format!("writing {}", path.display()))?;
+    report::save_histogram_png(&out.user_report.base.first_level_histogram, &a.out.join("user_histogram.png"))?;
+    report::save_histogram_png(&out.item_report.base.first_level_histogram, &a.out.join("item_histogram.png"))?;
+    out.user_model.save(&a.out.join("user_model.safetensors"))?;
+    out.item_model.save(&a.out.join("item_model.safetensors"))?;
+    for (what, r) in [("users", &out.user_report), ("items", &out.item_report)] {
+        let b = &r.base;
+        let util: Vec<String> = b.per_level.iter().map(|s| format!("{}/{}", s.used, b.codebook_size)).collect();
+        let ppl: Vec<String> = b.per_level.iter().map(|s| format!("{:.1}", s.perplexity)).collect();
+        println!(
+            "mq {what}: {} rows, codes used per book [{}], perplexity [{}], collision rate {:.4}, final {:.4}, code similarity {:.4}, {:.1}s",
+            b.n_items,
+            util.join(", "),
+            ppl.join(", "),
+            b.ids.collision_rate_argmin,
+            b.collision_rate_final,
+            b.code_similarity.unwrap_or(f64::NAN),
+            b.train_seconds
+        );
+    }
+    println!(
+        "wrote {}/{{user,item}}_codes.json, report.json, {{user,item}}_histogram.png, {{user,item}}_model.safetensors",
+        a.out.display()
+    );
+    Ok(())
+}
+
 /// Run `genrec tokenize`.
 pub fn run(a: &TokenizeArgs) -> Result<()> {
+    if a.method.eq_ignore_ascii_case("mq") || a.method.eq_ignore_ascii_case("tokenrec") {
+        return run_mq(a);
+    }
     let cfg = config(a)?;
     let (sem, m, d) = load_matrix(&a.emb, a.emb_key.as_deref())?;
     let cf = match &a.cf {
