@@ -318,7 +318,7 @@ pub fn train_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<TrainedSyst
 pub fn load_system(gpu: &Gpu, data: &Prepared, run: &Run) -> Result<Box<dyn GenerativeRecommender>> {
     let (system, dir) = (run.system, &run.dir);
     let method = system.method();
-    let ids = ids_path(&dir, method);
+    let ids = ids_path(dir, method);
     let ckpt = dir.join(format!("{}-best.safetensors", system.file_stem()));
     if !ids.exists() || !ckpt.exists() {
         bail!(

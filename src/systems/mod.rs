@@ -2,6 +2,7 @@
 //! constrained decoding: TIGER and LETTER-TIGER (T5 over semantic IDs), and
 //! LETTER-LLM (an LLM with LoRA over identifier tokens, LC-Rec style).
 
+pub mod fit;
 pub mod lcrec;
 pub mod seq;
 pub mod tiger;

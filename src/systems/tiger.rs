@@ -23,13 +23,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::fit::Progress;
 use super::seq::{self, CodeVocab, EOS, PAD};
 use crate::autograd::{cross_entropy, CeOptions, Tape};
 use crate::data::{EvalCase, Prepared, Split};
 use crate::decode::{beam_search, BeamOpts, GpuTrie, ScoreNorm, Trie};
 use crate::eval::{EvalReport, Evaluator, Protocol};
 use crate::gpu::{Gpu, Tensor};
-use crate::io::checkpoint::{self, CheckpointMeta, Expect};
+use crate::io::checkpoint::{self, Expect};
 use crate::io::HostTensor;
 use crate::models::t5::{T5Batch, T5Config, T5};
 use crate::nn::optim::AdamW;
@@ -185,43 +186,19 @@ impl Tiger {
             (d.join(format!("{}-last.safetensors", self.name)), d.join(format!("{}-best.safetensors", self.name)))
         });
 
-        let mut start_epoch = 0;
-        let mut best = (f64::MIN, 0usize);
-        let mut best_state: Option<BTreeMap<String, HostTensor>> = None;
-        let mut losses = Vec::new();
-        if let Some((last, best_path)) = paths.as_ref().filter(|p| p.0.exists()) {
-            let expect = Expect {
-                dataset_fingerprint: Some(&dataset_fp),
-                tokenizer_fingerprint: Some(&self.tokenizer_fingerprint),
-                config: Some(&config),
-                shapes: None,
-            };
-            // A checkpoint of another run (other data, identifiers or
-            // configuration) is not resumed: say why and start over.
-            match checkpoint::load(last, &expect) {
-                Err(e) => {
-                    eprintln!("{}: not resuming from {}: {e:#}; training from scratch", self.name, last.display())
-                }
-                Ok(ck) => {
-                    state::restore(
-                        &last.display().to_string(),
-                        &params,
-                        Some(&mut opt),
-                        &ck.tensors,
-                        ck.meta.step as u32,
-                    )?;
-                    let x = &ck.meta.extra;
-                    start_epoch = x["epoch"].as_u64().unwrap_or(0) as usize;
-                    best =
-                        (x["best_ndcg10"].as_f64().unwrap_or(f64::MIN), x["best_epoch"].as_u64().unwrap_or(0) as usize);
-                    losses = serde_json::from_value(x["losses"].clone()).unwrap_or_default();
-                    if best_path.exists() {
-                        best_state = Some(checkpoint::load(best_path, &Expect::default())?.tensors);
-                    }
-                    eprintln!("{}: resumed from {} after epoch {start_epoch}", self.name, last.display());
-                }
+        let mut prog = match paths.as_ref().filter(|p| p.0.exists()) {
+            Some((last, best_path)) => {
+                let expect = Expect {
+                    dataset_fingerprint: Some(&dataset_fp),
+                    tokenizer_fingerprint: Some(&self.tokenizer_fingerprint),
+                    config: Some(&config),
+                    shapes: None,
+                };
+                Progress::resume(&self.name, last, best_path, &expect, &params, &mut opt)?
             }
-        }
+            None => Progress::fresh(),
+        };
+        let start_epoch = prog.epoch;
 
         let bar = ProgressBar::new(total_steps as u64);
         bar.set_style(
@@ -274,30 +251,30 @@ impl Tiger {
                     paths.as_ref().map(|p| format!(" at {}", p.0.display())).unwrap_or_default()
                 );
             }
-            losses.push(mean);
+            prog.losses.push(mean);
             let mut msg = format!("loss {mean:.4}");
             let mut stop = false;
             if (epoch + 1) % self.cfg.eval_every == 0 || epoch + 1 == self.cfg.epochs {
                 let quick = Protocol { bootstrap: 0, ks: vec![10], ..Protocol::default() };
                 let v = self.evaluate(&valid, &quick)?.metric("ndcg", 10).unwrap_or(0.0);
                 msg += &format!(", valid NDCG@10 {v:.4}");
-                if v > best.0 {
-                    best = (v, epoch + 1);
+                if v > prog.best.0 {
+                    prog.best = (v, epoch + 1);
                     bad_checks = 0;
                     let snap = state::snapshot(&params, None)?;
                     if let Some((_, best_path)) = &paths {
-                        self.save_checkpoint(
+                        prog.save(
+                            &self.name,
                             best_path,
                             &snap,
                             opt.t as u64,
-                            &dataset_fp,
-                            &config,
                             epoch + 1,
-                            best,
-                            &losses,
+                            &config,
+                            &dataset_fp,
+                            &self.tokenizer_fingerprint,
                         )?;
                     }
-                    best_state = Some(snap);
+                    prog.best_state = Some(snap);
                 } else {
                     bad_checks += 1;
                     stop = bad_checks >= self.cfg.patience;
@@ -309,53 +286,35 @@ impl Tiger {
             }
             if let Some((last, _)) = &paths {
                 let snap = state::snapshot(&params, Some(&opt))?;
-                self.save_checkpoint(last, &snap, opt.t as u64, &dataset_fp, &config, epoch + 1, best, &losses)?;
+                prog.save(
+                    &self.name,
+                    last,
+                    &snap,
+                    opt.t as u64,
+                    epoch + 1,
+                    &config,
+                    &dataset_fp,
+                    &self.tokenizer_fingerprint,
+                )?;
             }
             if stop {
                 break;
             }
         }
         bar.finish();
-        if let Some(s) = &best_state {
+        if let Some(s) = &prog.best_state {
             state::restore(&format!("{} best weights", self.name), &params, None, s, 0)?;
         }
         let secs = t0.elapsed().as_secs_f64();
         Ok(FitSummary {
             epochs_run,
             steps: opt.t as u64,
-            best_epoch: best.1,
-            best_valid_ndcg10: best.0.max(0.0),
+            best_epoch: prog.best.1,
+            best_valid_ndcg10: prog.best.0.max(0.0),
             train_seconds: secs,
             samples_per_second: trained_samples as f64 / secs.max(1e-9),
-            losses,
+            losses: prog.losses,
         })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn save_checkpoint(
-        &self,
-        path: &Path,
-        tensors: &BTreeMap<String, HostTensor>,
-        step: u64,
-        dataset_fp: &str,
-        config: &serde_json::Value,
-        epoch: usize,
-        best: (f64, usize),
-        losses: &[f32],
-    ) -> Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let meta = CheckpointMeta {
-            step,
-            config: config.clone(),
-            dataset_fingerprint: dataset_fp.to_string(),
-            tokenizer_fingerprint: self.tokenizer_fingerprint.clone(),
-            extra: serde_json::json!({
-                "system": self.name, "epoch": epoch, "best_ndcg10": best.0, "best_epoch": best.1, "losses": losses,
-            }),
-        };
-        checkpoint::save(path, tensors, &meta)
     }
 
     /// Loads weights from a checkpoint written by `fit` (checked against this
