@@ -3,7 +3,7 @@
 //! `fit` resumes where it stopped, and the atomic checkpoint write itself.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{Context, Result};
@@ -65,33 +65,76 @@ impl Progress {
         Ok(p)
     }
 
-    /// Write `tensors` (trainable tensors + optimizer state) and this progress, as of `epoch`
-    /// completed epochs, to `path` atomically.
-    #[allow(clippy::too_many_arguments)]
-    pub fn save(
+    /// Record validation NDCG@10 `v` taken after `epochs_done` epochs. A new best snapshots the
+    /// trainable `params` (restored at the end of `fit`) and writes the run's `-best`
+    /// checkpoint. Returns whether `v` improved on the best so far.
+    pub fn record_validation(
+        &mut self,
+        v: f64,
+        epochs_done: usize,
+        params: &[Rc<Param>],
+        step: u64,
+        files: Option<&RunFiles>,
+    ) -> Result<bool> {
+        if v <= self.best.0 {
+            return Ok(false);
+        }
+        self.best = (v, epochs_done);
+        let snap = state::snapshot(params, None)?;
+        if let Some(f) = files {
+            self.save(f, &f.best, &snap, step, epochs_done)?;
+        }
+        self.best_state = Some(snap);
+        Ok(true)
+    }
+
+    /// Write the run's `-last` checkpoint (trainable tensors, optimizer state, this progress)
+    /// after `epochs_done` epochs.
+    pub fn save_last(
         &self,
-        name: &str,
+        epochs_done: usize,
+        params: &[Rc<Param>],
+        opt: &AdamW,
+        files: Option<&RunFiles>,
+    ) -> Result<()> {
+        let Some(f) = files else { return Ok(()) };
+        let snap = state::snapshot(params, Some(opt))?;
+        self.save(f, &f.last, &snap, opt.t as u64, epochs_done)
+    }
+
+    fn save(
+        &self,
+        f: &RunFiles,
         path: &Path,
         tensors: &BTreeMap<String, HostTensor>,
         step: u64,
-        epoch: usize,
-        config: &serde_json::Value,
-        dataset_fp: &str,
-        tokenizer_fp: &str,
+        epochs_done: usize,
     ) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let meta = CheckpointMeta {
             step,
-            config: config.clone(),
-            dataset_fingerprint: dataset_fp.to_string(),
-            tokenizer_fingerprint: tokenizer_fp.to_string(),
+            config: f.config.clone(),
+            dataset_fingerprint: f.dataset_fp.to_string(),
+            tokenizer_fingerprint: f.tokenizer_fp.to_string(),
             extra: serde_json::json!({
-                "system": name, "epoch": epoch, "best_ndcg10": self.best.0, "best_epoch": self.best.1,
+                "system": f.name, "epoch": epochs_done, "best_ndcg10": self.best.0, "best_epoch": self.best.1,
                 "losses": self.losses,
             }),
         };
         checkpoint::save(path, tensors, &meta)
     }
+}
+
+/// A run's checkpoint files and what identifies the run inside them.
+pub struct RunFiles<'a> {
+    pub name: &'a str,
+    /// Written after every epoch (with the optimizer state): what a resumed run starts from.
+    pub last: PathBuf,
+    /// Written at each new best validation score (trainable tensors only).
+    pub best: PathBuf,
+    pub config: &'a serde_json::Value,
+    pub dataset_fp: &'a str,
+    pub tokenizer_fp: &'a str,
 }

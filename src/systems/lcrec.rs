@@ -37,7 +37,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::fit::Progress;
+use super::fit::{Progress, RunFiles};
 use super::seq::{self, CodeVocab};
 use super::tiger::FitSummary;
 use crate::autograd::{cross_entropy, CeOptions, Tape, Var};
@@ -459,6 +459,14 @@ impl LcRec {
             None => Progress::fresh(),
         };
         let start_epoch = prog.epoch;
+        let files = paths.as_ref().map(|(last, best)| RunFiles {
+            name: &self.name,
+            last: last.clone(),
+            best: best.clone(),
+            config: &self.config,
+            dataset_fp: &dataset_fp,
+            tokenizer_fp: &self.tokenizer_fingerprint,
+        });
 
         let bar = ProgressBar::new((per_epoch * self.cfg.epochs) as u64);
         bar.set_style(
@@ -535,23 +543,8 @@ impl LcRec {
                 let quick = Protocol { bootstrap: 0, ks: vec![10], ..Protocol::default() };
                 let v = self.evaluate(&valid, &quick)?.metric("ndcg", 10).unwrap_or(0.0);
                 msg += &format!(", valid NDCG@10 {v:.4}");
-                if v > prog.best.0 {
-                    prog.best = (v, epoch + 1);
+                if prog.record_validation(v, epoch + 1, &params, opt.t as u64, files.as_ref())? {
                     bad_checks = 0;
-                    let snap = state::snapshot(&params, None)?;
-                    if let Some((_, best_path)) = &paths {
-                        prog.save(
-                            &self.name,
-                            best_path,
-                            &snap,
-                            opt.t as u64,
-                            epoch + 1,
-                            &self.config,
-                            &dataset_fp,
-                            &self.tokenizer_fingerprint,
-                        )?;
-                    }
-                    prog.best_state = Some(snap);
                 } else {
                     bad_checks += 1;
                     stop = bad_checks >= self.cfg.patience;
@@ -561,19 +554,7 @@ impl LcRec {
             if bar.is_hidden() {
                 eprintln!("{} epoch {}/{}: {msg}", self.name, epoch + 1, self.cfg.epochs);
             }
-            if let Some((last, _)) = &paths {
-                let snap = state::snapshot(&params, Some(&opt))?;
-                prog.save(
-                    &self.name,
-                    last,
-                    &snap,
-                    opt.t as u64,
-                    epoch + 1,
-                    &self.config,
-                    &dataset_fp,
-                    &self.tokenizer_fingerprint,
-                )?;
-            }
+            prog.save_last(epoch + 1, &params, &opt, files.as_ref())?;
             if stop {
                 break;
             }

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::fit::Progress;
+use super::fit::{Progress, RunFiles};
 use super::seq::{self, CodeVocab, EOS, PAD};
 use crate::autograd::{cross_entropy, CeOptions, Tape};
 use crate::data::{EvalCase, Prepared, Split};
@@ -199,6 +199,14 @@ impl Tiger {
             None => Progress::fresh(),
         };
         let start_epoch = prog.epoch;
+        let files = paths.as_ref().map(|(last, best)| RunFiles {
+            name: &self.name,
+            last: last.clone(),
+            best: best.clone(),
+            config: &config,
+            dataset_fp: &dataset_fp,
+            tokenizer_fp: &self.tokenizer_fingerprint,
+        });
 
         let bar = ProgressBar::new(total_steps as u64);
         bar.set_style(
@@ -258,23 +266,8 @@ impl Tiger {
                 let quick = Protocol { bootstrap: 0, ks: vec![10], ..Protocol::default() };
                 let v = self.evaluate(&valid, &quick)?.metric("ndcg", 10).unwrap_or(0.0);
                 msg += &format!(", valid NDCG@10 {v:.4}");
-                if v > prog.best.0 {
-                    prog.best = (v, epoch + 1);
+                if prog.record_validation(v, epoch + 1, &params, opt.t as u64, files.as_ref())? {
                     bad_checks = 0;
-                    let snap = state::snapshot(&params, None)?;
-                    if let Some((_, best_path)) = &paths {
-                        prog.save(
-                            &self.name,
-                            best_path,
-                            &snap,
-                            opt.t as u64,
-                            epoch + 1,
-                            &config,
-                            &dataset_fp,
-                            &self.tokenizer_fingerprint,
-                        )?;
-                    }
-                    prog.best_state = Some(snap);
                 } else {
                     bad_checks += 1;
                     stop = bad_checks >= self.cfg.patience;
@@ -284,19 +277,7 @@ impl Tiger {
             if bar.is_hidden() {
                 eprintln!("{} epoch {}/{}: {msg}", self.name, epoch + 1, self.cfg.epochs);
             }
-            if let Some((last, _)) = &paths {
-                let snap = state::snapshot(&params, Some(&opt))?;
-                prog.save(
-                    &self.name,
-                    last,
-                    &snap,
-                    opt.t as u64,
-                    epoch + 1,
-                    &config,
-                    &dataset_fp,
-                    &self.tokenizer_fingerprint,
-                )?;
-            }
+            prog.save_last(epoch + 1, &params, &opt, files.as_ref())?;
             if stop {
                 break;
             }
