@@ -35,7 +35,10 @@ fn kernel(entry: &'static str, aligned: bool) -> Kernel {
 }
 
 fn kernel_sized(entry: &'static str, wg: usize, per: usize, rows: usize, aligned: bool) -> Kernel {
-    Kernel::new("norm", "norm", entry)
+    // The subgroup kernel lives in its own module (norm_sg.wgsl = norm.wgsl + forward_sg), so
+    // adapters without subgroups never compile subgroup built-ins.
+    let shader = if entry == "forward_sg" { "norm_sg" } else { "norm" };
+    Kernel::new("norm", shader, entry)
         .define("WG", format!("{wg}u"))
         .define("ALIGNED", aligned)
         .define("PER", format!("{per}u"))
