@@ -22,8 +22,12 @@ const MAX_PER: usize = 16;
 /// (lavapipe took ~1 minute to compile the 256 variant).
 const MAX_PER_CPU: usize = 128;
 
+/// Threads per workgroup of `forward_sg`: one 8-lane subgroup (matmul::SG_LANES).
+const SG_WG: usize = 8;
+
 fn kernel(entry: &'static str, wg: usize, per: usize, aligned: bool) -> Kernel {
-    Kernel::new("softmax", "softmax", entry)
+    let shader = if entry == "forward_sg" { "softmax_sg" } else { "softmax" };
+    Kernel::new("softmax", shader, entry)
         .define("WG", format!("{wg}u"))
         .define("ALIGNED", aligned)
         .define("PER", format!("{per}u"))
@@ -80,6 +84,7 @@ pub fn kernels() -> Vec<Kernel> {
     for aligned in [true, false] {
         v.push(kernel("forward", WG, 1, aligned));
         v.push(kernel("backward", WG, 1, aligned));
+        v.push(kernel("forward_sg", SG_WG, 1, aligned));
         for (wg, per) in cached_variants() {
             v.push(kernel("forward_cached", wg, per, aligned));
         }
@@ -106,9 +111,14 @@ fn forward(name: &str, x: &Tensor, op: usize) -> Result<Tensor> {
     check_f32(name, &[("x", x)])?;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let aligned = x.last_dim().is_multiple_of(4);
-    let k = match cached_shape(cpu_shapes(x.gpu()), x.last_dim()) {
-        Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
-        None => kernel("forward", WG, 1, aligned),
+    let k = if cpu_shapes(x.gpu()) && crate::ops::matmul::subgroup_kernel_ok(x.gpu()) {
+        // CPU adapter with 8-lane subgroups: one subgroup per row, no barriers.
+        kernel("forward_sg", SG_WG, 1, aligned)
+    } else {
+        match cached_shape(cpu_shapes(x.gpu()), x.last_dim()) {
+            Some((wg, per)) => kernel("forward_cached", wg, per, aligned),
+            None => kernel("forward", WG, 1, aligned),
+        }
     };
     x.gpu().dispatch(&k, params(x, op).bytes(), &[x.buffer(), y.buffer()], grid(x.rows()))?;
     Ok(y)
