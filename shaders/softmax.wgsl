@@ -119,21 +119,9 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         return; // uniform over the workgroup
     }
     let base = row * p.cols;
-    let c4 = (p.cols + 3u) / 4u;
-    // Running max (finite start, so combining never computes inf - inf) and sum.
-    var m = NEG_BIG;
-    var s = 0.0;
-    for (var j = lid; j < c4; j += WG) {
-        let v = ld_a(base, j, p.neg_inf);
-        let mv = hmax(v);
-        if (mv > m) {
-            s = s * exp(m - mv);
-            m = mv;
-        }
-        s += hsum(exp(v - m));
-    }
-    red_a[lid] = m;
-    red_b[lid] = s;
+    let ms = running_max_sum(base, lid);
+    red_a[lid] = ms.x;
+    red_b[lid] = ms.y;
     workgroupBarrier();
     for (var w = WG / 2u; w > 0u; w = w / 2u) {
         if (lid < w) {
@@ -145,12 +133,35 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         }
         workgroupBarrier();
     }
-    let row_max = red_a[0];
-    let row_sum = red_b[0];
+    write_row(base, lid, red_a[0], red_b[0]);
+}
+
+// One thread's running (max, sum of exp(x - max)) over the vec4s first, first + WG, ... of the
+// row at `base` (finite start, so combining never computes inf - inf).
+fn running_max_sum(base: u32, first: u32) -> vec2<f32> {
+    let c4 = (p.cols + 3u) / 4u;
+    var m = NEG_BIG;
+    var s = 0.0;
+    for (var j = first; j < c4; j += WG) {
+        let v = ld_a(base, j, p.neg_inf);
+        let mv = hmax(v);
+        if (mv > m) {
+            s = s * exp(m - mv);
+            m = mv;
+        }
+        s += hsum(exp(v - m));
+    }
+    return vec2<f32>(m, s);
+}
+
+// The output pass of one thread over the same vec4s, given the row's max and sum; a row with
+// sum 0 (fully masked) is written as zeros.
+fn write_row(base: u32, first: u32, row_max: f32, row_sum: f32) {
+    let c4 = (p.cols + 3u) / 4u;
     let masked = !(row_sum > 0.0);
     let inv = select(1.0 / row_sum, 0.0, masked);
     let log_sum = log(select(row_sum, 1.0, masked));
-    for (var j = lid; j < c4; j += WG) {
+    for (var j = first; j < c4; j += WG) {
         let v = ld_a(base, j, 0.0);
         var y: vec4<f32>;
         if (p.op == 0u) {

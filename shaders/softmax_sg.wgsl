@@ -17,31 +17,7 @@ fn forward_sg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         return; // uniform over the workgroup
     }
     let base = row * p.cols;
-    let c4 = (p.cols + 3u) / 4u;
-    var m = NEG_BIG;
-    var s = 0.0;
-    for (var j = lane; j < c4; j += WG) {
-        let v = ld_a(base, j, p.neg_inf);
-        let mv = hmax(v);
-        if (mv > m) {
-            s = s * exp(m - mv);
-            m = mv;
-        }
-        s += hsum(exp(v - m));
-    }
-    let row_max = subgroupMax(m);
-    let row_sum = subgroupAdd(s * exp(m - row_max));
-    let masked = !(row_sum > 0.0);
-    let inv = select(1.0 / row_sum, 0.0, masked);
-    let log_sum = log(select(row_sum, 1.0, masked));
-    for (var j = lane; j < c4; j += WG) {
-        let v = ld_a(base, j, 0.0);
-        var y: vec4<f32>;
-        if (p.op == 0u) {
-            y = exp(v - row_max) * inv;
-        } else {
-            y = select((v - row_max) - log_sum, vec4<f32>(0.0), masked);
-        }
-        st_fwd(base, j, y);
-    }
+    let ms = running_max_sum(base, lane);
+    let row_max = subgroupMax(ms.x);
+    write_row(base, lane, row_max, subgroupAdd(ms.y * exp(ms.x - row_max)));
 }
