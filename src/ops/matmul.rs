@@ -14,8 +14,10 @@
 //! `C = act(op(A) @ op(B) + bias + scale * H @ Fᵀ)` with H `[rows of C, r]` and F `[N, r]`
 //! (or `[r, N]`), r <= [`LOWRANK_MAX`]. Each kernel adds the term to its accumulators in the
 //! epilogue, before bias and activation (shaders/_lowrank.wgsl, included by matmul.wgsl and
-//! the generated matmul_sg.wgsl / matmul_tex.wgsl). It is a compile-time constant
-//! (`LOWRANK`), so matmuls without it run the same code as before. LoRA's backward uses the
+//! the generated matmul_sg.wgsl); the texture path packs it into its operands as r extra K
+//! steps (`[A | H] @ [B ; scale Fᵀ]`, shaders/matmul_tex_pack.wgsl), so mm_tex sums it in
+//! its K loop. It is a compile-time constant (`LOWRANK`), so matmuls without it run the same
+//! code as before. LoRA's backward uses the
 //! same option for dX = dY W + (scale dY B) A (`Var::lora_linear`).
 //!
 //! Two kernel paths, chosen in one place (`Plan::for_gpu`):
@@ -210,17 +212,20 @@ fn sg_kernel(lowrank: bool) -> Kernel {
     Kernel::new("matmul", "matmul_sg", "mm_sg").define("LOWRANK", lowrank).trusted(true)
 }
 
-fn tex_kernel(lowrank: bool) -> Kernel {
+fn tex_kernel() -> Kernel {
     // Every texel index is inside the packed (zero-padded) textures by construction
-    // (see the layout in shaders/matmul_tex.wgsl); bias, C and low-rank accesses are guarded.
-    Kernel::new("matmul", "matmul_tex", "mm_tex").define("LOWRANK", lowrank).trusted(true)
+    // (see the layout in shaders/matmul_tex.wgsl); bias and C accesses are guarded.
+    // (A low-rank term needs no variant: it is packed into the operands as r extra K steps.)
+    Kernel::new("matmul", "matmul_tex", "mm_tex").trusted(true)
 }
 
-fn pack_kernel(b_operand: bool, trans: bool, f16: bool) -> Kernel {
-    // Source loads are guarded by the logical [rows, cols] bounds; stores stay below `total`.
+fn pack_kernel(b_operand: bool, trans: bool, f16: bool, lowrank: bool) -> Kernel {
+    // Source loads are guarded by the logical [rows, cols] bounds (and the low-rank
+    // operand's by [rows, r] / [r, cols]); stores stay below `total`.
     Kernel::new("matmul", "matmul_tex_pack", if b_operand { "pack_b" } else { "pack_a" })
         .define("TRANS", trans)
         .define("F16", f16)
+        .define("LOWRANK", lowrank)
         .trusted(true)
 }
 
@@ -247,15 +252,17 @@ pub fn kernels() -> Vec<Kernel> {
     }
     for lowrank in [false, true] {
         v.push(sg_kernel(lowrank));
-        v.push(tex_kernel(lowrank));
     }
+    v.push(tex_kernel());
     for b_operand in [false, true] {
         for trans in [false, true] {
             for f16 in [false, true] {
                 if f16 && !b_operand {
                     continue; // A is always f32
                 }
-                v.push(pack_kernel(b_operand, trans, f16));
+                for lowrank in [false, true] {
+                    v.push(pack_kernel(b_operand, trans, f16, lowrank));
+                }
             }
         }
     }
@@ -495,14 +502,22 @@ fn fold_grid(groups: usize) -> [u32; 3] {
 /// The texture path (`mm_tex`): pack A and B into zero-padded textures, then one
 /// dispatch. `None` when the packed operands exceed the adapter's texture limits
 /// (the caller falls back to the buffer kernels).
+///
+/// A low-rank term (`opts.lowrank`) is packed into the operands as r extra K steps,
+/// `[A | H] @ [B ; scale Fᵀ]`, so mm_tex sums it in its K loop into the same accumulators
+/// (no kernel variant; the cost is K + r rounded up to whole 32-deep chunks).
 fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Option<Tensor>> {
     const OP: &str = "matmul";
     let gpu = a.gpu();
-    // Padded sizes: K to whole chunks, M to whole row tiles, N to whole panels.
-    let kp4 = d.k.div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
+    let lr = opts.lowrank.as_ref();
+    let r = lr.map(|l| l.h.last_dim()).unwrap_or(0);
+    // Padded sizes: K (+ r) to whole chunks, M to whole row tiles, N to whole panels.
+    let kp4 = (d.k + r).div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
     let mp = d.m.div_ceil(TEX_ROWS) * TEX_ROWS;
     let ns = d.n.div_ceil(4 * TEX_PANEL);
-    let a_entries = if d.sa != 0 { d.batch } else { 1 };
+    // H has a row per output row: with it, a shared A is packed once per batch entry.
+    let a_batched = d.sa != 0 || (lr.is_some() && d.batch > 1);
+    let a_entries = if a_batched { d.batch } else { 1 };
     let b_entries = if d.sb != 0 { d.batch } else { 1 };
     let a_texels = a_entries * mp * kp4;
     let b_texels = b_entries * ns * 4 * kp4 * TEX_PANEL;
@@ -522,23 +537,26 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
     let at = a_tex.create_view(&Default::default());
     let bt = b_tex.create_view(&Default::default());
     // pack_a: logical A is [M, K] ([K, M] stored when transposed).
+    // The low-rank operands (H for A, F for B), a dummy when there are none.
+    let (h_buf, f_buf) = lr.map(|l| (l.h.buffer(), l.f.buffer())).unwrap_or((a.buffer(), a.buffer()));
     let pa = Params::new().u(d.m).u(d.k).u(mp).u(kp4).u(d.sa).u(a_texels);
     let grid = fold_grid(a_texels.div_ceil(64));
-    let pa = pa.u(grid[0] as usize);
+    let pa = pa.u(grid[0] as usize).u(r).u(0).f(0.0);
     gpu.dispatch_with(
-        &pack_kernel(false, opts.trans_a, false),
+        &pack_kernel(false, opts.trans_a, false, lr.is_some()),
         pa.bytes(),
-        &[Binding::Buffer(a.buffer()), Binding::Texture(&at)],
+        &[Binding::Buffer(a.buffer()), Binding::Texture(&at), Binding::Buffer(h_buf)],
         grid,
     )?;
     // pack_b: logical B is [K, N] ([N, K] stored when transposed), in panels of 4 TEX_PANEL columns.
     let pb = Params::new().u(d.k).u(d.n).u(ns).u(4 * kp4).u(d.sb).u(b_texels);
     let grid = fold_grid(b_texels.div_ceil(64));
-    let pb = pb.u(grid[0] as usize);
+    let pb = pb.u(grid[0] as usize).u(r).u(lr.map(|l| l.f_trans as usize).unwrap_or(0));
+    let pb = pb.f(lr.map(|l| l.scale).unwrap_or(0.0));
     gpu.dispatch_with(
-        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16),
+        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16, lr.is_some()),
         pb.bytes(),
-        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt)],
+        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt), Binding::Buffer(f_buf)],
         grid,
     )?;
     let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
@@ -548,27 +566,17 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
         .u(kp4)
         .u(mp)
         .u(ns)
-        .u((d.sa != 0) as usize)
+        .u(a_batched as usize)
         .u((d.sb != 0) as usize)
         .u(opts.act.code() as usize)
         .u(opts.bias.is_some() as usize)
         .u(ny)
         .u(fold);
-    let lr = opts.lowrank.as_ref();
-    let params = lowrank_params(params, lr);
     let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
-    let (h_buf, f_buf) = lr.map(|l| (l.h.buffer(), l.f.buffer())).unwrap_or((a.buffer(), a.buffer()));
     gpu.dispatch_with(
-        &tex_kernel(lr.is_some()),
+        &tex_kernel(),
         params.bytes(),
-        &[
-            Binding::Texture(&at),
-            Binding::Texture(&bt),
-            Binding::Buffer(bias_buf),
-            Binding::Buffer(out.buffer()),
-            Binding::Buffer(h_buf),
-            Binding::Buffer(f_buf),
-        ],
+        &[Binding::Texture(&at), Binding::Texture(&bt), Binding::Buffer(bias_buf), Binding::Buffer(out.buffer())],
         [ns as u32, ny.min(65535) as u32, wz as u32],
     )
     .map_err(|e| e.context(format!("{OP}: texture kernel for {:?}", d)))?;
