@@ -117,7 +117,13 @@ impl Var {
         let pre = matmul(
             &self.value,
             &w.value,
-            &MatmulOpts { trans_a: false, trans_b: trans_w, bias: bias.map(|b| &b.value), act: Act::None, lowrank: None },
+            &MatmulOpts {
+                trans_a: false,
+                trans_b: trans_w,
+                bias: bias.map(|b| &b.value),
+                act: Act::None,
+                lowrank: None,
+            },
         )?;
         let y = if act == Act::None { pre.clone() } else { ops::activation::forward(&pre, act)? };
         let (x, wv) = (self.value.clone(), w.value.clone());
@@ -158,7 +164,11 @@ impl Var {
         let (wv, av, bv) = (w.value.clone(), l.a.value.clone(), l.b.value.clone());
         let d_in = *shape.last().unwrap_or(&0);
         if shape.len() < 2 || wv.rank() != 2 || wv.shape()[1] != d_in {
-            bail!("{OP}: x {} does not fit W {} (expected [..., in] and [out, in])", shape_str(&shape), shape_str(wv.shape()));
+            bail!(
+                "{OP}: x {} does not fit W {} (expected [..., in] and [out, in])",
+                shape_str(&shape),
+                shape_str(wv.shape())
+            );
         }
         let d_out = wv.shape()[0];
         let r = av.shape().first().copied().unwrap_or(0);
@@ -196,11 +206,8 @@ impl Var {
             let g2 = g.reshape(&[m, d_out])?;
             let plain = MatmulOpts::default();
             // G = scale · dY B: [M, r].
-            let gs = if need_x || need_a {
-                Some(ops::elementwise::scale(&matmul(&g2, &bv, &plain)?, scale)?)
-            } else {
-                None
-            };
+            let gs =
+                if need_x || need_a { Some(ops::elementwise::scale(&matmul(&g2, &bv, &plain)?, scale)?) } else { None };
             let dx = match (&gs, need_x) {
                 (Some(gs), true) if !drop => {
                     // dY W + G A in one kernel: A [r, in] is F stored [r, N].

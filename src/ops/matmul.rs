@@ -399,8 +399,11 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         && subgroup_kernel_ok(gpu);
     let (tile_m, tile_n) = if use_sg { (SG_ROWS, SG_LANES * 4) } else { plan.tile() };
     let edge = d.m % tile_m != 0 || d.n % tile_n != 0;
-    let kernel =
-        if use_sg { sg_kernel(lr.is_some()) } else { plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge, lr.is_some()) };
+    let kernel = if use_sg {
+        sg_kernel(lr.is_some())
+    } else {
+        plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge, lr.is_some())
+    };
     let nx = div_ceil(d.n, tile_n);
     let ny = div_ceil(d.m, tile_m);
     let fold = ny.div_ceil(65535);
@@ -722,7 +725,13 @@ pub fn matmul_ref(
     let d = dims("matmul_ref", a_shape, b_shape, trans_a, trans_b)?;
     if let Some(l) = &lowrank {
         if l.h.len() != d.batch * d.m * l.r || l.f.len() != d.n * l.r {
-            bail!("matmul_ref: low-rank H has {} values and F {}, expected {} and {}", l.h.len(), l.f.len(), d.batch * d.m * l.r, d.n * l.r);
+            bail!(
+                "matmul_ref: low-rank H has {} values and F {}, expected {} and {}",
+                l.h.len(),
+                l.f.len(),
+                d.batch * d.m * l.r,
+                d.n * l.r
+            );
         }
     }
     let mut out = vec![0f64; d.batch * d.m * d.n];
@@ -801,9 +810,18 @@ mod tests {
         let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: with_bias.then_some(&bias), act, lowrank: None };
         let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
         assert_eq!(got.shape(), d.out_shape.as_slice());
-        let want =
-            matmul_ref(&f64s(&av), a_shape, &f64s(&bv), b_shape, ta, tb, with_bias.then_some(&f64s(&biasv)[..]), act, None)
-                .unwrap();
+        let want = matmul_ref(
+            &f64s(&av),
+            a_shape,
+            &f64s(&bv),
+            b_shape,
+            ta,
+            tb,
+            with_bias.then_some(&f64s(&biasv)[..]),
+            act,
+            None,
+        )
+        .unwrap();
         let what = format!("{plan:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
         // Sums of K products of values in [-1, 1]: absolute error grows ~ sqrt(K) eps.
         let atol = 2e-6 * (d.k as f32).sqrt().max(1.0);
@@ -1157,7 +1175,16 @@ mod tests {
             for tb in [false, true] {
                 let b3 = [vec![3], shape2(40, 70, tb)].concat();
                 check_lowrank_case(plan, &[3, 9, 40], &b3, (false, tb), (true, Act::None, false), 7, tb, 122);
-                check_lowrank_case(plan, &[3, 9, 40], &shape2(40, 70, tb), (false, tb), (false, Act::Relu, false), 16, false, 123);
+                check_lowrank_case(
+                    plan,
+                    &[3, 9, 40],
+                    &shape2(40, 70, tb),
+                    (false, tb),
+                    (false, Act::Relu, false),
+                    16,
+                    false,
+                    123,
+                );
                 check_lowrank_case(plan, &[9, 40], &b3, (false, tb), (true, Act::None, false), 1, true, 124);
             }
             // f16 (frozen) base weight, as LoRA uses it.
