@@ -2,7 +2,8 @@
 // accumulator before bias + activation. (Include with `//!include _lowrank`; used by
 // matmul.wgsl and the generated matmul_sg.wgsl. The texture path, mm_tex, needs no epilogue:
 // matmul_tex_pack.wgsl packs the term into its operands as r extra K steps.)
-// Cost: r loads of H and r (x 4) of F per output (vec4), small next to the K loop for r << K.
+// Cost per output vec4: r loads of H and 4 r of F. Unlike the K loop's loads these are not
+// shared across a tile, so for small K they are not negligible (not measured separately).
 //   H: [rows of C, r] f32 row-major (row = batch entry * M + m, the output row)
 //   F: [N, r] f32 row-major, or [r, N] when p.lr_ftrans != 0 (shared by every batch entry)
 // The including shader defines `const LOWRANK: bool` (false: the term is compiled out, the two
