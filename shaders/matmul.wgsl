@@ -1,4 +1,4 @@
-// Matmul family: C = act(op(A) @ op(B) + bias), plus a row-sum used for bias
+// Matmul family: C = act(op(A) @ op(B) + bias [+ scale H Fᵀ]), plus a row-sum used for bias
 // gradients and batch reductions.
 //
 // Layouts (row-major, per batch entry):
@@ -6,10 +6,12 @@
 //   B: [K, N], or [N, K] when TRANS_B;   batch stride p.sb (0 = shared by all batches)
 //      stored as f32 (bitcast from u32 words) or, when B_F16, as packed f16 pairs
 //   bias: [N] (read only when p.has_bias != 0)
+//   H, F: the optional low-rank (LoRA) term, see _lowrank.wgsl (bindings 5 and 6)
 //   C: [batch, M, N]
 //
 // Compile-time constants (see src/ops/matmul.rs, `Plan`):
 //   TRANS_A, TRANS_B, B_F16: bool
+//   LOWRANK: bool — add p.lr_scale * H @ Fᵀ to every output before bias + activation
 //   EDGE: bool — clamp loads and guard stores for shapes that are not multiples
 //         of the tile (false only when M % TILE_M == 0, N % TILE_N == 0, N % 4 == 0)
 //   mm_reg:   RM rows x CN vec4 columns per invocation, WG invocations along N
@@ -19,6 +21,7 @@
 // folded into z as (batch * p.fold + chunk), row tile = chunk * 65535 + wid.y.
 
 //!include _act
+//!include _lowrank
 
 struct Params {
     m: u32,
@@ -31,6 +34,9 @@ struct Params {
     has_bias: u32,
     ny: u32,       // number of row tiles
     fold: u32,     // row-tile chunks folded into z per batch entry
+    lr_r: u32,     // low-rank term: rank r (LOWRANK only)
+    lr_ftrans: u32, // F stored [r, N] instead of [N, r]
+    lr_scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -83,9 +89,14 @@ fn b_vec4(base: u32, k: u32, n: u32) -> vec4<f32> {
     return vec4<f32>(b_el(base, k, nn.x), b_el(base, k, nn.y), b_el(base, k, nn.z), b_el(base, k, nn.w));
 }
 
-// Bias + activation, then store C[row, n] (row counts across batch entries).
+// Low-rank term (LOWRANK), bias + activation, then store C[row, n] (row counts across batch
+// entries). Every kernel in this file stores through here, so the rank-r term joins the
+// accumulated sum before the bias and activation in all of them.
 fn store_out(row: u32, n: u32, v: f32) {
     var x = v;
+    if (LOWRANK) {
+        x += lr_at(row, n);
+    }
     if (p.has_bias != 0u) {
         x += bias[n];
     }

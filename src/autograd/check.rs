@@ -190,6 +190,39 @@ mod tests {
     }
 
     #[test]
+    fn lora_linear_fused_all_gradients() {
+        // x (batched, flattened inside), W, A, B and bias all get gradients; dropout 0 (the
+        // checker's objective runs on a no-grad tape, where dropout is the identity). The rank
+        // 3 term is fused into the forward matmul and into the dX matmul.
+        let g = gpu();
+        check_gradients(
+            &g,
+            &[inp(30, &[2, 3, 7]), inp(31, &[5, 7]), inp(32, &[3, 7]), inp(33, &[5, 3]), inp(34, &[5])],
+            |_, v| {
+                let l = crate::autograd::LoraTerm { a: &v[2], b: &v[3], scale: 1.5, p: 0.0, seed: 3, offset: 0 };
+                v[0].lora_linear(&v[1], Some(&v[4]), l)
+            },
+            1e-2,
+            1e-2,
+            1e-3,
+        )
+        .unwrap();
+        // No bias, rank 1, 2-D x.
+        check_gradients(
+            &g,
+            &[inp(35, &[4, 6]), inp(36, &[9, 6]), inp(37, &[1, 6]), inp(38, &[9, 1])],
+            |_, v| {
+                let l = crate::autograd::LoraTerm { a: &v[2], b: &v[3], scale: 0.5, p: 0.0, seed: 3, offset: 0 };
+                v[0].lora_linear(&v[1], None, l)
+            },
+            1e-2,
+            1e-2,
+            1e-3,
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn a_wrong_gradient_is_caught() {
         // The checker must fail when a backward rule is wrong: record x*2 with
         // a backward that claims d/dx = 3.

@@ -12,5 +12,5 @@ pub mod check;
 pub mod ops;
 pub mod tape;
 
-pub use ops::{attention, cross_entropy, embedding, embedding_csr, CeOptions};
+pub use ops::{attention, cross_entropy, embedding, embedding_csr, CeOptions, LoraTerm};
 pub use tape::{Gradients, Param, Tape, Var};

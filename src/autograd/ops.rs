@@ -16,6 +16,19 @@ fn unbroadcast(g: Tensor, shape: &[usize]) -> Result<Tensor> {
     }
 }
 
+/// The adapter of [`Var::lora_linear`]: A `[r, in]`, B `[out, r]` (PEFT's `lora_A` / `lora_B`
+/// layouts), scale = alpha / r, and inverted dropout on the adapter's input with probability
+/// `p` and the counter-based mask of `ops::dropout` (`seed`, `offset`).
+#[derive(Clone, Copy)]
+pub struct LoraTerm<'a> {
+    pub a: &'a Var,
+    pub b: &'a Var,
+    pub scale: f32,
+    pub p: f32,
+    pub seed: u32,
+    pub offset: u32,
+}
+
 impl Var {
     fn binary(&self, other: &Var, op: ops::elementwise::BinOp) -> Result<Var> {
         use ops::elementwise::{binary, BinOp};
@@ -104,7 +117,13 @@ impl Var {
         let pre = matmul(
             &self.value,
             &w.value,
-            &MatmulOpts { trans_a: false, trans_b: trans_w, bias: bias.map(|b| &b.value), act: Act::None },
+            &MatmulOpts {
+                trans_a: false,
+                trans_b: trans_w,
+                bias: bias.map(|b| &b.value),
+                act: Act::None,
+                lowrank: None,
+            },
         )?;
         let y = if act == Act::None { pre.clone() } else { ops::activation::forward(&pre, act)? };
         let (x, wv) = (self.value.clone(), w.value.clone());
@@ -121,6 +140,106 @@ impl Var {
             let mut out = vec![dx, dw];
             if has_bias {
                 out.push(db);
+            }
+            Ok(out)
+        }))
+    }
+
+    /// LoRA linear with the adapter fused into the base matmul kernel:
+    /// `x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ` (see [`LoraTerm`]). `self` (x) is `[M, in]` or
+    /// `[..., in]` (leading axes flattened), W `[out, in]` (f32, or f16 when frozen), bias `[out]`.
+    ///
+    /// Forward: H = dropout(x) Aᵀ `[M, r]` (a thin matmul), then one matmul computes
+    /// `x Wᵀ + bias + scale · H Bᵀ` with the rank-r term summed inside the kernel
+    /// (`ops::matmul::LowRank`). Backward, for dY `[M, out]`: G = scale · dY B `[M, r]`,
+    /// dB = scale · dYᵀ H, dA = Gᵀ dropout(x), and dX = dY W + G A as one matmul with the same
+    /// fused term when dropout is off; with dropout the adapter's share G A goes through the
+    /// mask, so it is computed apart and added (dX = dY W + dropout'(G A)). dW and dbias are
+    /// computed only when they want gradients (the base is usually frozen). Under a no-grad
+    /// tape dropout is the identity.
+    pub fn lora_linear(&self, w: &Var, bias: Option<&Var>, l: LoraTerm) -> Result<Var> {
+        use ops::matmul::{matmul, matmul_backward, LowRank, MatmulOpts};
+        const OP: &str = "lora_linear";
+        let shape = self.shape().to_vec();
+        let (wv, av, bv) = (w.value.clone(), l.a.value.clone(), l.b.value.clone());
+        let d_in = *shape.last().unwrap_or(&0);
+        if shape.len() < 2 || wv.rank() != 2 || wv.shape()[1] != d_in {
+            bail!(
+                "{OP}: x {} does not fit W {} (expected [..., in] and [out, in])",
+                shape_str(&shape),
+                shape_str(wv.shape())
+            );
+        }
+        let d_out = wv.shape()[0];
+        let r = av.shape().first().copied().unwrap_or(0);
+        if av.shape() != [r, d_in] || bv.shape() != [d_out, r] {
+            bail!(
+                "{OP}: adapter A {} and B {} do not fit W {} (expected A [r, {d_in}], B [{d_out}, r])",
+                shape_str(av.shape()),
+                shape_str(bv.shape()),
+                shape_str(wv.shape())
+            );
+        }
+        let m = self.value.numel() / d_in.max(1);
+        let x2 = self.value.reshape(&[m, d_in])?;
+        let drop = l.p > 0.0 && self.tape.grad_enabled();
+        let xd = if drop { ops::dropout::dropout(&x2, l.p, l.seed, l.offset)? } else { x2.clone() };
+        let h = matmul(&xd, &av, &MatmulOpts { trans_b: true, ..Default::default() })?; // [M, r]
+        let fused = LowRank { h: &h, f: &bv, f_trans: false, scale: l.scale };
+        let opts =
+            MatmulOpts { trans_b: true, bias: bias.map(|b| &b.value), lowrank: Some(fused), ..Default::default() };
+        let y = matmul(&x2, &wv, &opts)?;
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().unwrap() = d_out;
+        let y = y.reshape(&out_shape)?;
+
+        let (need_x, need_w, need_a, need_b) =
+            (self.requires_grad(), w.requires_grad(), l.a.requires_grad(), l.b.requires_grad());
+        let need_bias = bias.map(|b| b.requires_grad()).unwrap_or(false);
+        let has_bias = bias.is_some();
+        let mut inputs: Vec<&Var> = vec![self, w, l.a, l.b];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        let (scale, p, seed, offset) = (l.scale, l.p, l.seed, l.offset);
+        Ok(self.tape.record(y, &inputs, move |g| {
+            let g2 = g.reshape(&[m, d_out])?;
+            let plain = MatmulOpts::default();
+            // G = scale · dY B: [M, r].
+            let gs =
+                if need_x || need_a { Some(ops::elementwise::scale(&matmul(&g2, &bv, &plain)?, scale)?) } else { None };
+            let dx = match (&gs, need_x) {
+                (Some(gs), true) if !drop => {
+                    // dY W + G A in one kernel: A [r, in] is F stored [r, N].
+                    let lr = LowRank { h: gs, f: &av, f_trans: true, scale: 1.0 };
+                    Some(matmul(&g2, &wv, &MatmulOpts { lowrank: Some(lr), ..Default::default() })?)
+                }
+                (Some(gs), true) => {
+                    let dx = matmul(&g2, &wv, &plain)?;
+                    let dxd = ops::dropout::dropout_backward(&matmul(gs, &av, &plain)?, p, seed, offset)?;
+                    ops::elementwise::add_scaled(&dx, &dxd, 1.0)?;
+                    Some(dx)
+                }
+                _ => None,
+            };
+            let da = match (&gs, need_a) {
+                (Some(gs), true) => Some(matmul(gs, &xd, &MatmulOpts { trans_a: true, ..Default::default() })?),
+                _ => None,
+            };
+            let db = if need_b {
+                let t = matmul(&g2, &h, &MatmulOpts { trans_a: true, ..Default::default() })?; // [out, r]
+                Some(ops::elementwise::scale(&t, scale)?)
+            } else {
+                None
+            };
+            let (_, dw, dbias) = if need_w || need_bias {
+                matmul_backward(&x2, &wv, &g2, false, true, false, need_w, need_bias)?
+            } else {
+                (None, None, None)
+            };
+            let mut out = vec![dx.map(|t| t.reshape(&shape)).transpose()?, dw, da, db];
+            if has_bias {
+                out.push(dbias);
             }
             Ok(out)
         }))

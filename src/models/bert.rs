@@ -541,6 +541,7 @@ impl Bert {
             trans_b: true,
             bias: lin.bias.as_ref().map(|b| &b.value),
             act: lin.act,
+            lowrank: None,
         };
         Ok(tape.constant(crate::ops::matmul::matmul(&x.value, &lin.weight.value, &opts)?))
     }

@@ -338,7 +338,7 @@ fn relbias_var(table: &Var, q_pos: &Tensor, k_pos: &Tensor, cfg: RelBiasCfg) -> 
 
 /// `x W^T` for a weight `[out, in]` (no autograd).
 fn lin(x: &Tensor, w: &Param, act: Act) -> Result<Tensor> {
-    matmul(x, &w.value, &MatmulOpts { trans_a: false, trans_b: true, bias: None, act })
+    matmul(x, &w.value, &MatmulOpts { trans_a: false, trans_b: true, bias: None, act, lowrank: None })
 }
 
 /// A parameter maker: (HF name, shape, init std) -> parameter.

@@ -5,7 +5,13 @@
 //! Init as PEFT: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so an
 //! attached adapter leaves the output unchanged until trained.
 //!
-//! The adapter runs as two thin matmuls next to the base matmul (not fused into its kernel).
+//! The adapter is fused into the base matmul, forward and backward ([`Var::lora_linear`]): a
+//! thin matmul makes H = dropout(x) Aᵀ `[N, r]`, and the base matmul kernel adds
+//! `scale · H Bᵀ` to its accumulators before the bias (`ops::matmul::LowRank`, every kernel
+//! path); the backward's dX = dY W + scale · (dY B) A is one matmul with the same fused term
+//! (dropout 0; with dropout the adapter's share goes through the mask apart). The unfused form,
+//! base matmul plus two thin matmuls, add and scale, is kept as [`lora_linear_unfused`], the
+//! reference of the tests and the benchmark (`examples/lora_bench.rs`).
 //! The base weight can be stored as f16 once frozen ([`LoraLinear::freeze_base`]): the matmul
 //! widens f16 operands on load (core WGSL `unpack2x16float`), forward and backward.
 //! [`LoraLinear::merge`] folds the adapter into W for inference. [`export_peft`] writes
@@ -18,7 +24,7 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::autograd::{Param, Tape, Var};
+use crate::autograd::{LoraTerm, Param, Tape, Var};
 use crate::gpu::{shape_str, DType, Tensor};
 use crate::io::HostTensor;
 use crate::ops::Act;
@@ -97,8 +103,23 @@ pub struct LoraAdapter {
 }
 
 /// `x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ` on the tape (the LoRA forward; `lora` = (A, B, scale,
-/// dropout p, seed, offset)). Under a no-grad tape dropout is the identity.
+/// dropout p, seed, offset)), with the adapter fused into the base matmul ([`Var::lora_linear`]).
+/// Under a no-grad tape dropout is the identity.
 pub fn lora_linear(
+    x: &Var,
+    w: &Var,
+    bias: Option<&Var>,
+    lora: Option<(&Var, &Var, f32, f32, u32, u32)>,
+) -> Result<Var> {
+    match lora {
+        None => x.linear(w, bias, true, Act::None),
+        Some((a, b, scale, p, seed, offset)) => x.lora_linear(w, bias, LoraTerm { a, b, scale, p, seed, offset }),
+    }
+}
+
+/// [`lora_linear`] computed the unfused way: the base matmul, then dropout, two thin matmuls, a
+/// scale and an add on the tape (the reference of the fused op's tests and benchmark).
+pub fn lora_linear_unfused(
     x: &Var,
     w: &Var,
     bias: Option<&Var>,
@@ -192,6 +213,7 @@ impl LoraLinear {
                     trans_b: true,
                     bias: bias.as_ref().map(|b| &b.value),
                     act: Act::None,
+                    lowrank: None,
                 };
                 tape.constant(crate::ops::matmul::matmul_with_plan(&x2.value, &self.weight.value, &opts, &plan)?)
             }
@@ -333,6 +355,92 @@ mod tests {
             1e-3,
         )
         .unwrap();
+    }
+
+    /// The fused op against the unfused reference: output and the gradients of x, A, B (and of
+    /// W and the bias when `train_base`), same dropout mask (seed, offset) on both.
+    fn fused_vs_unfused(x_shape: &[usize], d_out: usize, r: usize, p: f32, w_f16: bool, train_base: bool) {
+        let gpu = Gpu::shared().unwrap();
+        let d_in = *x_shape.last().unwrap();
+        let xv = rand_vec(40, x_shape.iter().product(), 1.0);
+        let mut wv = rand_vec(41, d_out * d_in, 0.3);
+        if w_f16 {
+            wv = wv.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        }
+        let (av, bv, biasv) = (rand_vec(42, r * d_in, 0.5), rand_vec(43, d_out * r, 0.5), rand_vec(44, d_out, 0.5));
+        let n_out = x_shape.iter().product::<usize>() / d_in * d_out;
+        let wout = rand_vec(45, n_out, 1.0);
+        let run = |fused: bool| {
+            let tape = Tape::new();
+            let t = |v: &[f32], s: &[usize]| Tensor::from_f32(&gpu, v, s).unwrap();
+            let x = tape.input(t(&xv, x_shape));
+            let w_t = if w_f16 {
+                Tensor::from_f32_as_f16(&gpu, &wv, &[d_out, d_in]).unwrap()
+            } else {
+                t(&wv, &[d_out, d_in])
+            };
+            let (w, bias) = if train_base {
+                (tape.input(w_t), tape.input(t(&biasv, &[d_out])))
+            } else {
+                (tape.constant(w_t), tape.constant(t(&biasv, &[d_out])))
+            };
+            let a = tape.input(t(&av, &[r, d_in]));
+            let b = tape.input(t(&bv, &[d_out, r]));
+            let lora = Some((&a, &b, 1.7, p, 11, 5));
+            let f = if fused { lora_linear } else { lora_linear_unfused };
+            let y = f(&x, &w, Some(&bias), lora).unwrap();
+            let mut ys = x_shape.to_vec();
+            *ys.last_mut().unwrap() = d_out;
+            assert_eq!(y.shape(), ys.as_slice());
+            let loss = y.mul(&tape.constant(t(&wout, &ys))).unwrap().sum_all().unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            let mut out = vec![y.value.to_vec_f32().unwrap()];
+            let mut vars = vec![&x, &a, &b];
+            if train_base {
+                vars.extend([&w, &bias]);
+            }
+            for v in vars {
+                out.push(grads.of(v).expect("a gradient").to_vec_f32().unwrap());
+            }
+            out
+        };
+        let (fused, unfused) = (run(true), run(false));
+        for (i, name) in ["y", "dx", "dA", "dB", "dW", "dbias"].iter().take(fused.len()).enumerate() {
+            let what = format!("{name} x{x_shape:?} out={d_out} r={r} p={p} f16={w_f16}");
+            // 1e-5 relative, and 1e-5 of the tensor's largest entry absolute: the two compute the
+            // same sums in different orders (e.g. dA sums M rows that largely cancel).
+            let max_abs = unfused[i].iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_close(&what, &fused[i], &unfused[i], 1e-5, 1e-5 * max_abs);
+        }
+    }
+
+    #[test]
+    fn fused_matches_unfused_forward_and_gradients() {
+        for p in [0.0, 0.3] {
+            fused_vs_unfused(&[37, 45], 29, 7, p, false, false);
+            fused_vs_unfused(&[2, 9, 45], 70, 16, p, false, true);
+            fused_vs_unfused(&[33, 64], 96, 1, p, true, false);
+        }
+        // Shapes the adapter's kernel choice puts on the texture path (large enough to pay).
+        fused_vs_unfused(&[256, 72], 264, 8, 0.1, false, false);
+    }
+
+    #[test]
+    fn dropout_changes_the_fused_output_only_with_grad() {
+        // With p > 0 the training forward differs from the no-grad one (the mask is applied),
+        // and the fused op draws the same mask as the unfused one (checked above).
+        let gpu = Gpu::shared().unwrap();
+        let x = Tensor::from_f32(&gpu, &rand_vec(50, 6 * 10, 1.0), &[6, 10]).unwrap();
+        let w = Tensor::from_f32(&gpu, &rand_vec(51, 4 * 10, 0.5), &[4, 10]).unwrap();
+        let a = Tensor::from_f32(&gpu, &rand_vec(52, 3 * 10, 0.5), &[3, 10]).unwrap();
+        let b = Tensor::from_f32(&gpu, &rand_vec(53, 4 * 3, 0.5), &[4, 3]).unwrap();
+        let y = |tape: Tape| {
+            let (xv, wv, av, bv) =
+                (tape.input(x.clone()), tape.constant(w.clone()), tape.constant(a.clone()), tape.constant(b.clone()));
+            lora_linear(&xv, &wv, None, Some((&av, &bv, 2.0, 0.5, 1, 0))).unwrap().value.to_vec_f32().unwrap()
+        };
+        let (train, infer) = (y(Tape::new()), y(Tape::no_grad()));
+        assert!(train.iter().zip(&infer).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     #[test]

@@ -10,6 +10,16 @@
 //! with `unpack2x16float`, which is core WGSL, so no adapter feature is needed;
 //! accumulation is always f32.
 //!
+//! An optional rank-r term ([`LowRank`], LoRA's adapter) is fused into every kernel path:
+//! `C = act(op(A) @ op(B) + bias + scale * H @ Fᵀ)` with H `[rows of C, r]` and F `[N, r]`
+//! (or `[r, N]`), r <= [`LOWRANK_MAX`]. Each kernel adds the term to its accumulators in the
+//! epilogue, before bias and activation (shaders/_lowrank.wgsl, included by matmul.wgsl and
+//! the generated matmul_sg.wgsl); the texture path packs it into its operands as r extra K
+//! steps (`[A | H] @ [B ; scale Fᵀ]`, shaders/matmul_tex_pack.wgsl), so mm_tex sums it in
+//! its K loop. It is a compile-time constant (`LOWRANK`), so matmuls without it run the same
+//! code as before. LoRA's backward uses the
+//! same option for dX = dY W + (scale dY B) A (`Var::lora_linear`).
+//!
 //! Two kernel paths, chosen in one place (`Plan::for_gpu`):
 //! - `Path::Register` (CPU adapters such as lavapipe): barrier-free register
 //!   blocking; A rows depend only on the workgroup id so every SIMD lane reads
@@ -32,6 +42,22 @@ use anyhow::{bail, Result};
 use crate::gpu::{check, div_ceil, shape_str, Binding, DType, Gpu, Kernel, Params, Tensor};
 use crate::ops::Act;
 
+/// Largest rank of a fused low-rank term ([`LowRank`]).
+pub const LOWRANK_MAX: usize = 64;
+
+/// A rank-r term fused into the matmul: `scale * H @ Fᵀ` is added to every output element
+/// before bias and activation (LoRA: H = dropout(x) Aᵀ, F = B, scale = alpha / r).
+#[derive(Clone, Copy, Debug)]
+pub struct LowRank<'a> {
+    /// f32 `[rows of C, r]`: `[M, r]`, or for a batched output `[Bt, M, r]` (or `[Bt * M, r]`);
+    /// row i goes with output row i (batch entries stacked).
+    pub h: &'a Tensor,
+    /// f32 `[N, r]`, or `[r, N]` when `f_trans`; shared by every batch entry.
+    pub f: &'a Tensor,
+    pub f_trans: bool,
+    pub scale: f32,
+}
+
 /// Options for [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MatmulOpts<'a> {
@@ -43,6 +69,9 @@ pub struct MatmulOpts<'a> {
     pub bias: Option<&'a Tensor>,
     /// Activation applied to the output.
     pub act: Act,
+    /// Optional low-rank term `scale * H @ Fᵀ`, fused into the kernel's epilogue (1 <= r <=
+    /// [`LOWRANK_MAX`]); `None` compiles the term out (`LOWRANK = false`).
+    pub lowrank: Option<LowRank<'a>>,
 }
 
 /// Which kernel implementation runs a matmul.
@@ -152,7 +181,7 @@ impl Plan {
         }
     }
 
-    fn kernel(&self, trans_a: bool, trans_b: bool, b_f16: bool, edge: bool) -> Kernel {
+    fn kernel(&self, trans_a: bool, trans_b: bool, b_f16: bool, edge: bool, lowrank: bool) -> Kernel {
         let entry = match self.path {
             Path::Register if self.unrolled && self.rm == 8 && self.cn == 2 => "mm_reg8",
             Path::Register => "mm_reg",
@@ -165,6 +194,7 @@ impl Plan {
             .define("TRANS_B", trans_b)
             .define("B_F16", b_f16)
             .define("EDGE", edge)
+            .define("LOWRANK", lowrank)
             .define("RM", format!("{}u", self.rm))
             .define("CN", format!("{}u", self.cn))
             .define("WG", format!("{}u", self.wg))
@@ -177,22 +207,25 @@ impl Plan {
     }
 }
 
-fn sg_kernel() -> Kernel {
-    // Loads are clamped to the matrix; stores are guarded.
-    Kernel::new("matmul", "matmul_sg", "mm_sg").trusted(true)
+fn sg_kernel(lowrank: bool) -> Kernel {
+    // Loads are clamped to the matrix; stores (and the low-rank term) are guarded.
+    Kernel::new("matmul", "matmul_sg", "mm_sg").define("LOWRANK", lowrank).trusted(true)
 }
 
 fn tex_kernel() -> Kernel {
     // Every texel index is inside the packed (zero-padded) textures by construction
     // (see the layout in shaders/matmul_tex.wgsl); bias and C accesses are guarded.
+    // (A low-rank term needs no variant: it is packed into the operands as r extra K steps.)
     Kernel::new("matmul", "matmul_tex", "mm_tex").trusted(true)
 }
 
-fn pack_kernel(b_operand: bool, trans: bool, f16: bool) -> Kernel {
-    // Source loads are guarded by the logical [rows, cols] bounds; stores stay below `total`.
+fn pack_kernel(b_operand: bool, trans: bool, f16: bool, lowrank: bool) -> Kernel {
+    // Source loads are guarded by the logical [rows, cols] bounds (and the low-rank
+    // operand's by [rows, r] / [r, cols]); stores stay below `total`.
     Kernel::new("matmul", "matmul_tex_pack", if b_operand { "pack_b" } else { "pack_a" })
         .define("TRANS", trans)
         .define("F16", f16)
+        .define("LOWRANK", lowrank)
         .trusted(true)
 }
 
@@ -209,13 +242,17 @@ pub fn kernels() -> Vec<Kernel> {
             for tb in [false, true] {
                 for f16 in [false, true] {
                     for edge in [false, true] {
-                        v.push(plan.kernel(ta, tb, f16, edge));
+                        for lowrank in [false, true] {
+                            v.push(plan.kernel(ta, tb, f16, edge, lowrank));
+                        }
                     }
                 }
             }
         }
     }
-    v.push(sg_kernel());
+    for lowrank in [false, true] {
+        v.push(sg_kernel(lowrank));
+    }
     v.push(tex_kernel());
     for b_operand in [false, true] {
         for trans in [false, true] {
@@ -223,7 +260,9 @@ pub fn kernels() -> Vec<Kernel> {
                 if f16 && !b_operand {
                     continue; // A is always f32
                 }
-                v.push(pack_kernel(b_operand, trans, f16));
+                for lowrank in [false, true] {
+                    v.push(pack_kernel(b_operand, trans, f16, lowrank));
+                }
             }
         }
     }
@@ -321,6 +360,7 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
             );
         }
     }
+    let lr = check_lowrank(OP, opts.lowrank.as_ref(), &d, a)?;
     let gpu = a.gpu();
     let tex_pays = plan.tex_min_macs == 0
         || (d.batch * d.m * d.n * d.k >= plan.tex_min_macs && d.m * d.n >= TEX_MIN_RATIO * (d.m + d.n));
@@ -345,7 +385,7 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         };
         let a2 = if opts.trans_a { t(a)? } else { a.clone() };
         let b2 = if opts.trans_b { t(b)? } else { b.clone() };
-        let o2 = MatmulOpts { trans_a: false, trans_b: false, bias: opts.bias, act: opts.act };
+        let o2 = MatmulOpts { trans_a: false, trans_b: false, ..*opts };
         return matmul_with_plan(&a2, &b2, &o2, plan);
     }
     let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
@@ -359,8 +399,11 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         && subgroup_kernel_ok(gpu);
     let (tile_m, tile_n) = if use_sg { (SG_ROWS, SG_LANES * 4) } else { plan.tile() };
     let edge = d.m % tile_m != 0 || d.n % tile_n != 0;
-    let kernel =
-        if use_sg { sg_kernel() } else { plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge) };
+    let kernel = if use_sg {
+        sg_kernel(lr.is_some())
+    } else {
+        plan.kernel(opts.trans_a, opts.trans_b, b.dtype() == DType::F16, edge, lr.is_some())
+    };
     let nx = div_ceil(d.n, tile_n);
     let ny = div_ceil(d.m, tile_m);
     let fold = ny.div_ceil(65535);
@@ -386,9 +429,62 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
         .u(opts.bias.is_some() as usize)
         .u(ny as usize)
         .u(fold as usize);
+    let params = lowrank_params(params, lr.as_ref());
     let bias_buf = opts.bias.map(|t| t.buffer()).unwrap_or(a.buffer());
-    gpu.dispatch(&kernel, params.bytes(), &[a.buffer(), b.buffer(), bias_buf, out.buffer()], [nx, wy, wz as u32])?;
+    // Without a low-rank term its two bindings hold a dummy (never read: LOWRANK = false).
+    let (h_buf, f_buf) = lr.as_ref().map(|l| (l.h.buffer(), l.f.buffer())).unwrap_or((a.buffer(), a.buffer()));
+    gpu.dispatch(
+        &kernel,
+        params.bytes(),
+        &[a.buffer(), b.buffer(), bias_buf, out.buffer(), h_buf, f_buf],
+        [nx, wy, wz as u32],
+    )?;
     Ok(out)
+}
+
+/// Validate a low-rank term against the problem dimensions (see [`LowRank`]); returns it back.
+fn check_lowrank<'a>(op: &str, lr: Option<&LowRank<'a>>, d: &Dims, a: &Tensor) -> Result<Option<LowRank<'a>>> {
+    let Some(lr) = lr else { return Ok(None) };
+    check::same_device(op, &[a, lr.h, lr.f])?;
+    check::dtype(op, "low-rank H", lr.h, DType::F32)?;
+    check::dtype(op, "low-rank F", lr.f, DType::F32)?;
+    let (h, f) = (lr.h.shape(), lr.f.shape());
+    let r = *h.last().unwrap_or(&0);
+    if r == 0 || r > LOWRANK_MAX {
+        bail!("{op}: low-rank H {} has rank {r}; the fused term takes 1 ..= {LOWRANK_MAX}", shape_str(h));
+    }
+    let rows = d.batch * d.m;
+    if !(2..=3).contains(&h.len()) || lr.h.numel() != rows * r {
+        bail!(
+            "{op}: low-rank H has shape {}, expected [{}, {r}] (one row per output row of {})",
+            shape_str(h),
+            rows,
+            shape_str(&d.out_shape)
+        );
+    }
+    let want_f = if lr.f_trans { [r, d.n] } else { [d.n, r] };
+    if f != want_f {
+        bail!(
+            "{op}: low-rank F has shape {}, expected {}{} for H {} and N = {}",
+            shape_str(f),
+            shape_str(&want_f),
+            if lr.f_trans { " (f_trans)" } else { "" },
+            shape_str(h),
+            d.n
+        );
+    }
+    if !lr.scale.is_finite() {
+        bail!("{op}: low-rank scale {} is not finite", lr.scale);
+    }
+    Ok(Some(*lr))
+}
+
+/// Append the low-rank fields (lr_r, lr_ftrans, lr_scale) every matmul kernel's `Params` ends with.
+fn lowrank_params(p: Params, lr: Option<&LowRank>) -> Params {
+    match lr {
+        Some(l) => p.u(l.h.last_dim()).u(l.f_trans as usize).f(l.scale),
+        None => p.u(0).u(0).f(0.0),
+    }
 }
 
 /// An rgba32float storage texture (from the device's pool) holding at least `texels`
@@ -409,14 +505,22 @@ fn fold_grid(groups: usize) -> [u32; 3] {
 /// The texture path (`mm_tex`): pack A and B into zero-padded textures, then one
 /// dispatch. `None` when the packed operands exceed the adapter's texture limits
 /// (the caller falls back to the buffer kernels).
+///
+/// A low-rank term (`opts.lowrank`) is packed into the operands as r extra K steps,
+/// `[A | H] @ [B ; scale Fᵀ]`, so mm_tex sums it in its K loop into the same accumulators
+/// (no kernel variant; the cost is K + r rounded up to whole 32-deep chunks).
 fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Option<Tensor>> {
     const OP: &str = "matmul";
     let gpu = a.gpu();
-    // Padded sizes: K to whole chunks, M to whole row tiles, N to whole panels.
-    let kp4 = d.k.div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
+    let lr = opts.lowrank.as_ref();
+    let r = lr.map(|l| l.h.last_dim()).unwrap_or(0);
+    // Padded sizes: K (+ r) to whole chunks, M to whole row tiles, N to whole panels.
+    let kp4 = (d.k + r).div_ceil(4 * TEX_CHUNK) * TEX_CHUNK;
     let mp = d.m.div_ceil(TEX_ROWS) * TEX_ROWS;
     let ns = d.n.div_ceil(4 * TEX_PANEL);
-    let a_entries = if d.sa != 0 { d.batch } else { 1 };
+    // H has a row per output row: with it, a shared A is packed once per batch entry.
+    let a_batched = d.sa != 0 || (lr.is_some() && d.batch > 1);
+    let a_entries = if a_batched { d.batch } else { 1 };
     let b_entries = if d.sb != 0 { d.batch } else { 1 };
     let a_texels = a_entries * mp * kp4;
     let b_texels = b_entries * ns * 4 * kp4 * TEX_PANEL;
@@ -436,23 +540,26 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
     let at = a_tex.create_view(&Default::default());
     let bt = b_tex.create_view(&Default::default());
     // pack_a: logical A is [M, K] ([K, M] stored when transposed).
+    // The low-rank operands (H for A, F for B), a dummy when there are none.
+    let (h_buf, f_buf) = lr.map(|l| (l.h.buffer(), l.f.buffer())).unwrap_or((a.buffer(), a.buffer()));
     let pa = Params::new().u(d.m).u(d.k).u(mp).u(kp4).u(d.sa).u(a_texels);
     let grid = fold_grid(a_texels.div_ceil(64));
-    let pa = pa.u(grid[0] as usize);
+    let pa = pa.u(grid[0] as usize).u(r).u(0).f(0.0);
     gpu.dispatch_with(
-        &pack_kernel(false, opts.trans_a, false),
+        &pack_kernel(false, opts.trans_a, false, lr.is_some()),
         pa.bytes(),
-        &[Binding::Buffer(a.buffer()), Binding::Texture(&at)],
+        &[Binding::Buffer(a.buffer()), Binding::Texture(&at), Binding::Buffer(h_buf)],
         grid,
     )?;
     // pack_b: logical B is [K, N] ([N, K] stored when transposed), in panels of 4 TEX_PANEL columns.
     let pb = Params::new().u(d.k).u(d.n).u(ns).u(4 * kp4).u(d.sb).u(b_texels);
     let grid = fold_grid(b_texels.div_ceil(64));
-    let pb = pb.u(grid[0] as usize);
+    let pb = pb.u(grid[0] as usize).u(r).u(lr.map(|l| l.f_trans as usize).unwrap_or(0));
+    let pb = pb.f(lr.map(|l| l.scale).unwrap_or(0.0));
     gpu.dispatch_with(
-        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16),
+        &pack_kernel(true, opts.trans_b, b.dtype() == DType::F16, lr.is_some()),
         pb.bytes(),
-        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt)],
+        &[Binding::Buffer(b.buffer()), Binding::Texture(&bt), Binding::Buffer(f_buf)],
         grid,
     )?;
     let out = Tensor::empty(gpu, &d.out_shape, DType::F32)?;
@@ -462,7 +569,7 @@ fn matmul_tex(a: &Tensor, b: &Tensor, opts: &MatmulOpts, d: &Dims) -> Result<Opt
         .u(kp4)
         .u(mp)
         .u(ns)
-        .u((d.sa != 0) as usize)
+        .u(a_batched as usize)
         .u((d.sb != 0) as usize)
         .u(opts.act.code() as usize)
         .u(opts.bias.is_some() as usize)
@@ -534,7 +641,7 @@ pub fn matmul_backward(
             shape_str(b.shape())
         );
     }
-    let plain = |ta: bool, tb: bool| MatmulOpts { trans_a: ta, trans_b: tb, bias: None, act: Act::None };
+    let plain = |ta: bool, tb: bool| MatmulOpts { trans_a: ta, trans_b: tb, ..Default::default() };
     let a_shared = a.rank() == 2 && d.batch > 1 && dy.rank() == 3;
     let b_shared = b.rank() == 2 && d.batch > 1 && dy.rank() == 3;
     let batched = d.out_shape.len() == 3;
@@ -590,7 +697,18 @@ pub fn matmul_backward(
     Ok((da, db, dbias))
 }
 
-/// CPU reference in f64: `act(op(A) @ op(B) + bias)` with the shapes and
+/// The low-rank term of [`matmul_ref`] (see [`LowRank`]): h `[rows of C, r]`, f `[N, r]`
+/// (`[r, N]` with f_trans), row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct LowRankRef<'a> {
+    pub h: &'a [f64],
+    pub f: &'a [f64],
+    pub r: usize,
+    pub f_trans: bool,
+    pub scale: f64,
+}
+
+/// CPU reference in f64: `act(op(A) @ op(B) + bias + scale H Fᵀ)` with the shapes and
 /// broadcasting rules of [`matmul`]. Returns the output in row-major order.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ref(
@@ -602,8 +720,20 @@ pub fn matmul_ref(
     trans_b: bool,
     bias: Option<&[f64]>,
     act: Act,
+    lowrank: Option<LowRankRef>,
 ) -> Result<Vec<f64>> {
     let d = dims("matmul_ref", a_shape, b_shape, trans_a, trans_b)?;
+    if let Some(l) = &lowrank {
+        if l.h.len() != d.batch * d.m * l.r || l.f.len() != d.n * l.r {
+            bail!(
+                "matmul_ref: low-rank H has {} values and F {}, expected {} and {}",
+                l.h.len(),
+                l.f.len(),
+                d.batch * d.m * l.r,
+                d.n * l.r
+            );
+        }
+    }
     let mut out = vec![0f64; d.batch * d.m * d.n];
     for bt in 0..d.batch {
         let (ab, bb) = (bt * d.sa, bt * d.sb);
@@ -614,6 +744,15 @@ pub fn matmul_ref(
                     let av = if trans_a { a[ab + k * d.m + i] } else { a[ab + i * d.k + k] };
                     let bv = if trans_b { b[bb + j * d.k + k] } else { b[bb + k * d.n + j] };
                     s += av * bv;
+                }
+                if let Some(l) = &lowrank {
+                    let row = bt * d.m + i;
+                    let mut t = 0f64;
+                    for q in 0..l.r {
+                        let fv = if l.f_trans { l.f[q * d.n + j] } else { l.f[j * l.r + q] };
+                        t += l.h[row * l.r + q] * fv;
+                    }
+                    s += l.scale * t;
                 }
                 if let Some(bias) = bias {
                     s += bias[j];
@@ -668,12 +807,21 @@ mod tests {
         let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
         let biasv = rand_vec(seed + 2, d.n, 1.0);
         let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
-        let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: with_bias.then_some(&bias), act };
+        let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: with_bias.then_some(&bias), act, lowrank: None };
         let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
         assert_eq!(got.shape(), d.out_shape.as_slice());
-        let want =
-            matmul_ref(&f64s(&av), a_shape, &f64s(&bv), b_shape, ta, tb, with_bias.then_some(&f64s(&biasv)[..]), act)
-                .unwrap();
+        let want = matmul_ref(
+            &f64s(&av),
+            a_shape,
+            &f64s(&bv),
+            b_shape,
+            ta,
+            tb,
+            with_bias.then_some(&f64s(&biasv)[..]),
+            act,
+            None,
+        )
+        .unwrap();
         let what = format!("{plan:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16}");
         // Sums of K products of values in [-1, 1]: absolute error grows ~ sqrt(K) eps.
         let atol = 2e-6 * (d.k as f32).sqrt().max(1.0);
@@ -874,7 +1022,7 @@ mod tests {
         let biasv = rand_vec(seed + 2, d.n, 1.0);
         let r = rand_vec(seed + 3, nout, 1.0);
         let loss = |a: &[f64], b: &[f64], bias: &[f64]| -> f64 {
-            let out = matmul_ref(a, a_shape, b, b_shape, ta, tb, Some(bias), Act::None).unwrap();
+            let out = matmul_ref(a, a_shape, b, b_shape, ta, tb, Some(bias), Act::None, None).unwrap();
             out.iter().zip(&r).map(|(o, &w)| o * w as f64).sum()
         };
         let (a64, b64, bias64) = (f64s(&av), f64s(&bv), f64s(&biasv));
@@ -933,6 +1081,148 @@ mod tests {
         let at = Tensor::from_f32(&gpu, &av[..36], &[9, 4]).unwrap();
         let e = matmul_backward(&at, &b16, &dy.reshape(&[2, 4, 6]).unwrap(), true, true, true, false, false);
         assert!(e.is_err());
+    }
+
+    /// One case with a fused low-rank term (rank r, F as [N, r] or [r, N]) on `plan`, against
+    /// the CPU reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check_lowrank_case(
+        plan: Plan,
+        a_shape: &[usize],
+        b_shape: &[usize],
+        (ta, tb): (bool, bool),
+        (with_bias, act, b_f16): (bool, Act, bool),
+        r: usize,
+        f_trans: bool,
+        seed: u64,
+    ) {
+        let gpu = Gpu::shared().unwrap();
+        let av = rand_vec(seed, a_shape.iter().product(), 1.0);
+        let mut bv = rand_vec(seed + 1, b_shape.iter().product(), 1.0);
+        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
+        let b = if b_f16 {
+            bv = round_f16(&bv);
+            Tensor::from_f32_as_f16(&gpu, &bv, b_shape).unwrap()
+        } else {
+            Tensor::from_f32(&gpu, &bv, b_shape).unwrap()
+        };
+        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
+        let biasv = rand_vec(seed + 2, d.n, 1.0);
+        let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
+        // H follows the output's rows: [Bt, M, r] for a batched output, else [M, r].
+        let h_shape = if d.out_shape.len() == 3 { vec![d.batch, d.m, r] } else { vec![d.m, r] };
+        let hv = rand_vec(seed + 3, d.batch * d.m * r, 1.0);
+        let fv = rand_vec(seed + 4, d.n * r, 1.0);
+        let h = Tensor::from_f32(&gpu, &hv, &h_shape).unwrap();
+        let f = Tensor::from_f32(&gpu, &fv, &shape2(d.n, r, f_trans)).unwrap();
+        let scale = 0.75;
+        let opts = MatmulOpts {
+            trans_a: ta,
+            trans_b: tb,
+            bias: with_bias.then_some(&bias),
+            act,
+            lowrank: Some(LowRank { h: &h, f: &f, f_trans, scale }),
+        };
+        let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
+        assert_eq!(got.shape(), d.out_shape.as_slice());
+        let (h64, f64_) = (f64s(&hv), f64s(&fv));
+        let lr = LowRankRef { h: &h64, f: &f64_, r, f_trans, scale: scale as f64 };
+        let want = matmul_ref(
+            &f64s(&av),
+            a_shape,
+            &f64s(&bv),
+            b_shape,
+            ta,
+            tb,
+            with_bias.then_some(&f64s(&biasv)[..]),
+            act,
+            Some(lr),
+        )
+        .unwrap();
+        let what = format!(
+            "{plan:?} A{a_shape:?} B{b_shape:?} ta={ta} tb={tb} bias={with_bias} {act:?} f16={b_f16} r={r} f_trans={f_trans}"
+        );
+        let atol = 2e-6 * ((d.k + r) as f32).sqrt().max(1.0);
+        assert_close(&what, &got.to_vec_f32().unwrap(), &f32s(&want), 1e-5, atol);
+    }
+
+    #[test]
+    fn lowrank_term_every_path_awkward_shapes() {
+        // M, N, K off every tile (8/32/16 rows, 64/32/64 columns, 4/32-deep K), K and N % 4
+        // both 0 and not (the subgroup kernel only takes the former), r = 1, 7, 16.
+        let sizes = [(7, 33, 5), (33, 36, 12), (65, 20, 129), (9, 4, 70), (17, 64, 65)];
+        for plan in plans() {
+            for (i, &(m, k, n)) in sizes.iter().enumerate() {
+                for (j, r) in [1, 7, 16].into_iter().enumerate() {
+                    let f_trans = (i + j) % 2 == 1;
+                    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                        let shapes = (shape2(m, k, ta), shape2(k, n, tb));
+                        let epi = (i % 2 == 0, if j == 1 { Act::Gelu } else { Act::None }, false);
+                        check_lowrank_case(plan, &shapes.0, &shapes.1, (ta, tb), epi, r, f_trans, 100 + i as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lowrank_term_aligned_batched_f16() {
+        for plan in plans() {
+            // Aligned (EDGE = false) shapes, rank 8 and the largest rank.
+            check_lowrank_case(plan, &[64, 36], &[36, 128], (false, false), (true, Act::Silu, false), 8, false, 120);
+            check_lowrank_case(plan, &[64, 64], &[128, 64], (false, true), (false, Act::None, false), 64, true, 121);
+            // Batched output: H [Bt, M, r] (batched and shared A / B).
+            for tb in [false, true] {
+                let b3 = [vec![3], shape2(40, 70, tb)].concat();
+                check_lowrank_case(plan, &[3, 9, 40], &b3, (false, tb), (true, Act::None, false), 7, tb, 122);
+                check_lowrank_case(
+                    plan,
+                    &[3, 9, 40],
+                    &shape2(40, 70, tb),
+                    (false, tb),
+                    (false, Act::Relu, false),
+                    16,
+                    false,
+                    123,
+                );
+                check_lowrank_case(plan, &[9, 40], &b3, (false, tb), (true, Act::None, false), 1, true, 124);
+            }
+            // f16 (frozen) base weight, as LoRA uses it.
+            for tb in [false, true] {
+                for ta in [false, true] {
+                    let (a, b) = (shape2(33, 7, ta), shape2(7, 5, tb));
+                    check_lowrank_case(plan, &a, &b, (ta, tb), (true, Act::Silu, true), 7, ta, 125);
+                }
+                let b = shape2(57, 96, tb);
+                check_lowrank_case(plan, &[2, 19, 57], &b, (false, tb), (false, Act::None, true), 16, !tb, 126);
+            }
+        }
+    }
+
+    #[test]
+    fn lowrank_bad_inputs_are_errors() {
+        let gpu = Gpu::shared().unwrap();
+        let a = Tensor::from_f32(&gpu, &[0.0; 12], &[3, 4]).unwrap();
+        let b = Tensor::from_f32(&gpu, &[0.0; 20], &[4, 5]).unwrap();
+        let run = |h: &Tensor, f: &Tensor, f_trans: bool| {
+            let lowrank = Some(LowRank { h, f, f_trans, scale: 1.0 });
+            matmul(&a, &b, &MatmulOpts { lowrank, ..Default::default() }).map(|_| ()).unwrap_err().to_string()
+        };
+        let t = |shape: &[usize]| Tensor::zeros(&gpu, shape, DType::F32).unwrap();
+        // Rank above LOWRANK_MAX.
+        let r = LOWRANK_MAX + 1;
+        let e = run(&t(&[3, r]), &t(&[5, r]), false);
+        assert!(e.contains("matmul") && e.contains("rank") && e.contains(&r.to_string()), "{e}");
+        // H rows do not match the output rows; F has the wrong layout.
+        let e = run(&t(&[4, 2]), &t(&[5, 2]), false);
+        assert!(e.contains("low-rank H") && e.contains("[3, 2]"), "{e}");
+        let e = run(&t(&[3, 2]), &t(&[2, 5]), false);
+        assert!(e.contains("low-rank F") && e.contains("[5, 2]"), "{e}");
+        let e = run(&t(&[3, 2]), &t(&[5, 2]), true);
+        assert!(e.contains("low-rank F") && e.contains("[2, 5]"), "{e}");
+        let h16 = Tensor::from_f32_as_f16(&gpu, &[0.0; 6], &[3, 2]).unwrap();
+        let e = run(&h16, &t(&[5, 2]), false);
+        assert!(e.contains("low-rank H") && e.contains("F16"), "{e}");
     }
 
     #[test]
