@@ -1155,7 +1155,11 @@ mod tests {
             for (i, &(m, k, n)) in sizes.iter().enumerate() {
                 for (j, r) in [1, 7, 16].into_iter().enumerate() {
                     let f_trans = (i + j) % 2 == 1;
-                    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    // Every transpose pair for the first size; the others cycle through them
+                    // (each (size, r) case still compiles and checks its own kernel variant).
+                    let pairs = [(false, false), (true, false), (false, true), (true, true)];
+                    let chosen = if i == 0 { &pairs[..] } else { &pairs[(i + j) % 4..(i + j) % 4 + 1] };
+                    for &(ta, tb) in chosen {
                         let shapes = (shape2(m, k, ta), shape2(k, n, tb));
                         let epi = (i % 2 == 0, if j == 1 { Act::Gelu } else { Act::None }, false);
                         check_lowrank_case(plan, &shapes.0, &shapes.1, (ta, tb), epi, r, f_trans, 100 + i as u64);
