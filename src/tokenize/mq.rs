@@ -49,17 +49,18 @@
 //! `eval_every` epochs the validation loss (unmasked) is computed and the
 //! parameters with the lowest one are kept (the code's checkpoint rule).
 //!
-//! **Known issue (measured on ml-100k, 64-d LightGCN, 20 epochs):** the
-//! codebooks collapse to 13-58 of 256 codes per book and 64-94 % of the rows
-//! share a full tuple (the parallel variant worse than the residual one), even
-//! though the k-means initialization starts from 256 distinct codes. The
-//! LightGCN vectors have a per-dimension variance of ~0.035, the encoder
-//! outputs (PyTorch-default init, no BatchNorm) are smaller still, and AdamW's
-//! ~lr-sized steps move codewords and latents by more than the latent spread
-//! within a few steps. The authors' BatchNorm layers keep activations at unit
-//! scale; adding BatchNorm (or a LayerNorm) to the MLPs is the likely fix and is
-//! not done yet. Standardizing the input alone did not help; scaling it by 10
-//! helped a little. The synthetic tests (unit-scale clusters) do not show it.
+//! **Codebook collapse (issue 5; ml-100k, 64-d LightGCN, docs/BENCHMARKS.md):**
+//! without BatchNorm, 20 epochs left 13-58 of 256 codes per book and 64-94 %
+//! of the rows sharing a full tuple, although k-means starts from 256
+//! distinct codes: the LightGCN vectors have a per-dimension variance of
+//! ~0.035, the encoder outputs are smaller still, and AdamW's ~lr-sized steps
+//! move codewords and latents by more than the latent spread. The authors'
+//! BatchNorm keeps hidden activations at unit scale. With it (the default
+//! now), 20 epochs give collision rates of 0.70-0.78 (parallel 0.70-0.72,
+//! from 0.88-0.94), still falling at every evaluation; see BENCHMARKS for
+//! longer runs. The test
+//! `batch_norm_keeps_small_scale_inputs_from_collapsing` shows the effect on
+//! shrunken synthetic clusters.
 //!
 //! Identifiers: TokenRec retrieves items by vector search, never by decoding
 //! identifiers, so tuples need not be unique (spec §5: collisions only make
