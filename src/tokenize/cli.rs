@@ -83,7 +83,7 @@ pub struct TokenizeArgs {
     /// mq: parallel (the paper's K encoders) or residual (the code's shared encoder).
     #[arg(long)]
     pub variant: Option<String>,
-    /// mq: re-run the k-means codebook initialization every N epochs (0: only at the start).
+    /// mq: re-run the k-means codebook initialization every N epochs (default 10; 0: only at the start).
     #[arg(long)]
     pub kmeans_every: Option<usize>,
     /// mq: fraction of rows held out for checkpoint selection (0.2).
