@@ -148,6 +148,28 @@ mod tests {
     }
 
     #[test]
+    fn batch_norm_train_and_eval() {
+        use crate::ops::batchnorm::BnMode;
+        let g = gpu();
+        // Scaled-up input columns so the variance is well away from eps.
+        let (x, s) = inp(30, &[6, 7]);
+        let x: Vec<f32> = x.iter().map(|v| 3.0 * v + 0.5).collect();
+        for mode in [BnMode::BatchStats, BnMode::Eval] {
+            let rm = Tensor::from_f32(&g, &rand_vec(31, 7, 0.5), &[7]).unwrap();
+            let rv = Tensor::from_f32(&g, &[1.5; 7], &[7]).unwrap();
+            check_gradients(
+                &g,
+                &[(x.clone(), s.clone()), inp(32, &[7]), inp(33, &[7])],
+                |_, v| v[0].batch_norm(&v[1], &v[2], &rm, &rv, mode, 0.1, 1e-5),
+                1e-2,
+                2e-2,
+                2e-3,
+            )
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        }
+    }
+
+    #[test]
     fn embedding_and_cross_entropy() {
         let g = gpu();
         let ids = Tensor::from_u32(&g, &[3, 0, 3, 5, 1], &[5]).unwrap();

@@ -400,6 +400,34 @@ impl Var {
 }
 
 impl Var {
+    /// BatchNorm1d of `self: [n, c]` with affine `gamma`, `beta: [c]` and the
+    /// running statistics `running_mean`, `running_var: [c]` (state, not
+    /// parameters: updated in place in `BnMode::Train`, used in `BnMode::Eval`).
+    /// The mode is explicit, independent of the tape's grad mode, so a
+    /// no-grad tape can still normalize with batch statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm(
+        &self,
+        gamma: &Var,
+        beta: &Var,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        mode: ops::batchnorm::BnMode,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<Var> {
+        use ops::batchnorm::{batch_norm, batch_norm_backward, BnMode};
+        let out = batch_norm(&self.value, &gamma.value, &beta.value, running_mean, running_var, mode, momentum, eps)?;
+        let (x, g, mean, var) = (self.value.clone(), gamma.value.clone(), out.mean, out.var);
+        let batch = mode != BnMode::Eval;
+        Ok(self.tape.record(out.y, &[self, gamma, beta], move |dy| {
+            let gr = batch_norm_backward(&x, &g, &mean, &var, dy, eps, batch)?;
+            Ok(vec![Some(gr.dx), Some(gr.dgamma), Some(gr.dbeta)])
+        }))
+    }
+}
+
+impl Var {
     /// Axis permutation (rank <= 4); output axis a is input axis perm[a].
     pub fn permute(&self, perm: &[usize]) -> Result<Var> {
         let y = ops::permute::permute(&self.value, perm)?;

@@ -91,6 +91,55 @@ impl LayerNorm {
     }
 }
 
+pub use crate::ops::batchnorm::BnMode;
+
+/// BatchNorm1d over the rows of `[n, c]` inputs (PyTorch's defaults: weight
+/// 1, bias 0, running mean 0, running var 1, eps 1e-5, momentum 0.1). The
+/// running statistics are state, not parameters: [`BatchNorm1d::buffers`]
+/// lists them for checkpoints (`{name}.running_mean`, `{name}.running_var`).
+pub struct BatchNorm1d {
+    pub weight: Rc<Param>,
+    pub bias: Rc<Param>,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub name: String,
+    pub eps: f32,
+    pub momentum: f32,
+}
+
+impl BatchNorm1d {
+    pub fn new(gpu: &Gpu, name: &str, c: usize) -> Result<BatchNorm1d> {
+        Ok(BatchNorm1d {
+            weight: Param::new(format!("{name}.weight"), Tensor::from_f32(gpu, &vec![1.0; c], &[c])?),
+            bias: Param::new(format!("{name}.bias"), Tensor::from_f32(gpu, &vec![0.0; c], &[c])?),
+            running_mean: Tensor::from_f32(gpu, &vec![0.0; c], &[c])?,
+            running_var: Tensor::from_f32(gpu, &vec![1.0; c], &[c])?,
+            name: name.to_string(),
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// `x: [n, c]` -> `[n, c]`. `Train` also updates the running statistics
+    /// (n >= 2 in `Train` / `BatchStats`).
+    pub fn forward(&self, tape: &Tape, x: &Var, mode: BnMode) -> Result<Var> {
+        let (w, b) = (tape.param(&self.weight), tape.param(&self.bias));
+        x.batch_norm(&w, &b, &self.running_mean, &self.running_var, mode, self.momentum, self.eps)
+    }
+
+    pub fn params(&self) -> Vec<Rc<Param>> {
+        vec![self.weight.clone(), self.bias.clone()]
+    }
+
+    /// The running statistics with their checkpoint names.
+    pub fn buffers(&self) -> Vec<(String, &Tensor)> {
+        vec![
+            (format!("{}.running_mean", self.name), &self.running_mean),
+            (format!("{}.running_var", self.name), &self.running_var),
+        ]
+    }
+}
+
 /// RMSNorm over the last axis (weight 1 at init).
 pub struct RmsNorm {
     pub weight: Rc<Param>,

@@ -14,6 +14,7 @@ use crate::gpu::Kernel;
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod batchnorm;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod elementwise;
@@ -129,6 +130,7 @@ pub fn kernels() -> Vec<Kernel> {
         activation::kernels(),
         adamw::kernels(),
         attention::kernels(),
+        batchnorm::kernels(),
         cross_entropy::kernels(),
         dropout::kernels(),
         elementwise::kernels(),

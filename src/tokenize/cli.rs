@@ -83,7 +83,7 @@ pub struct TokenizeArgs {
     /// mq: parallel (the paper's K encoders) or residual (the code's shared encoder).
     #[arg(long)]
     pub variant: Option<String>,
-    /// mq: re-run the k-means codebook initialization every N epochs (0: only at the start).
+    /// mq: re-run the k-means codebook initialization every N epochs (default 10; 0: only at the start).
     #[arg(long)]
     pub kmeans_every: Option<usize>,
     /// mq: fraction of rows held out for checkpoint selection (0.2).
@@ -92,6 +92,17 @@ pub struct TokenizeArgs {
     /// mq: append a disambiguation token to colliding code tuples.
     #[arg(long)]
     pub unique_ids: bool,
+    /// mq: no BatchNorm1d after the hidden Linear layers (the default has it,
+    /// as the authors' MLPs; without it the codebooks collapse on small-scale
+    /// inputs such as LightGCN embeddings).
+    #[arg(long)]
+    pub no_batch_norm: bool,
+    /// mq: dropout after every hidden encoder layer during training (0.5).
+    #[arg(long)]
+    pub enc_dropout: Option<f32>,
+    /// mq: dropout after every hidden decoder layer during training (0.2).
+    #[arg(long)]
+    pub dec_dropout: Option<f32>,
 }
 
 /// Load the rank-2 tensor `key` (or the only tensor) of a safetensors file.
@@ -190,6 +201,17 @@ pub fn mq_configs(a: &TokenizeArgs) -> Result<(MqTokenizerConfig, MqTokenizerCon
         c.enc_hidden = v;
     }
     c.unique_ids = a.unique_ids;
+    c.batch_norm = !a.no_batch_norm;
+    for (flag, v, dst) in
+        [("--enc-dropout", a.enc_dropout, &mut c.enc_dropout), ("--dec-dropout", a.dec_dropout, &mut c.dec_dropout)]
+    {
+        if let Some(v) = v {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{flag} {v}: expected a probability in [0, 1)");
+            }
+            *dst = v;
+        }
+    }
     let mut items = c.clone();
     if let Some(v) = a.codes {
         items.codebook_size = v;

@@ -173,6 +173,10 @@ fn tiny_model_cfg(variant: MqVariant) -> MqModelConfig {
         variant,
         beta: 0.25,
         seed: 3,
+        // The f64 reference below has plain Linear + ReLU MLPs.
+        batch_norm: false,
+        enc_dropout: 0.0,
+        dec_dropout: 0.0,
     }
 }
 
@@ -477,4 +481,110 @@ fn bad_inputs_give_clear_errors() {
     x[9] = f32::INFINITY;
     let e = train_mq(&gpu, &x, 40, &cfg, "item").unwrap_err().to_string();
     assert!(e.contains("item embeddings") && e.contains("2 non-finite"), "{e}");
+}
+
+// ---- BatchNorm + dropout wiring ----
+
+fn bn_model_cfg(variant: MqVariant) -> MqModelConfig {
+    MqModelConfig { batch_norm: true, enc_dropout: 0.5, dec_dropout: 0.2, ..tiny_model_cfg(variant) }
+}
+
+#[test]
+fn batch_norm_layers_are_wired_saved_and_used_in_eval_mode() {
+    let gpu = Gpu::shared().unwrap();
+    for variant in [MqVariant::Parallel, MqVariant::Residual] {
+        let model = MqTokenizer::new(&gpu, bn_model_cfg(variant)).unwrap();
+        // Hidden layers: Linear (no fused ReLU) -> BN -> dropout -> ReLU; the
+        // last layer is a plain Linear.
+        for mlp in model.encoders.iter().chain(std::iter::once(&model.decoder)) {
+            let (last, hidden) = mlp.split_last().unwrap();
+            assert!(last.bn.is_none() && last.dropout == 0.0 && !last.relu && last.linear.act == Act::None);
+            for l in hidden {
+                assert!(l.bn.is_some() && l.relu && l.linear.act == Act::None);
+            }
+        }
+        assert_eq!(model.encoders[0][0].dropout, 0.5);
+        assert_eq!(model.decoder[0].dropout, 0.2);
+        let names: Vec<String> = model.state_tensors().into_iter().map(|t| t.0).collect();
+        for n in ["encoder.0.0.bn.weight", "encoder.0.0.bn.running_mean", "decoder.0.bn.running_var"] {
+            assert!(names.iter().any(|m| m == n), "{variant:?}: no {n} in {names:?}");
+        }
+        let (b, d) = (40, 5);
+        let x: Vec<f32> = rand_vec(21, b * d, 0.2).iter().map(|v| v + 0.05).collect();
+        model.kmeans_init(&x, KmeansOpts { max_iter: 5, tol: 1e-4, seed: 1 }).unwrap();
+        let xt = Tensor::from_f32(&gpu, &x, &[b, d]).unwrap();
+        let rm0 = model.encoders[0][0].bn.as_ref().unwrap().running_mean.to_vec_f32().unwrap();
+        let mut opt = AdamW::new(model.params(), AdamWHp::default(), None).unwrap();
+        for step in 0..3 {
+            let tape = Tape::new();
+            let out = model.forward(&tape, &xt, Some((0.2, step_mask_seed(7, step)))).unwrap();
+            tape.backward(&out.total).unwrap();
+            opt.step().unwrap();
+        }
+        // Training updated the running statistics ...
+        let rm1 = model.encoders[0][0].bn.as_ref().unwrap().running_mean.to_vec_f32().unwrap();
+        assert_ne!(rm0, rm1, "{variant:?}: running mean not updated");
+        // ... evaluation uses them: deterministic, no update, and a row's codes
+        // do not depend on the other rows of its chunk.
+        let e1 = model.forward(&Tape::no_grad(), &xt, None).unwrap().recon_x.to_vec_f32().unwrap();
+        let e2 = model.forward(&Tape::no_grad(), &xt, None).unwrap().recon_x.to_vec_f32().unwrap();
+        assert_eq!(e1, e2, "{variant:?}: eval forward is not deterministic");
+        assert_eq!(rm1, model.encoders[0][0].bn.as_ref().unwrap().running_mean.to_vec_f32().unwrap());
+        assert_eq!(model.codes_host(&x, 1).unwrap(), model.codes_host(&x, 40).unwrap());
+        // Save + load keeps the running statistics (same eval output).
+        let dir = crate::io::TestDir::new("mq_bn_model");
+        let p = dir.path().join("m.safetensors");
+        model.save(&p).unwrap();
+        let back = MqTokenizer::load(&gpu, &p).unwrap();
+        let e3 = back.forward(&Tape::no_grad(), &xt, None).unwrap().recon_x.to_vec_f32().unwrap();
+        assert_eq!(e1, e3, "{variant:?}: reloaded model differs");
+        // A BatchNorm model file without its running statistics (e.g. written
+        // before they were saved) is an error naming the missing tensor.
+        let f = crate::io::safetensors::SafeTensorsFile::open(&p).unwrap();
+        let mut t = std::collections::BTreeMap::new();
+        for n in f.names() {
+            if n != "encoder.0.1.bn.running_var" && n != "encoder.0.0.bn.running_var" {
+                t.insert(n.clone(), f.get(&n).unwrap());
+            }
+        }
+        let old = dir.path().join("old.safetensors");
+        crate::io::safetensors::save(&old, &t, Some(&f.metadata()), crate::io::safetensors::StoreDtype::F32).unwrap();
+        let e = format!("{:#}", MqTokenizer::load(&gpu, &old).unwrap_err());
+        assert!(e.contains("encoder.0.0.bn.running_var") && e.contains("old.safetensors"), "{e}");
+    }
+    // A config saved before the BatchNorm fields existed reads as a model
+    // without BatchNorm or dropout (what those models were).
+    let mut json = serde_json::to_value(tiny_model_cfg(MqVariant::Parallel)).unwrap();
+    for k in ["batch_norm", "enc_dropout", "dec_dropout"] {
+        json.as_object_mut().unwrap().remove(k);
+    }
+    let cfg: MqModelConfig = serde_json::from_value(json).unwrap();
+    assert!(!cfg.batch_norm && cfg.enc_dropout == 0.0 && cfg.dec_dropout == 0.0);
+    let e = MqTokenizer::new(&gpu, MqModelConfig { enc_dropout: 1.0, ..bn_model_cfg(MqVariant::Parallel) });
+    assert!(e.unwrap_err().to_string().contains("enc_dropout = 1"));
+}
+
+#[test]
+fn batch_norm_keeps_small_scale_inputs_from_collapsing() {
+    // Unit-scale clusters shrunk to LightGCN's scale (per-dimension variance
+    // ~0.03): without BatchNorm the codebooks collapse onto a few codes, with
+    // it they stay spread over the clusters.
+    let gpu = Gpu::shared().unwrap();
+    let (n, d) = (240, 8);
+    let x: Vec<f32> = clusters(n, d, 12, 4).iter().map(|v| v * 0.17).collect();
+    let used = |batch_norm: bool| {
+        let cfg = MqTokenizerConfig {
+            batch_norm,
+            enc_dropout: 0.0,
+            dec_dropout: 0.0,
+            variant: MqVariant::Residual,
+            ..small_cfg(MqVariant::Residual)
+        };
+        let (_, _, rep) = train_mq(&gpu, &x, n, &cfg, "item").unwrap();
+        (rep.base.per_level.iter().map(|s| s.used).collect::<Vec<_>>(), rep.base.best_collision_rate)
+    };
+    let (with, cr_with) = used(true);
+    let (without, cr_without) = used(false);
+    eprintln!("codes used with BatchNorm {with:?} (collisions {cr_with}), without {without:?} ({cr_without})");
+    assert!(cr_with < cr_without, "with {with:?} {cr_with}, without {without:?} {cr_without}");
 }
