@@ -21,7 +21,8 @@ It mirrors src/cf/{sasrec,lightgcn,mf}.rs and src/eval:
   tools/cf_baseline_table.py reads both.
 
 usage: tools/cf_peer.py --model sasrec|lightgcn|mf [--seed S] [--lr X] [--batch-size N]
-                        [--epochs E] [--patience P] [--eval-every K] [--report out.json]
+                        [--epochs E] [--patience P] [--eval-every K] [--max-train-minutes M]
+                        [--report out.json]
        tools/cf_peer.py --selfcheck      (metric code vs hand-computed cases)
 Needs torch, numpy, safetensors. Single-threaded by default (`--threads`), to share a small machine.
 """
@@ -272,6 +273,7 @@ def main():
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-train-minutes", type=float, help="stop at the first epoch end after this many minutes")
     ap.add_argument("--report")
     ap.add_argument("--selfcheck", action="store_true")
     a = ap.parse_args()
@@ -305,6 +307,7 @@ def main():
     rng = random.Random(a.seed)
     best, best_state, since, log, train_secs, stopped = None, None, 0, [], 0.0, "max epochs"
     epochs_done = 0
+    t_start = time.time()
     for epoch in range(a.epochs):
         t0 = time.time()
         losses = []
@@ -355,6 +358,9 @@ def main():
                 log.append(entry)
                 break
         log.append(entry)
+        if a.max_train_minutes and time.time() - t_start > 60 * a.max_train_minutes:
+            stopped = "time budget"
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     tests = {
