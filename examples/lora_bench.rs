@@ -14,14 +14,7 @@ use genrec::autograd::{Param, Tape};
 use genrec::gpu::{Gpu, Tensor};
 use genrec::nn::lora::{lora_linear, lora_linear_unfused};
 
-/// Process CPU seconds (user + system, all threads), if /proc is there.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0) // USER_HZ
-}
+use genrec::bench::process_cpu_seconds as cpu_seconds;
 
 fn rand(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     genrec::nn::uniform_init(seed, n, scale)

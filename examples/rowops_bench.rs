@@ -17,14 +17,7 @@ use anyhow::Result;
 use genrec::gpu::{DType, Gpu, Tensor};
 use genrec::ops::{elementwise, norm, softmax};
 
-/// Process CPU seconds (user + system, all threads), if /proc is there.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0) // USER_HZ
-}
+use genrec::bench::process_cpu_seconds as cpu_seconds;
 
 /// Best (wall, cpu) seconds per run over `rounds` batches of `iters`.
 fn time(gpu: &Gpu, iters: usize, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {

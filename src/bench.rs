@@ -13,6 +13,17 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::gpu::{DType, Gpu, Kernel, Params, Tensor};
+
+/// CPU seconds this process has used (user + system, all threads) from
+/// `/proc/self/stat`; `None` where there is no procfs. Benchmarks print it next
+/// to wall time because on a CPU adapter a shared machine inflates wall time.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ
+}
 use crate::ops::matmul::{self, MatmulOpts, Path, Plan};
 
 /// One benchmark row.

@@ -792,21 +792,7 @@ mod tests {
         b_f16: bool,
         seed: u64,
     ) {
-        let gpu = Gpu::shared().unwrap();
-        let na: usize = a_shape.iter().product();
-        let nb: usize = b_shape.iter().product();
-        let av = rand_vec(seed, na, 1.0);
-        let mut bv = rand_vec(seed + 1, nb, 1.0);
-        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
-        let b = if b_f16 {
-            bv = round_f16(&bv);
-            Tensor::from_f32_as_f16(&gpu, &bv, b_shape).unwrap()
-        } else {
-            Tensor::from_f32(&gpu, &bv, b_shape).unwrap()
-        };
-        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
-        let biasv = rand_vec(seed + 2, d.n, 1.0);
-        let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
+        let Operands { av, bv, a, b, d, biasv, bias, .. } = operands(a_shape, b_shape, (ta, tb), b_f16, seed);
         let opts = MatmulOpts { trans_a: ta, trans_b: tb, bias: with_bias.then_some(&bias), act, lowrank: None };
         let got = matmul_with_plan(&a, &b, &opts, &plan).unwrap();
         assert_eq!(got.shape(), d.out_shape.as_slice());
@@ -840,6 +826,36 @@ mod tests {
             v.push(Plan { subgroup: true, texture: true, ..reg });
         }
         v
+    }
+
+    /// Random A, B (B rounded to f16 and stored as f16 when `b_f16`) and bias [N], with the
+    /// host copies the CPU reference reads.
+    struct Operands {
+        gpu: Gpu,
+        av: Vec<f32>,
+        bv: Vec<f32>,
+        a: Tensor,
+        b: Tensor,
+        d: Dims,
+        biasv: Vec<f32>,
+        bias: Tensor,
+    }
+
+    fn operands(a_shape: &[usize], b_shape: &[usize], (ta, tb): (bool, bool), b_f16: bool, seed: u64) -> Operands {
+        let gpu = Gpu::shared().unwrap();
+        let av = rand_vec(seed, a_shape.iter().product(), 1.0);
+        let mut bv = rand_vec(seed + 1, b_shape.iter().product(), 1.0);
+        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
+        let b = if b_f16 {
+            bv = round_f16(&bv);
+            Tensor::from_f32_as_f16(&gpu, &bv, b_shape).unwrap()
+        } else {
+            Tensor::from_f32(&gpu, &bv, b_shape).unwrap()
+        };
+        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
+        let biasv = rand_vec(seed + 2, d.n, 1.0);
+        let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
+        Operands { gpu, av, bv, a, b, d, biasv, bias }
     }
 
     fn shape2(rows: usize, cols: usize, trans: bool) -> Vec<usize> {
@@ -1096,19 +1112,7 @@ mod tests {
         f_trans: bool,
         seed: u64,
     ) {
-        let gpu = Gpu::shared().unwrap();
-        let av = rand_vec(seed, a_shape.iter().product(), 1.0);
-        let mut bv = rand_vec(seed + 1, b_shape.iter().product(), 1.0);
-        let a = Tensor::from_f32(&gpu, &av, a_shape).unwrap();
-        let b = if b_f16 {
-            bv = round_f16(&bv);
-            Tensor::from_f32_as_f16(&gpu, &bv, b_shape).unwrap()
-        } else {
-            Tensor::from_f32(&gpu, &bv, b_shape).unwrap()
-        };
-        let d = dims("t", a_shape, b_shape, ta, tb).unwrap();
-        let biasv = rand_vec(seed + 2, d.n, 1.0);
-        let bias = Tensor::from_f32(&gpu, &biasv, &[d.n]).unwrap();
+        let Operands { gpu, av, bv, a, b, d, biasv, bias } = operands(a_shape, b_shape, (ta, tb), b_f16, seed);
         // H follows the output's rows: [Bt, M, r] for a batched output, else [M, r].
         let h_shape = if d.out_shape.len() == 3 { vec![d.batch, d.m, r] } else { vec![d.m, r] };
         let hv = rand_vec(seed + 3, d.batch * d.m * r, 1.0);
