@@ -1,15 +1,21 @@
-//! TIGER-size T5 speed: training samples/s (forward + backward + AdamW, one loss readback per
-//! step) and incremental beam decoding (step + reorder, no search logic) users/s.
+//! TIGER-size T5 speed, three workloads:
+//! - training samples/s (forward + backward + AdamW, one loss readback per step);
+//! - incremental beam decoding (step + reorder, no search logic) users/s;
+//! - recommendation users/s: encode + trie-constrained beam search returning the top `beams`
+//!   distinct items, exactly what `genrec eval` / `recommend` run per batch of users.
 //!
-//! cargo run --release --example t5_speed -- [batch 32] [steps 3] [vocab 1100] [users 16] [beams 20]
+//! cargo run --release --example t5_speed -- [batch 32] [steps 3] [vocab 1100] [users 16] [beams 20] [items.json]
 //!
 //! Shapes follow letter.spec.md §2.4: encoder input 20 items x 4 codes + EOS = 81 tokens,
 //! decoder input 5 tokens (`[start, c1, c2, c3, c4]`), decoding 5 steps (4 codes + EOS).
+//! The trie is read from `items.json` (a list of token lists: PAD 0 and EOS 1 reserved, as in
+//! `systems::seq`), which `tools/t5_speed_torch.py --rust` writes so both sides search the same
+//! trie; without it 1,682 random 4-level items over 256 codes per level are generated here.
 
 use std::time::Instant;
 
 use genrec::autograd::{cross_entropy, CeOptions, Tape};
-use genrec::decode::StepModel;
+use genrec::decode::{beam_search, BeamOpts, GpuTrie, ScoreNorm, StepModel, Trie};
 use genrec::gpu::{Gpu, Tensor};
 use genrec::models::t5::{T5Batch, T5Config, T5};
 use rand::{Rng, SeedableRng};
@@ -105,8 +111,66 @@ fn main() -> anyhow::Result<()> {
     }
     let mean = dec_times.iter().sum::<f64>() / dec_times.len() as f64;
     println!("decoding (encode + 5 x (step + reorder)): {:.1} users/s with {beams} beams", users as f64 / mean);
+
+    // Recommendation: the real trie-constrained search (T5 EOS = 1, decoder start = PAD = 0).
+    let items = match std::env::args().nth(6) {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+            serde_json::from_str::<Vec<Vec<u32>>>(&text)
+                .map_err(|e| anyhow::anyhow!("{path}: expected a JSON list of token lists: {e}"))?
+        }
+        None => random_items(&mut rng, 1682),
+    };
+    let max_token = items.iter().flatten().copied().max().unwrap_or(0);
+    anyhow::ensure!((max_token as usize) < vocab, "the items use token {max_token}, outside the vocabulary of {vocab}");
+    let trie = Trie::new(&items, 1)?;
+    let gtrie = GpuTrie::upload(&gpu, &trie)?;
+    let steps = trie.max_depth() + 1;
+    let mut rec_times = Vec::new();
+    let mut returned = 0;
+    for rep in 0..=2 {
+        let (enc, _) = sample(&mut rng, users);
+        let t0 = Instant::now();
+        let b = T5Batch::new(&gpu, &cfg, &enc, &vec![vec![0]; users])?;
+        let e = model.encode(&b.enc_ids, &b.enc_valid)?;
+        let mut sess = model.decode_session(&e, beams, steps)?;
+        let opts = BeamOpts { norm: ScoreNorm::FullVocab, ..BeamOpts::new(users, beams, beams, 0) };
+        let hyps = beam_search(&mut sess, &gtrie, &opts)?;
+        let dt = t0.elapsed().as_secs_f64();
+        returned = hyps.iter().map(Vec::len).sum::<usize>();
+        println!(
+            "recommend rep {rep}: {users} users x {beams} beams, {steps} steps, trie of {} items: {dt:.3} s{}",
+            trie.num_items(),
+            if rep == 0 { " (warm-up)" } else { "" }
+        );
+        if rep > 0 {
+            rec_times.push(dt);
+        }
+    }
+    let mean = rec_times.iter().sum::<f64>() / rec_times.len() as f64;
+    println!(
+        "recommendation (encode + trie-constrained beam search, top {beams}): {:.1} users/s ({returned} items returned)",
+        users as f64 / mean
+    );
     if let Some(report) = gpu.profile_report() {
         println!("{report}");
     }
     Ok(())
+}
+
+/// `n` distinct random items of 4 codes (256 per level, token 2 + 256 * level + code), with a
+/// fifth disambiguation token (2 + 1024 + collision index) on collisions, as TIGER's identifiers.
+fn random_items(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Vec<u32>> {
+    let mut seen = std::collections::HashMap::new();
+    (0..n)
+        .map(|_| {
+            let mut s: Vec<u32> = (0..4).map(|l| 2 + 256 * l + rng.gen_range(0..256)).collect();
+            let c = seen.entry(s.clone()).or_insert(0u32);
+            if *c > 0 {
+                s.push(2 + 256 * 4 + *c);
+            }
+            *c += 1;
+            s
+        })
+        .collect()
 }

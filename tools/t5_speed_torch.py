@@ -5,6 +5,9 @@ transformers, same shapes (encoder 81 tokens, decoder 5), measured on the same m
   training: samples/s of forward + backward + AdamW on random batches (train mode, dropout 0.1)
   decoding: users/s of encode + 5 decoder steps with `beams` beams per user (HF generate,
             unconstrained beam search, KV cache), the workload `T5DecodeSession` serves
+  recommendation: users/s of HF generate with `prefix_allowed_tokens_fn` over a trie of 1,682
+            TIGER-like items (4 levels x 256 codes, a 5th token on collisions), returning the top
+            `beams` sequences: what genrec's trie-constrained `beam_search` does for eval/recommend
 
 With --rust it also runs `cargo run --release --example t5_speed` with the same sizes and prints
 both results and the ratios from one run.
@@ -14,9 +17,14 @@ Usage: /work/pyref/bin/python tools/t5_speed_torch.py [--batch 32] [--steps 3] [
 """
 
 import argparse
+import json
+import os
 import re
 import subprocess
+import tempfile
 import time
+
+import numpy as np
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
@@ -47,6 +55,29 @@ def sample(g, n, length, vocab, device):
     x = torch.randint(2, vocab, (n, length), generator=g)
     x[:, -1] = 1
     return x.to(device)
+
+
+def tiger_items(n, seed):
+    """TIGER-like identifiers in genrec's token layout (PAD 0, EOS 1, token 2 + 256 * level + code):
+    4 random codes, and a 5th token 2 + 1024 + c for the c-th repeat of a code tuple."""
+    rng = np.random.default_rng(seed)
+    seen, items = {}, []
+    for _ in range(n):
+        s = tuple(int(2 + 256 * l + rng.integers(0, 256)) for l in range(4))
+        c = seen.get(s, 0)
+        seen[s] = c + 1
+        items.append(s + (2 + 4 * 256 + c,) if c else s)
+    return items
+
+
+def build_trie(items, eos):
+    """prefix tuple -> allowed next tokens (EOS after a complete item)"""
+    allowed = {}
+    for s in items:
+        for i in range(len(s)):
+            allowed.setdefault(tuple(s[:i]), set()).add(s[i])
+        allowed.setdefault(tuple(s), set()).add(eos)
+    return {k: sorted(v) for k, v in allowed.items()}
 
 
 def sync(device):
@@ -118,18 +149,63 @@ def main():
     dec_ups = a.users / (sum(dtimes) / len(dtimes))
     print(f"decoding (HF generate, {a.beams} beams, 5 steps): {dec_ups:.1f} users/s")
 
+    # Recommendation: constrained beam search over the same trie genrec searches.
+    items = tiger_items(1682, 1)
+    trie = build_trie(items, 1)
+    depth = max(len(s) for s in items)
+    assert max(max(s) for s in items) < a.vocab, "vocabulary too small for the items"
+
+    def allowed_fn(batch_id, sent):
+        # sent = [decoder start, tokens so far]; after EOS only padding follows.
+        return trie.get(tuple(sent.tolist()[1:]), [0])
+
+    rtimes, valid = [], {tuple(s) for s in items}
+    n_valid = n_out = 0
+    with torch.no_grad():
+        for rep in range(3):
+            enc = sample(g, a.users, 81, a.vocab, dev)
+            t0 = time.perf_counter()
+            out = model.generate(
+                input_ids=enc,
+                attention_mask=torch.ones_like(enc),
+                num_beams=a.beams,
+                num_return_sequences=a.beams,
+                max_new_tokens=depth + 1,
+                do_sample=False,
+                early_stopping=True,
+                prefix_allowed_tokens_fn=allowed_fn,
+            )
+            sync(dev)
+            dt = time.perf_counter() - t0
+            print(f"recommend rep {rep}: {dt:.3f} s{' (warm-up)' if rep == 0 else ''}")
+            if rep:
+                rtimes.append(dt)
+            seqs = out[:, 1:].tolist()
+            n_out = len(seqs)
+            n_valid = sum(tuple(t for t in s if t not in (0, 1)) in valid for s in seqs)
+    rec_ups = a.users / (sum(rtimes) / len(rtimes))
+    print(f"recommendation (HF generate + prefix_allowed_tokens_fn, {a.beams} beams, top {a.beams}, "
+          f"trie of {len(items)} items): {rec_ups:.1f} users/s ({n_valid}/{n_out} valid items)")
+
     if a.rust:
-        args = [str(x) for x in (a.batch, a.steps, a.vocab, a.users, a.beams)]
-        out = subprocess.run(
-            ["cargo", "run", "--release", "--example", "t5_speed", "--", *args],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump([list(s) for s in items], f)
+        args = [str(x) for x in (a.batch, a.steps, a.vocab, a.users, a.beams)] + [f.name]
+        try:
+            out = subprocess.run(
+                ["cargo", "run", "--release", "--example", "t5_speed", "--", *args],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        finally:
+            os.unlink(f.name)
         print(out)
         rs_train = float(re.search(r"training: batch \d+, ([\d.]+) samples/s", out).group(1))
         rs_dec = float(re.search(r"decoding .*: ([\d.]+) users/s", out).group(1))
-        print(f"ratio genrec / torch: training {rs_train / train_sps:.2f}x, decoding {rs_dec / dec_ups:.2f}x")
+        rs_rec = float(re.search(r"recommendation .*: ([\d.]+) users/s", out).group(1))
+        print(f"ratio genrec / torch: training {rs_train / train_sps:.2f}x, decoding {rs_dec / dec_ups:.2f}x, "
+              f"recommendation {rs_rec / rec_ups:.2f}x")
 
 
 if __name__ == "__main__":
