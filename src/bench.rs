@@ -251,6 +251,14 @@ fn matmul_cases(gpu: &Gpu, quick: bool) -> Result<Vec<Case>> {
         shapes.push((4096, 576, 1536, "SmolLM2 FFN up"));
         shapes.push((4096, 1536, 576, "SmolLM2 FFN down"));
         shapes.push((2560, 128, 1024, "TIGER"));
+        // TIGER T5 projections into d_model = 128 (attention output, FFN down): narrow N.
+        shapes.push((2560, 384, 128, "TIGER attn out"));
+        shapes.push((2560, 1024, 128, "TIGER FFN down"));
+        shapes.push((384, 2560, 128, "TIGER dW-like"));
+        // The small budget's T5 (d_model 64): FFN down takes the texture path, the 64 x 64
+        // projections stay on mm_sg (Plan::tex_pays).
+        shapes.push((2560, 256, 64, "small T5 FFN down"));
+        shapes.push((2560, 64, 64, "small T5 attn out"));
     }
     let register = Plan::with_path(Path::Register);
     let tiled = Plan::with_path(Path::Tiled);

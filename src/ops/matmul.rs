@@ -110,7 +110,7 @@ pub struct Plan {
     /// the adapter's texture limits; it takes transposes, f16 B and any K, N.
     pub texture: bool,
     /// Texture path: only for problems of at least this many multiply-adds (M N K x batch)
-    /// whose output is large next to the packed operands (M N >= TEX_MIN_RATIO (M + N));
+    /// whose output is large next to the packed operands (`Plan::tex_pays`);
     /// otherwise packing costs more than it saves. 0: always (when the textures fit).
     pub tex_min_macs: usize,
 }
@@ -139,6 +139,23 @@ pub const TEX_MIN_MACS: usize = 1 << 18;
 /// on lavapipe [2560, 64] x [64, 64] ran 2.5x slower than `mm_sg` (ratio 62), [512]^3
 /// (ratio 256) and [2560, 64] x [64, 1352] (ratio 885) 1.3x and 1.8x faster.
 const TEX_MIN_RATIO: usize = 128;
+/// Large problems (at least `TEX_LARGE_MACS` multiply-adds) amortize packing at a lower ratio:
+/// TIGER's T5 shapes into d_model 128 (ratio 96-122) ran 2.6-2.8x faster on `mm_tex` than on
+/// `mm_sg`, [2560, 256] x [256, 64] (ratio 62, 42 M MACs) 1.7x, while [2560, 64] x [64, 64]
+/// (10.5 M MACs) stays slower (`genrec bench matmul`, docs/BENCHMARKS.md).
+const TEX_MIN_RATIO_LARGE: usize = 32;
+const TEX_LARGE_MACS: usize = 1 << 24;
+
+impl Plan {
+    /// Whether the texture path's packing pays off for `d` under this plan's threshold.
+    fn tex_pays(&self, d: &Dims) -> bool {
+        let macs = d.batch * d.m * d.n * d.k;
+        let ratio_at_least = |r: usize| d.m * d.n >= r * (d.m + d.n);
+        self.tex_min_macs == 0
+            || (macs >= self.tex_min_macs
+                && (ratio_at_least(TEX_MIN_RATIO) || (macs >= TEX_LARGE_MACS && ratio_at_least(TEX_MIN_RATIO_LARGE))))
+    }
+}
 
 /// Whether the adapter can run `mm_tex`: a CPU adapter (where texture loads beat
 /// storage-buffer loads) with 8-lane subgroups.
@@ -362,9 +379,7 @@ pub fn matmul_with_plan(a: &Tensor, b: &Tensor, opts: &MatmulOpts, plan: &Plan) 
     }
     let lr = check_lowrank(OP, opts.lowrank.as_ref(), &d, a)?;
     let gpu = a.gpu();
-    let tex_pays = plan.tex_min_macs == 0
-        || (d.batch * d.m * d.n * d.k >= plan.tex_min_macs && d.m * d.n >= TEX_MIN_RATIO * (d.m + d.n));
-    if plan.path == Path::Register && plan.texture && texture_kernel_ok(gpu) && tex_pays {
+    if plan.path == Path::Register && plan.texture && texture_kernel_ok(gpu) && plan.tex_pays(&d) {
         if let Some(out) = matmul_tex(a, b, opts, &d)? {
             return Ok(out);
         }
