@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from constrained_decode_bench import build_trie  # tools/ is on sys.path when run as a script
+
 
 def tiger_config(vocab):
     return T5Config(
@@ -68,16 +70,6 @@ def tiger_items(n, seed):
         seen[s] = c + 1
         items.append(s + (2 + 4 * 256 + c,) if c else s)
     return items
-
-
-def build_trie(items, eos):
-    """prefix tuple -> allowed next tokens (EOS after a complete item)"""
-    allowed = {}
-    for s in items:
-        for i in range(len(s)):
-            allowed.setdefault(tuple(s[:i]), set()).add(s[i])
-        allowed.setdefault(tuple(s), set()).add(eos)
-    return {k: sorted(v) for k, v in allowed.items()}
 
 
 def sync(device):
