@@ -118,27 +118,24 @@ def main():
     print(f"training: batch {a.batch}, {train_sps:.1f} samples/s")
 
     model.eval()
-    dtimes = []
-    with torch.no_grad():
-        for rep in range(3):
-            enc = sample(g, a.users, 81, a.vocab, dev)
-            t0 = time.perf_counter()
-            model.generate(
-                input_ids=enc,
-                attention_mask=torch.ones_like(enc),
-                num_beams=a.beams,
-                num_return_sequences=a.beams,
-                max_new_tokens=5,
-                min_new_tokens=5,
-                do_sample=False,
-                early_stopping=False,
-            )
-            sync(dev)
-            dt = time.perf_counter() - t0
-            print(f"decode rep {rep}: {dt:.3f} s{' (warm-up)' if rep == 0 else ''}")
-            if rep:
-                dtimes.append(dt)
-    dec_ups = a.users / (sum(dtimes) / len(dtimes))
+
+    def timed_generate(label, **kw):
+        """users/s of HF generate over 3 fresh batches (the first a warm-up), and the last output."""
+        times, out = [], None
+        with torch.no_grad():
+            for rep in range(3):
+                enc = sample(g, a.users, 81, a.vocab, dev)
+                t0 = time.perf_counter()
+                out = model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), num_beams=a.beams,
+                                     num_return_sequences=a.beams, do_sample=False, **kw)
+                sync(dev)
+                dt = time.perf_counter() - t0
+                print(f"{label} rep {rep}: {dt:.3f} s{' (warm-up)' if rep == 0 else ''}")
+                if rep:
+                    times.append(dt)
+        return a.users / (sum(times) / len(times)), out
+
+    dec_ups, _ = timed_generate("decode", max_new_tokens=5, min_new_tokens=5, early_stopping=False)
     print(f"decoding (HF generate, {a.beams} beams, 5 steps): {dec_ups:.1f} users/s")
 
     # Recommendation: constrained beam search over the same trie genrec searches.
@@ -151,31 +148,12 @@ def main():
         # sent = [decoder start, tokens so far]; after EOS only padding follows.
         return trie.get(tuple(sent.tolist()[1:]), [0])
 
-    rtimes, valid = [], {tuple(s) for s in items}
-    n_valid = n_out = 0
-    with torch.no_grad():
-        for rep in range(3):
-            enc = sample(g, a.users, 81, a.vocab, dev)
-            t0 = time.perf_counter()
-            out = model.generate(
-                input_ids=enc,
-                attention_mask=torch.ones_like(enc),
-                num_beams=a.beams,
-                num_return_sequences=a.beams,
-                max_new_tokens=depth + 1,
-                do_sample=False,
-                early_stopping=True,
-                prefix_allowed_tokens_fn=allowed_fn,
-            )
-            sync(dev)
-            dt = time.perf_counter() - t0
-            print(f"recommend rep {rep}: {dt:.3f} s{' (warm-up)' if rep == 0 else ''}")
-            if rep:
-                rtimes.append(dt)
-            seqs = out[:, 1:].tolist()
-            n_out = len(seqs)
-            n_valid = sum(tuple(t for t in s if t not in (0, 1)) in valid for s in seqs)
-    rec_ups = a.users / (sum(rtimes) / len(rtimes))
+    rec_ups, out = timed_generate("recommend", max_new_tokens=depth + 1, early_stopping=True,
+                                  prefix_allowed_tokens_fn=allowed_fn)
+    valid = {tuple(s) for s in items}
+    seqs = out[:, 1:].tolist()
+    n_out = len(seqs)
+    n_valid = sum(tuple(t for t in s if t not in (0, 1)) in valid for s in seqs)
     print(f"recommendation (HF generate + prefix_allowed_tokens_fn, {a.beams} beams, top {a.beams}, "
           f"trie of {len(items)} items): {rec_ups:.1f} users/s ({n_valid}/{n_out} valid items)")
 
